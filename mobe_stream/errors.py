@@ -1,0 +1,27 @@
+"""User-facing errors: one line, naming the file and the problem; the CLI maps them to exit 2."""
+
+from __future__ import annotations
+
+import os
+
+
+class MobeError(Exception):
+    """An error caused by the user's input or environment, printed as one line (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class CheckpointError(MobeError):
+    """A model directory, shard, header, index or config is missing, corrupt or unsupported."""
+
+
+class ConfigError(MobeError):
+    """Options or settings that cannot work together (or differ from a run being resumed)."""
+
+
+class ResourceError(MobeError):
+    """Not enough disk, RAM or device memory for the planned work."""
