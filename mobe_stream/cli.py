@@ -1,0 +1,172 @@
+"""The `mobe-stream` command line: thin Typer wrappers over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import MobeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Streaming Mixture-of-Basis-Experts compression and offloaded inference for giant MoE models.")
+
+
+def friendly(fn):
+    """MobeError -> one line on stderr and its exit code (2, or 130 when interrupted)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MobeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("error: aborted", file=sys.stderr)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _reporter(quiet: bool, log_json: Optional[Path]):
+    from .pipeline.events import JsonLinesSink, PlainSink, Reporter, RichSink
+
+    sinks = [PlainSink()] if quiet else [RichSink()]
+    if log_json:
+        sinks.append(JsonLinesSink(str(log_json)))
+    return Reporter(sinks)
+
+
+@app.command()
+@friendly
+def compress(
+    src: Path = typer.Argument(..., help="Source model directory (safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for the MoBE checkpoint."),
+    num_bases: Optional[int] = typer.Option(None, help="Bases per MoE layer (m), over all groups."),
+    rank: Optional[int] = typer.Option(None, help="Rank r of each basis (default: moe_intermediate_size)."),
+    reduction: Optional[float] = typer.Option(None, help="Target cut of expert parameters, e.g. 0.25 (default when m/r not given)."),
+    activation: str = typer.Option("silu", help="silu or tanh."),
+    groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
+    solver: str = typer.Option("adam", help="adam (paper) or als (closed-form A, faster)."),
+    steps: int = typer.Option(1000, help="Optimisation steps per projection (one step = pass over all experts)."),
+    lr: float = typer.Option(0.07, help="Adam learning rate."),
+    tol: Optional[float] = typer.Option(None, help="Stop a projection early when the loss stops improving by this relative amount."),
+    layers: Optional[str] = typer.Option(None, help="MoE layers to compress, e.g. 1-3,7 (default all)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("bf16", help="Output dtype of the MoBE tensors: bf16, fp16, fp32."),
+    max_shard_size: str = typer.Option("5GB", help="Shard size cap (accelerate units: 5GB, 4GiB ...)."),
+    max_gpu_memory: Optional[str] = typer.Option(None, help="Device memory the solver may use; experts are streamed in batches beyond it."),
+    checkpoint_every: float = typer.Option(300.0, help="Seconds between solver checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    force: bool = typer.Option(False, "--force", help="Warn instead of refusing when disk/RAM look too small."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    log_json: Optional[Path] = typer.Option(None, help="Append one JSON line per event to this file."),
+):
+    """Compress an MoE checkpoint with MoBE, one layer at a time, resumably."""
+    from .pipeline.compress import compress as run
+    from .pipeline.options import CompressOptions
+
+    opts = CompressOptions(num_bases=num_bases, rank=rank, reduction=reduction, activation=activation, groups=groups,
+                           solver=solver, steps=steps, lr=lr, tol=tol, layers=layers, device=device, seed=seed,
+                           dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
+                           checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force)
+    reporter = _reporter(quiet, log_json)
+    try:
+        summary = run(src, out, opts, reporter)
+    finally:
+        reporter.close()
+    if quiet:
+        print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "
+              f"model params -{100 * summary['total_reduction']:.1f}%")
+
+
+@app.command("inspect")
+@friendly
+def inspect_cmd(
+    model: Path = typer.Argument(..., help="Model directory."),
+    num_bases: Optional[int] = typer.Option(None),
+    rank: Optional[int] = typer.Option(None),
+    reduction: Optional[float] = typer.Option(None, help="Target cut of expert parameters (default 0.25)."),
+    groups: int = typer.Option(1),
+    dtype: str = typer.Option("bf16", help="Output dtype to project sizes for."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Family, layers, dims, dtypes, parameter counts, and what compress will produce and need."""
+    from .model_info import describe
+
+    try:
+        info = describe(model, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups, dtype=dtype)
+    except ValueError as e:
+        raise MobeError(str(e)) from None
+    if as_json:
+        print(json.dumps(info))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=str(model), show_header=False)
+    t.add_row("family", f"{info['family']} ({info['layout']} experts)")
+    t.add_row("layers", f"{info['num_layers']} ({len(info['moe_layers'])} MoE, {len(info['dense_layers'])} dense)")
+    t.add_row("experts per MoE layer", str(info["experts_per_layer"]))
+    t.add_row("hidden / moe_intermediate", f"{info['hidden_size']} / {info['moe_intermediate_size']}")
+    t.add_row("dtypes (params)", ", ".join(f"{k}: {v:,}" for k, v in info["dtypes"].items()))
+    t.add_row("parameters", f"{info['total_params']:,} (experts {info['expert_params']:,})")
+    t.add_row("size on disk", _gb(info["size_bytes"]))
+    pr = info.get("projection")
+    if pr:
+        t.add_row("MoBE setting", f"m={pr['num_bases']} bases, r={pr['rank']}, groups={pr['groups']}, {pr['dtype']}")
+        t.add_row("parameters after", f"{pr['params_after']:,} (-{100 * pr['reduction_total']:.1f}% model, "
+                                      f"-{100 * pr['reduction_experts']:.1f}% experts)")
+        t.add_row("output size", _gb(pr["output_bytes"]))
+        t.add_row("peak RAM / device per layer", f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
+    Console().print(t)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+
+
+@app.command()
+@friendly
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Keep the demo files here (default: a temp dir, removed)."),
+    family: str = typer.Option("deepseek_v3", help="qwen3_moe, deepseek_v3 or kimi_k2."),
+    steps: int = typer.Option(200, help="Solver steps per projection."),
+):
+    """Make a tiny structured MoE, compress it (interrupted and resumed once), report, generate."""
+    from .demo import run_demo
+
+    run_demo(workdir, family=family, steps=steps)
+
+
+@app.command()
+def version():
+    """Print the version."""
+    print(__version__)
+
+
+def _register_optional() -> None:
+    try:
+        from .cli_runtime import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

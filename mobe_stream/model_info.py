@@ -1,0 +1,84 @@
+"""`inspect`: what a checkpoint holds and what compressing it will cost, from headers alone."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .checkpoint.families import get_family
+from .checkpoint.reader import CheckpointReader
+from .factorize import choose_bases_rank, working_set_bytes
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_OUT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | None = None,
+             reduction: float | None = None, groups: int = 1, dtype: str = "bf16") -> dict:
+    with CheckpointReader(model_dir) as reader:
+        fam = get_family(reader.config, reader)
+        E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
+        moe = fam.moe_layers()
+        expert_names = {n for layer in moe for proj in ("gate_proj", "up_proj", "down_proj")
+                        for n in fam.expert_tensor_names(layer, proj)}
+        dtypes: Counter = Counter()
+        total = expert = size = 0
+        for name in reader.names():
+            info = reader.info(name)
+            n = _numel(info.shape)
+            size += n * _DTYPE_BYTES.get(info.dtype, 4)
+            if name.endswith(("_scale_inv", "rotary_emb.inv_freq")):
+                continue
+            dtypes[info.dtype] += n
+            total += n
+            if name in expert_names:
+                expert += n
+        out = {
+            "path": str(Path(model_dir)),
+            "family": fam.name,
+            "layout": fam.layout,
+            "num_layers": fam.num_layers,
+            "moe_layers": moe,
+            "dense_layers": [i for i in range(fam.num_layers) if i not in set(moe)],
+            "experts_per_layer": E,
+            "hidden_size": d,
+            "moe_intermediate_size": p,
+            "dtypes": dict(dtypes),
+            "fp8_block": list(reader.fp8_block) if reader.fp8_block else None,
+            "total_params": total,
+            "expert_params": expert,
+            "size_bytes": size,
+        }
+        if moe:
+            m, r = (num_bases, rank) if num_bases and rank else choose_bases_rank(
+                E, p, d, reduction if reduction is not None else 0.25, groups=groups, rank=rank, num_bases=num_bases)
+            mg = m // groups
+            before = 2 * E * p * d  # gate + up per layer
+            after = 2 * (E * p * r + m * r * d + E * mg)
+            saved = (before - after) * len(moe)
+            ob = _OUT_BYTES.get(dtype, 2)
+            # gate/up bytes as stored now vs as MoBE tensors in the output dtype
+            stored_gate_up = sum(_numel(reader.info(n).shape) * _DTYPE_BYTES.get(reader.info(n).dtype, 4)
+                                 for layer in moe for proj in ("gate_proj", "up_proj")
+                                 for n in set(fam.expert_tensor_names(layer, proj)))
+            mobe_bytes = len(moe) * (2 * (E * p * r + m * r * d) * ob + 2 * E * mg * 4)
+            ws = working_set_bytes(E, p, d, m, r, groups)
+            out["projection"] = {
+                "num_bases": m, "rank": r, "groups": groups, "dtype": dtype,
+                "params_after": total - saved,
+                "expert_params_after": expert - saved,
+                "reduction_total": saved / max(1, total),
+                "reduction_experts": saved / max(1, expert),
+                "output_bytes": size - stored_gate_up + mobe_bytes,
+                "peak_host_bytes_per_layer": int(ws["host"]),
+                "peak_device_bytes_per_layer": int(ws["device"]),
+            }
+        return out

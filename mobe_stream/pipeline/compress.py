@@ -1,0 +1,258 @@
+"""Streaming, resumable MoBE conversion: one unit (a layer's copied tensors or one factorized
+projection) at a time, each written to its own shards and journaled before the next starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.fp8 import SCALE_SUFFIX
+from ..checkpoint.families import get_family
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.safetensors_io import atomic_write_json, sha256_file
+from ..checkpoint.writer import ShardWriter, parse_size, write_index_and_manifest
+from ..errors import ConfigError, MobeError
+from ..factorize import MoBESpec, choose_bases_rank, prepare_targets, relative_error
+from . import outputs, preflight
+from .events import Reporter
+from .journal import Journal
+from .lock import OutputLock
+from .options import CompressOptions, settings_for_journal
+from .plan import PROJECTIONS, Unit, parse_layers, plan_units
+from .solvers import make_solver
+from .state_io import load_state, save_state
+
+STATE_DIR = ".mobe-state"
+
+
+class Interrupted(MobeError):
+    """Ctrl-C / SIGTERM: progress was checkpointed; the run can be resumed."""
+
+    exit_code = 130
+
+
+@dataclasses.dataclass
+class Job:
+    src: Path
+    out: Path
+    opts: CompressOptions
+    reader: CheckpointReader
+    family: object
+    spec: MoBESpec
+    layers: list[int]
+    settings: dict
+    reporter: Reporter
+    out_dtype: torch.dtype
+    max_shard_bytes: int
+    stop_requested: bool = False
+
+
+def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: Reporter | None = None) -> dict:
+    """Compress `src` into `out`. Returns the summary dict (also reported as a `summary` event)."""
+    reporter = reporter or Reporter()
+    src, out = Path(src).resolve(), Path(out).resolve()
+    outputs.check_not_overlapping(src, out)
+    reader = CheckpointReader(src)
+    try:
+        job = _make_job(src, out, opts, reader, reporter)
+        out.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out, warn=lambda t: reporter.event("warning", text=t)), _catch_signals(job):
+            journal = _open_journal(job)
+            units = _plan(job)
+            todo = [u for u in units if not journal.done(u.key)]
+            preflight.check(job, todo, force=opts.force, warn=lambda t: reporter.event("warning", text=t))
+            reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),
+                           num_bases=job.spec.num_bases, rank=job.spec.rank, layers=job.layers)
+            for unit in todo:
+                if job.stop_requested:
+                    raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
+                if unit.kind == "copy":
+                    _run_copy(job, journal, unit)
+                else:
+                    _run_factorize(job, journal, unit)
+            summary = outputs.finalize(job, journal, units)
+            journal.mark_complete()
+        reporter.event("summary", **summary)
+        return summary
+    finally:
+        reader.close()
+
+
+def _make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointReader, reporter: Reporter) -> Job:
+    family = get_family(reader.config, reader)
+    try:
+        layers = parse_layers(opts.layers, family.moe_layers())
+        out_dtype = opts.output_dtype()
+        E, p, d = family.num_experts, family.moe_intermediate_size, family.hidden_size
+        if opts.num_bases and opts.rank:
+            m, r = opts.num_bases, opts.rank
+        else:
+            m, r = choose_bases_rank(E, p, d, opts.reduction if opts.reduction is not None else 0.25,
+                                     groups=opts.groups, rank=opts.rank, num_bases=opts.num_bases)
+        if opts.activation not in ("silu", "tanh"):
+            raise ValueError(f"unknown --activation {opts.activation!r}; use silu or tanh")
+        if opts.groups < 1 or E % opts.groups or m % opts.groups:
+            raise ValueError(f"--groups {opts.groups} must divide the number of experts ({E}) and of bases ({m})")
+        if opts.steps < 0 or opts.lr <= 0:
+            raise ValueError("--steps must be >= 0 and --lr > 0")
+        spec = MoBESpec(num_bases=m, rank=r, activation=opts.activation, groups=opts.groups)
+        max_shard = parse_size(opts.max_shard_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    settings = settings_for_journal(opts, m, r, layers)
+    return Job(src, out, opts, reader, family, spec, layers, settings, reporter, out_dtype, max_shard)
+
+
+def _open_journal(job: Job) -> Journal:
+    out, opts = job.out, job.opts
+    journal = Journal.load(out)
+    fingerprint = job.reader.fingerprint()
+    if journal is None:
+        leftovers = outputs.foreign_entries(out)
+        if leftovers and not opts.overwrite:
+            raise ConfigError(f"output directory is not empty ({leftovers[0]} ...) and holds no mobe-stream journal; "
+                              f"pass --overwrite to replace it", )
+        outputs.clear(out)
+        return Journal.create(out, job.settings, fingerprint)
+    if not opts.resume:
+        if not opts.overwrite:
+            raise ConfigError(f"{out}: output directory holds an earlier run; pass --resume to continue it or --overwrite to start over")
+        outputs.clear(out)
+        return Journal.create(out, job.settings, fingerprint)
+    diffs = journal.differences(job.settings, fingerprint)
+    if diffs:
+        raise ConfigError(f"{journal.path}: cannot resume, settings differ from the run being resumed: " + "; ".join(diffs))
+    outputs.remove_temporaries(out)
+    bad = outputs.verify_units(journal)
+    for key, problem in bad:
+        job.reporter.event("warning", text=f"{key}: {problem}; redoing it")
+        journal.forget(key)
+    done = len(journal.units)
+    job.reporter.event("resume", text=f"resuming: {done} finished unit(s) verified against their sha256", done_units=done)
+    return journal
+
+
+def _plan(job: Job) -> list[Unit]:
+    excluded: set[str] = set()
+    for layer in job.layers:
+        for proj in PROJECTIONS:
+            excluded.update(job.family.expert_tensor_names(layer, proj))
+    return plan_units(job.reader.names(), job.layers, excluded)
+
+
+def _flush(writer: ShardWriter, records: list) -> None:
+    records.extend(writer.flush())
+
+
+def _run_copy(job: Job, journal: Journal, unit: Unit) -> None:
+    t0 = time.monotonic()
+    job.reporter.event("unit_start", unit=unit.key, kind="copy", tensors=len(unit.tensors))
+    writer = ShardWriter(job.out, max_shard_size=job.max_shard_bytes, start_index=journal.allocate_shard_index())
+    records: list = []
+    for i, name in enumerate(unit.tensors):
+        writer.add(name, job.reader.get(name))  # raw: bit-exact, FP8 stays FP8 with its scale
+        if writer.pending_bytes >= job.max_shard_bytes:
+            _flush(writer, records)
+        job.reporter.event("copy", unit=unit.key, done=i + 1)
+    _flush(writer, records)
+    info = {"kind": "copy", "seconds": time.monotonic() - t0, "tensors": len(unit.tensors)}
+    journal.commit(unit.key, records, info, writer.next_index)
+    job.reporter.event("unit_done", unit=unit.key, **info)
+
+
+def _state_path(job: Job, unit: Unit) -> Path:
+    return job.out / STATE_DIR / f"{unit.key}.state.zst"
+
+
+def _run_factorize(job: Job, journal: Journal, unit: Unit) -> None:
+    opts, spec = job.opts, job.spec
+    t0 = time.monotonic()
+    W = job.family.expert_stack(job.reader, unit.layer, unit.proj, torch.float32)
+    W_scaled, std = prepare_targets(W)
+    del W
+    device = opts.resolved_device()
+    max_dev = parse_size(opts.max_gpu_memory) if opts.max_gpu_memory else None
+    solver = make_solver(opts.solver, W_scaled, spec, lr=opts.lr, device=device, max_device_bytes=max_dev,
+                         seed=opts.seed, tol=opts.tol)
+    state_path = _state_path(job, unit)
+    elapsed_before = 0.0
+    if state_path.exists():
+        tensors, meta = load_state(state_path)
+        if meta.get("settings") != job.settings or meta.get("unit") != unit.key:
+            job.reporter.event("warning", text=f"{state_path}: checkpoint is from other settings; restarting {unit.key}")
+        else:
+            solver.load_state_dict(tensors, meta["solver"])
+            elapsed_before = float(meta.get("seconds", 0.0))
+            job.reporter.event("resume", text=f"{unit.key}: resuming at step {solver.step_count} from {state_path.name}")
+    job.reporter.event("unit_start", unit=unit.key, kind="factorize", steps=opts.steps, start_step=solver.step_count)
+
+    def save() -> None:
+        tensors, meta = solver.state_dict()
+        size = save_state(state_path, tensors, {"settings": job.settings, "unit": unit.key, "solver": meta,
+                                                "seconds": elapsed_before + time.monotonic() - t0})
+        job.reporter.event("checkpoint", unit=unit.key, step=solver.step_count, bytes=size,
+                           text=f"{unit.key}: checkpoint at step {solver.step_count} ({size / 2**20:.1f} MiB)")
+
+    last_ckpt = time.monotonic()
+
+    def should_stop() -> bool:
+        return job.stop_requested or time.monotonic() - last_ckpt >= opts.checkpoint_every
+
+    def on_progress(step: int, loss: float, best: float) -> None:
+        job.reporter.event("solver", unit=unit.key, step=step, loss=loss, best_loss=best)
+
+    while solver.step_count < opts.steps and not getattr(solver, "converged", False):
+        solver.run(opts.steps - solver.step_count, callback=on_progress, should_stop=should_stop)
+        if job.stop_requested:
+            save()
+            raise Interrupted(f"interrupted at {unit.key} step {solver.step_count}; progress saved, rerun with --resume")
+        if solver.step_count < opts.steps and not getattr(solver, "converged", False):
+            save()
+            last_ckpt = time.monotonic()
+
+    factors = solver.best_factors()
+    rel = relative_error(W_scaled, factors)
+    tensors = outputs.mobe_tensors(job, unit, factors, std)
+    writer = ShardWriter(job.out, max_shard_size=job.max_shard_bytes, start_index=journal.allocate_shard_index())
+    for name, t in tensors.items():
+        writer.add(name, t)
+    records = writer.flush()
+    seconds = elapsed_before + time.monotonic() - t0
+    info = {"kind": "factorize", "seconds": seconds, "rel_error": rel, "steps": solver.step_count,
+            "best_loss": float(solver.best_loss)}
+    journal.commit(unit.key, records, info, writer.next_index)
+    state_path.unlink(missing_ok=True)
+    job.reporter.event("unit_done", unit=unit.key, **info)
+
+
+@contextmanager
+def _catch_signals(job: Job):
+    """First Ctrl-C/SIGTERM asks the solver to checkpoint and stop; a second one aborts at once."""
+
+    def handler(signum, frame):
+        if job.stop_requested:
+            raise KeyboardInterrupt
+        job.stop_requested = True
+        job.reporter.event("warning", text="interrupt received: checkpointing, then stopping (again to abort)")
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in old:
+            signal.signal(s, handler)
+    except ValueError:  # not the main thread
+        old = {}
+    try:
+        yield
+        if job.stop_requested:
+            raise Interrupted("interrupted; progress saved, rerun with --resume")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

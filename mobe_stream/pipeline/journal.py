@@ -1,0 +1,85 @@
+"""The compress journal: which units are finished, in which shards, under which settings.
+
+Rewritten atomically after every finished unit (a layer's copied tensors, or one factorized
+projection), so a run killed at any moment resumes from the last finished unit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checkpoint.safetensors_io import atomic_write_json
+from ..errors import CheckpointError
+
+JOURNAL_NAME = "mobe-journal.json"
+FORMAT = "mobe-stream-journal/1"
+
+
+class Journal:
+    def __init__(self, out_dir: Path, data: dict):
+        self.path = Path(out_dir) / JOURNAL_NAME
+        self.data = data
+
+    @classmethod
+    def create(cls, out_dir: Path, settings: dict, source_fingerprint: str) -> "Journal":
+        j = cls(out_dir, {
+            "format": FORMAT,
+            "settings": settings,
+            "source_fingerprint": source_fingerprint,
+            "units": {},
+            "next_shard_index": 1,
+            "complete": False,
+        })
+        j.save()
+        return j
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "Journal | None":
+        path = Path(out_dir) / JOURNAL_NAME
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"unreadable journal ({e})", path) from e
+        if data.get("format") != FORMAT:
+            raise CheckpointError(f"unknown journal format {data.get('format')!r}", path)
+        return cls(out_dir, data)
+
+    def differences(self, settings: dict, source_fingerprint: str) -> list[str]:
+        """What differs between this journal's run and the requested one (empty: same run)."""
+        diffs = []
+        old = self.data["settings"]
+        for key in sorted(set(old) | set(settings)):
+            if old.get(key) != settings.get(key):
+                diffs.append(f"{key}: was {old.get(key)!r}, now {settings.get(key)!r}")
+        if self.data["source_fingerprint"] != source_fingerprint:
+            diffs.append("source checkpoint changed since the run started (shard headers or sizes differ)")
+        return diffs
+
+    @property
+    def units(self) -> dict:
+        return self.data["units"]
+
+    def done(self, key: str) -> bool:
+        return key in self.data["units"]
+
+    def allocate_shard_index(self) -> int:
+        return int(self.data["next_shard_index"])
+
+    def commit(self, key: str, records: list, info: dict, next_shard_index: int) -> None:
+        self.data["units"][key] = {"shards": [r if isinstance(r, dict) else r._asdict() if hasattr(r, "_asdict") else vars(r) for r in records], "info": info}
+        self.data["next_shard_index"] = max(int(self.data["next_shard_index"]), next_shard_index)
+        self.save()
+
+    def forget(self, key: str) -> None:
+        self.data["units"].pop(key, None)
+        self.save()
+
+    def mark_complete(self) -> None:
+        self.data["complete"] = True
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)

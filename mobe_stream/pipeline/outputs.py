@@ -1,0 +1,178 @@
+"""Output directory: safety checks, clearing, verification on resume, MoBE tensors, finalization."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.safetensors_io import atomic_write_json, sha256_file
+from ..checkpoint.writer import write_index_and_manifest
+from ..errors import ConfigError
+from .journal import JOURNAL_NAME
+from .lock import LOCK_NAME
+from .plan import PROJECTIONS
+
+FORMAT_VERSION = 1
+# Files of the source that are weights or that we write ourselves; everything else small is copied.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+_NOT_COPIED_NAMES = {"model.safetensors.index.json", "config.json", "manifest.json", JOURNAL_NAME, LOCK_NAME}
+
+
+def check_not_overlapping(src: Path, out: Path) -> None:
+    if out == src or src in out.parents or out in src.parents:
+        raise ConfigError(f"{out}: output directory must not be, contain or lie inside the source {src}")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    return sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME) if out.exists() else []
+
+
+def clear(out: Path) -> None:
+    """Empty the output directory (keeping our lock). Only called for --overwrite or a new run."""
+    for e in out.iterdir():
+        if e.name == LOCK_NAME:
+            continue
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+
+
+def remove_temporaries(out: Path) -> None:
+    for d in (out, out / ".mobe-state"):
+        if d.is_dir():
+            for e in d.iterdir():
+                if ".tmp-" in e.name:
+                    e.unlink(missing_ok=True)
+
+
+def verify_units(journal) -> list[tuple[str, str]]:
+    """Finished units whose shards are missing or differ from the sha256 recorded when written."""
+    bad = []
+    for key, unit in journal.units.items():
+        for rec in unit["shards"]:
+            path = journal.path.parent / rec["filename"]
+            if not path.is_file():
+                bad.append((key, f"shard {rec['filename']} is missing"))
+                break
+            if path.stat().st_size != rec["size"] or sha256_file(path) != rec["sha256"]:
+                bad.append((key, f"shard {rec['filename']} does not match its recorded sha256"))
+                break
+    return bad
+
+
+def mobe_tensors(job, unit, factors, std: float) -> dict[str, torch.Tensor]:
+    """The three stored tensors of one projection (FORMAT.md); the target std is folded into A."""
+    prefix = f"model.layers.{unit.layer}.mlp.experts.{unit.proj}."
+    scale = float(std) * float(getattr(factors, "scale", 1.0))
+    return {
+        prefix + "mobe_A": (factors.A.float() * scale).to(job.out_dtype).contiguous(),
+        prefix + "mobe_B": factors.B.to(job.out_dtype).contiguous(),
+        prefix + "mobe_alpha": factors.alpha.float().contiguous(),
+    }
+
+
+def _copy_side_files(src: Path, out: Path) -> list[str]:
+    copied = []
+    for e in sorted(src.iterdir()):
+        if e.name in _NOT_COPIED_NAMES or e.name.endswith(_NOT_COPIED_SUFFIXES) or not e.is_file():
+            continue
+        real = e.resolve()
+        if src not in real.parents:  # a symlink leaving the model dir is not followed
+            continue
+        tmp = out / f"{e.name}.tmp-{os.getpid()}"
+        shutil.copyfile(real, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out / e.name)
+        copied.append(e.name)
+    return copied
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _mobe_block(job, journal) -> dict:
+    errors: dict[str, dict[str, float]] = {}
+    for key, u in journal.units.items():
+        if u["info"].get("kind") == "factorize":
+            _, layer, proj = key.split(".")
+            errors.setdefault(layer, {})[proj] = u["info"]["rel_error"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": "mobe",
+        "solver": job.opts.solver,
+        "num_bases": job.spec.num_bases,
+        "rank": job.spec.rank,
+        "groups": job.spec.groups,
+        "activation": job.spec.activation,
+        "projections": list(PROJECTIONS),
+        "layers": job.layers,
+        "layout": job.family.layout,
+        "dtype": str(job.out_dtype).replace("torch.", ""),
+        "errors": errors,
+        "source_family": job.family.name,
+        "steps": job.opts.steps,
+    }
+
+
+def summarize(job, journal) -> dict:
+    fam, spec = job.family, job.spec
+    E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
+    mg = spec.num_bases // spec.groups
+    before_layer = 3 * E * p * d
+    after_layer = E * p * d + 2 * (E * p * spec.rank + spec.num_bases * spec.rank * d + E * mg)
+    rows = []
+    for layer in job.layers:
+        units = {proj: journal.units.get(f"layer.{layer}.{proj}", {}).get("info", {}) for proj in PROJECTIONS}
+        copy = journal.units.get(f"layer.{layer}.copy", {}).get("info", {})
+        rows.append({
+            "layer": layer,
+            **{proj: units[proj].get("rel_error") for proj in PROJECTIONS},
+            "seconds": sum(u.get("seconds", 0.0) for u in (*units.values(), copy)),
+            "params_before": before_layer,
+            "params_after": after_layer,
+        })
+    total_before = sum(_numel(job.reader.info(n).shape) for n in job.reader.names()
+                       if not n.endswith(("_scale_inv", "rotary_emb.inv_freq")))
+    saved = (before_layer - after_layer) * len(job.layers)
+    n_moe = len(fam.moe_layers())
+    return {
+        "source": str(job.src),
+        "output": str(job.out),
+        "num_bases": spec.num_bases,
+        "rank": spec.rank,
+        "layers": rows,
+        "expert_params_before": before_layer * n_moe,
+        "expert_params_after": before_layer * n_moe - saved,
+        "expert_reduction": saved / max(1, before_layer * n_moe),
+        "total_params_before": total_before,
+        "total_params_after": total_before - saved,
+        "total_reduction": saved / max(1, total_before),
+        "seconds": sum(u["info"].get("seconds", 0.0) for u in journal.units.values()),
+    }
+
+
+def finalize(job, journal, units) -> dict:
+    """Index + manifest (from the journal's shard records), config with the `mobe` block, side files.
+
+    Idempotent: a resumed run that finds everything done just rewrites these small files.
+    """
+    records = [rec for u in units for rec in journal.units[u.key]["shards"]]
+    for rec in records:  # cheap verification of our own output (the full sha256 check is `verify`)
+        path = job.out / rec["filename"]
+        if not path.is_file() or path.stat().st_size != rec["size"]:
+            raise ConfigError(f"{path}: shard missing or of the wrong size after writing; rerun with --resume")
+    write_index_and_manifest(job.out, records, {"mobe_format_version": str(FORMAT_VERSION)})
+    config = dict(job.reader.config)
+    config["mobe"] = _mobe_block(job, journal)
+    atomic_write_json(job.out / "config.json", config)
+    _copy_side_files(job.src, job.out)
+    return summarize(job, journal)

@@ -1,0 +1,62 @@
+"""Before work starts: is there disk for the output and RAM for one layer's working set?"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Callable
+
+import psutil
+
+from ..errors import ResourceError
+from ..factorize import working_set_bytes
+
+
+def projected_output_bytes(job, units) -> int:
+    """Bytes the remaining units will write: copied tensors as stored + MoBE factors in the output dtype."""
+    fam, spec, reader = job.family, job.spec, job.reader
+    item = {2: 2, 4: 4}.get(job.out_dtype.itemsize, job.out_dtype.itemsize)
+    E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
+    mg = spec.num_bases // spec.groups
+    per_proj = (E * p * spec.rank + spec.num_bases * spec.rank * d) * item + E * mg * 4
+    total = 0
+    for u in units:
+        if u.kind == "copy":
+            total += sum(_nbytes(reader.info(n)) for n in u.tensors)
+        else:
+            total += per_proj
+    return total
+
+
+def _nbytes(info) -> int:
+    n = 1
+    for s in info.shape:
+        n *= s
+    return n * info.itemsize if hasattr(info, "itemsize") else n * _DTYPE_SIZES.get(info.dtype, 4)
+
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def layer_ram_bytes(job) -> int:
+    fam, spec = job.family, job.spec
+    ws = working_set_bytes(fam.num_experts, fam.moe_intermediate_size, fam.hidden_size, spec.num_bases, spec.rank, spec.groups)
+    return int(ws["host"] if isinstance(ws, dict) else ws)
+
+
+def check(job, units, force: bool, warn: Callable[[str], None]) -> None:
+    need_disk = projected_output_bytes(job, units)
+    free_disk = shutil.disk_usage(job.out).free
+    problems = []
+    if need_disk > free_disk:
+        problems.append(f"{job.out}: output needs about {need_disk / 1e9:.2f} GB more but only {free_disk / 1e9:.2f} GB is free")
+    if any(u.kind == "factorize" for u in units):
+        need_ram = layer_ram_bytes(job)
+        avail = psutil.virtual_memory().available
+        if need_ram > avail:
+            problems.append(f"one layer's working set needs about {need_ram / 2**30:.2f} GiB of RAM but only {avail / 2**30:.2f} GiB is available")
+    for p in problems:
+        if force:
+            warn(p + " (continuing: --force)")
+        else:
+            raise ResourceError(p + "; free space or pass --force")

@@ -1,0 +1,19 @@
+"""Solver registry: `--solver` name -> factorize solver class (pipeline-side, so factorize stays pure)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..factorize import AdamSolver, AlternatingSolver, MoBESpec
+
+SOLVERS = {"adam": AdamSolver, "als": AlternatingSolver}
+
+
+def make_solver(name: str, W_scaled: torch.Tensor, spec: MoBESpec, *, lr: float, device: str,
+                max_device_bytes: int | None, seed: int, tol: float | None):
+    try:
+        cls = SOLVERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown --solver {name!r}; choose one of: {', '.join(SOLVERS)}") from None
+    return cls(W_scaled, spec, lr=lr, device=device, max_device_bytes=max_device_bytes, seed=seed, tol=tol)
