@@ -135,6 +135,7 @@ def _open_journal(job: Job) -> Journal:
     for key, problem in bad:
         job.reporter.event("warning", text=f"{key}: {problem}; redoing it")
         journal.forget(key)
+    outputs.remove_orphan_shards(out, journal)
     done = len(journal.units)
     job.reporter.event("resume", text=f"resuming: {done} finished unit(s) verified against their sha256", done_units=done)
     return journal

@@ -49,6 +49,14 @@ def remove_temporaries(out: Path) -> None:
                     e.unlink(missing_ok=True)
 
 
+def remove_orphan_shards(out: Path, journal) -> None:
+    """Shards not recorded by the journal come from a unit that was killed before it was journaled."""
+    known = {rec["filename"] for u in journal.units.values() for rec in u["shards"]}
+    for e in out.glob("model-*.safetensors"):
+        if e.name not in known:
+            e.unlink()
+
+
 def verify_units(journal) -> list[tuple[str, str]]:
     """Finished units whose shards are missing or differ from the sha256 recorded when written."""
     bad = []

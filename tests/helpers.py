@@ -1,0 +1,38 @@
+"""Shared test helpers: hashing a directory, reading every tensor of a model dir, running the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dir_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under path (relative name -> hex), plus mtimes would be too strict."""
+    out = {}
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def all_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from mobe_stream.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(model_dir) as r:
+        return {n: r.get(n).clone() for n in r.names()}
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "mobe_stream.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
