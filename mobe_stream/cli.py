@@ -148,6 +148,47 @@ def demo(
 
 
 @app.command()
+@friendly
+def export(
+    src: Path = typer.Argument(..., help="MoBE checkpoint directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (standard MoE layout of the source family)."),
+    dtype: str = typer.Option("auto", help="auto (source's), bf16, fp16, fp32, or fp8 (FP8 sources: 128x128 block format)."),
+    max_shard_size: str = typer.Option("5GB"),
+    resume: bool = typer.Option(False, "--resume"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    log_json: Optional[Path] = typer.Option(None),
+):
+    """Rebuild standard expert weights so vLLM/SGLang/transformers can serve the compressed model."""
+    from .pipeline.export import ExportOptions, export as run
+
+    reporter = _reporter(quiet, log_json)
+    try:
+        summary = run(src, out, ExportOptions(dtype=dtype, max_shard_size=max_shard_size, resume=resume,
+                                              overwrite=overwrite), reporter)
+    finally:
+        reporter.close()
+    print(f"{summary['output']}: exported ({summary['dtype']})")
+
+
+@app.command("verify")
+def verify_cmd(
+    model: Path = typer.Argument(..., help="Checkpoint directory (original, MoBE or exported)."),
+    quick: bool = typer.Option(False, "--quick", help="Skip sha256 and the NaN/Inf scan."),
+):
+    """Check shards against the manifest, the index against the headers, shapes against the config."""
+    from .verify import verify as check
+
+    problems = check(model, full=not quick)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        raise typer.Exit(1)
+    print(f"{model}: OK")
+
+
+@app.command()
 def version():
     """Print the version."""
     print(__version__)

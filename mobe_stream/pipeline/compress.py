@@ -5,8 +5,6 @@ projection) at a time, each written to its own shards and journaled before the n
 from __future__ import annotations
 
 import dataclasses
-import math
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -14,11 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.fp8 import SCALE_SUFFIX
 from ..checkpoint.families import get_family
 from ..checkpoint.reader import CheckpointReader
-from ..checkpoint.safetensors_io import atomic_write_json, sha256_file
-from ..checkpoint.writer import ShardWriter, parse_size, write_index_and_manifest
+from ..checkpoint.writer import parse_size
 from ..errors import ConfigError, MobeError
 from ..factorize import MoBESpec, choose_bases_rank, prepare_targets, relative_error
 from . import outputs, preflight
@@ -79,6 +75,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
                 else:
                     _run_factorize(job, journal, unit)
             summary = outputs.finalize(job, journal, units)
+            outputs.self_check(out)
             journal.mark_complete()
         reporter.event("summary", **summary)
         return summary
@@ -112,33 +109,8 @@ def _make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRea
 
 
 def _open_journal(job: Job) -> Journal:
-    out, opts = job.out, job.opts
-    journal = Journal.load(out)
-    fingerprint = job.reader.fingerprint()
-    if journal is None:
-        leftovers = outputs.foreign_entries(out)
-        if leftovers and not opts.overwrite:
-            raise ConfigError(f"output directory is not empty ({leftovers[0]} ...) and holds no mobe-stream journal; "
-                              f"pass --overwrite to replace it", )
-        outputs.clear(out)
-        return Journal.create(out, job.settings, fingerprint)
-    if not opts.resume:
-        if not opts.overwrite:
-            raise ConfigError(f"{out}: output directory holds an earlier run; pass --resume to continue it or --overwrite to start over")
-        outputs.clear(out)
-        return Journal.create(out, job.settings, fingerprint)
-    diffs = journal.differences(job.settings, fingerprint)
-    if diffs:
-        raise ConfigError(f"{journal.path}: cannot resume, settings differ from the run being resumed: " + "; ".join(diffs))
-    outputs.remove_temporaries(out)
-    bad = outputs.verify_units(journal)
-    for key, problem in bad:
-        job.reporter.event("warning", text=f"{key}: {problem}; redoing it")
-        journal.forget(key)
-    outputs.remove_orphan_shards(out, journal)
-    done = len(journal.units)
-    job.reporter.event("resume", text=f"resuming: {done} finished unit(s) verified against their sha256", done_units=done)
-    return journal
+    return outputs.open_journal(job.out, job.settings, job.reader.fingerprint(), resume=job.opts.resume,
+                                overwrite=job.opts.overwrite, reporter=job.reporter)
 
 
 def _plan(job: Job) -> list[Unit]:
@@ -149,24 +121,11 @@ def _plan(job: Job) -> list[Unit]:
     return plan_units(job.reader.names(), job.layers, excluded)
 
 
-def _flush(writer: ShardWriter, records: list) -> None:
-    records.extend(writer.flush())
-
-
 def _run_copy(job: Job, journal: Journal, unit: Unit) -> None:
-    t0 = time.monotonic()
-    job.reporter.event("unit_start", unit=unit.key, kind="copy", tensors=len(unit.tensors))
-    writer = ShardWriter(job.out, max_shard_size=job.max_shard_bytes, start_index=journal.allocate_shard_index())
-    records: list = []
-    for i, name in enumerate(unit.tensors):
-        writer.add(name, job.reader.get(name))  # raw: bit-exact, FP8 stays FP8 with its scale
-        if writer.pending_bytes >= job.max_shard_bytes:
-            _flush(writer, records)
-        job.reporter.event("copy", unit=unit.key, done=i + 1)
-    _flush(writer, records)
-    info = {"kind": "copy", "seconds": time.monotonic() - t0, "tensors": len(unit.tensors)}
-    journal.commit(unit.key, records, info, writer.next_index)
-    job.reporter.event("unit_done", unit=unit.key, **info)
+    # raw reads: bit-exact, FP8 stays FP8 with its scale
+    items = ((name, job.reader.get(name)) for name in unit.tensors)
+    outputs.write_unit(job.out, journal, unit.key, items, job.max_shard_bytes, job.reporter,
+                       info={"kind": "copy", "tensors": len(unit.tensors)})
 
 
 def _state_path(job: Job, unit: Unit) -> Path:
@@ -222,16 +181,10 @@ def _run_factorize(job: Job, journal: Journal, unit: Unit) -> None:
     factors = solver.best_factors()
     rel = relative_error(W_scaled, factors)
     tensors = outputs.mobe_tensors(job, unit, factors, std)
-    writer = ShardWriter(job.out, max_shard_size=job.max_shard_bytes, start_index=journal.allocate_shard_index())
-    for name, t in tensors.items():
-        writer.add(name, t)
-    records = writer.flush()
-    seconds = elapsed_before + time.monotonic() - t0
-    info = {"kind": "factorize", "seconds": seconds, "rel_error": rel, "steps": solver.step_count,
-            "best_loss": float(solver.best_loss)}
-    journal.commit(unit.key, records, info, writer.next_index)
+    info = {"kind": "factorize", "rel_error": rel, "steps": solver.step_count, "best_loss": float(solver.best_loss)}
+    outputs.write_unit(job.out, journal, unit.key, tensors.items(), job.max_shard_bytes, job.reporter, info,
+                       seconds_before=elapsed_before + time.monotonic() - t0, announce=False)
     state_path.unlink(missing_ok=True)
-    job.reporter.event("unit_done", unit=unit.key, **info)
 
 
 @contextmanager

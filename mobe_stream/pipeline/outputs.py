@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from ..checkpoint.safetensors_io import atomic_write_json, sha256_file
-from ..checkpoint.writer import write_index_and_manifest
+from ..checkpoint.writer import ShardWriter, write_index_and_manifest
 from ..errors import ConfigError
-from .journal import JOURNAL_NAME
+from .journal import JOURNAL_NAME, Journal
 from .lock import LOCK_NAME
 from .plan import PROJECTIONS
 
@@ -49,6 +50,58 @@ def remove_temporaries(out: Path) -> None:
                     e.unlink(missing_ok=True)
 
 
+def open_journal(out: Path, settings: dict, fingerprint: str, *, resume: bool, overwrite: bool, reporter) -> Journal:
+    """Start a run in `out` or pick up the journaled one, refusing anything that could lose work."""
+    journal = Journal.load(out)
+    if journal is None:
+        leftovers = foreign_entries(out)
+        if leftovers and not overwrite:
+            raise ConfigError(f"{out}: output directory is not empty ({leftovers[0]} ...) and holds no "
+                              f"mobe-stream journal; pass --overwrite to replace it")
+        clear(out)
+        return Journal.create(out, settings, fingerprint)
+    if not resume:
+        if not overwrite:
+            raise ConfigError(f"{out}: output directory holds an earlier run; pass --resume to continue it "
+                              f"or --overwrite to start over")
+        clear(out)
+        return Journal.create(out, settings, fingerprint)
+    diffs = journal.differences(settings, fingerprint)
+    if diffs:
+        raise ConfigError(f"{journal.path}: cannot resume, settings differ from the run being resumed: " + "; ".join(diffs))
+    remove_temporaries(out)
+    for key, problem in verify_units(journal):
+        reporter.event("warning", text=f"{key}: {problem}; redoing it")
+        journal.forget(key)
+    remove_orphan_shards(out, journal)
+    done = len(journal.units)
+    reporter.event("resume", text=f"resuming: {done} finished unit(s) verified against their sha256", done_units=done)
+    return journal
+
+
+def write_unit(out: Path, journal: Journal, key: str, items, max_shard_bytes: int, reporter, info: dict,
+               seconds_before: float = 0.0, announce: bool = True) -> None:
+    """Stream (name, tensor) items into shards capped at max_shard_bytes, then journal the unit.
+
+    At most one shard's worth of tensors is pending in RAM at a time.
+    """
+    t0 = time.monotonic()
+    if announce:
+        reporter.event("unit_start", unit=key, kind=info.get("kind", "copy"), tensors=info.get("tensors"))
+    writer = ShardWriter(out, max_shard_size=max_shard_bytes, start_index=journal.allocate_shard_index())
+    records: list = []
+    for i, (name, tensor) in enumerate(items):
+        writer.add(name, tensor)
+        if writer.pending_bytes >= max_shard_bytes:
+            records.extend(writer.flush())
+        if announce:
+            reporter.event("copy", unit=key, done=i + 1)
+    records.extend(writer.flush())
+    info = {**info, "seconds": seconds_before + time.monotonic() - t0}
+    journal.commit(key, records, info, writer.next_index)
+    reporter.event("unit_done", unit=key, **info)
+
+
 def remove_orphan_shards(out: Path, journal) -> None:
     """Shards not recorded by the journal come from a unit that was killed before it was journaled."""
     known = {rec["filename"] for u in journal.units.values() for rec in u["shards"]}
@@ -83,7 +136,7 @@ def mobe_tensors(job, unit, factors, std: float) -> dict[str, torch.Tensor]:
     }
 
 
-def _copy_side_files(src: Path, out: Path) -> list[str]:
+def copy_side_files(src: Path, out: Path) -> list[str]:
     copied = []
     for e in sorted(src.iterdir()):
         if e.name in _NOT_COPIED_NAMES or e.name.endswith(_NOT_COPIED_SUFFIXES) or not e.is_file():
@@ -182,5 +235,14 @@ def finalize(job, journal, units) -> dict:
     config = dict(job.reader.config)
     config["mobe"] = _mobe_block(job, journal)
     atomic_write_json(job.out / "config.json", config)
-    _copy_side_files(job.src, job.out)
+    copy_side_files(job.src, job.out)
     return summarize(job, journal)
+
+
+def self_check(out: Path) -> None:
+    """The cheap part of `verify` on our own output: a failure here is a bug or a disk problem."""
+    from ..verify import verify
+
+    problems = verify(out, full=False)
+    if problems:
+        raise ConfigError(f"{out}: output failed verification: " + "; ".join(problems[:5]))

@@ -1,0 +1,164 @@
+"""`export`: MoBE checkpoint -> standard MoE checkpoint in the source family's exact layout.
+
+Streams layer by layer: each compressed projection's experts are rebuilt (W_e = A_e M_e) a chunk of
+experts at a time and written with the source's tensor names (per-expert or fused). Resumable
+through the same journal, lock and atomic shards as `compress`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import fp8
+from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.safetensors_io import atomic_write_json
+from ..checkpoint.writer import parse_size, write_index_and_manifest
+from ..errors import ConfigError
+from ..factorize import MoBEFactors
+from . import outputs
+from .events import Reporter
+from .lock import OutputLock
+from .plan import PROJECTIONS, layer_of
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
+MOBE_SUFFIXES = (".mobe_A", ".mobe_B", ".mobe_alpha")
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    expert_chunk: int = 32
+    resume: bool = False
+    overwrite: bool = False
+
+
+def _target_dtype(cfg: dict, opts: ExportOptions) -> str:
+    src_fp8 = (cfg.get("quantization_config") or {}).get("quant_method") == "fp8"
+    name = opts.dtype
+    if name == "auto":
+        name = "fp8" if src_fp8 else {"float32": "fp32", "float16": "fp16"}.get(cfg["mobe"].get("dtype"), "bf16")
+    if name not in EXPORT_DTYPES:
+        raise ConfigError(f"unknown --dtype {name!r}; use auto, bf16, fp16, fp32 or fp8")
+    if name == "fp8" and not src_fp8:
+        raise ConfigError("--dtype fp8 needs a source that was FP8 block-quantized (DeepSeek-V3/Kimi-K2 release format)")
+    return name
+
+
+def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Reporter | None = None) -> dict:
+    reporter = reporter or Reporter()
+    src, out = Path(src).resolve(), Path(out).resolve()
+    outputs.check_not_overlapping(src, out)
+    reader = CheckpointReader(src)
+    try:
+        cfg = reader.config
+        mobe = cfg.get("mobe")
+        if not mobe:
+            raise ConfigError(f"{src / 'config.json'}: not a MoBE checkpoint (no 'mobe' block); nothing to export")
+        if mobe.get("format_version") != 1:
+            raise ConfigError(f"{src / 'config.json'}: unsupported MoBE format_version {mobe.get('format_version')!r}")
+        target = _target_dtype(cfg, opts)
+        max_shard = parse_size(opts.max_shard_size)
+        settings = {"method": "export", "dtype": target, "max_shard_size": opts.max_shard_size}
+        out.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out, warn=lambda t: reporter.event("warning", text=t)):
+            journal = outputs.open_journal(out, settings, reader.fingerprint(), resume=opts.resume,
+                                           overwrite=opts.overwrite, reporter=reporter)
+            units = _plan(reader)
+            todo = [u for u in units if not journal.done(u[0])]
+            reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src))
+            block = tuple(reader.fp8_block or fp8.DEFAULT_BLOCK)
+            for key, layer, names in todo:
+                items = _unit_items(reader, mobe, layer, names, target, block, opts.expert_chunk)
+                outputs.write_unit(out, journal, key, items, max_shard, reporter, {"kind": "export", "tensors": len(names)})
+            records = [rec for key, _, _ in units for rec in journal.units[key]["shards"]]
+            write_index_and_manifest(out, records, {"exported_from": "mobe"})
+            atomic_write_json(out / "config.json", _export_config(cfg, target))
+            outputs.copy_side_files(src, out)
+            outputs.self_check(out)
+            journal.mark_complete()
+        summary = {"source": str(src), "output": str(out), "dtype": target, "layers": mobe["layers"]}
+        reporter.event("message", text=f"exported {src} -> {out} ({target})")
+        return summary
+    finally:
+        reader.close()
+
+
+def _plan(reader: CheckpointReader) -> list[tuple[str, int | None, list[str]]]:
+    by_layer: dict[int | None, list[str]] = {}
+    for name in reader.names():
+        by_layer.setdefault(layer_of(name), []).append(name)
+    units = [("globals", None, by_layer.pop(None))] if None in by_layer else []
+    units += [(f"layer.{layer}", layer, names) for layer, names in sorted(by_layer.items())]
+    return units
+
+
+def _export_config(cfg: dict, target: str) -> dict:
+    out = {k: v for k, v in cfg.items() if k != "mobe"}
+    if target != "fp8":
+        out.pop("quantization_config", None)  # everything is dequantized: the config must not claim FP8
+        key = "dtype" if "dtype" in out else "torch_dtype"
+        out[key] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[target]
+    return out
+
+
+def _convert(reader: CheckpointReader, name: str, target: str):
+    """A kept tensor in the target dtype: FP8 stays raw for fp8 export, else is dequantized (scale dropped)."""
+    if name.endswith(fp8.SCALE_SUFFIX) and target != "fp8":
+        return None
+    info = reader.info(name)
+    if info.dtype == "F8_E4M3" and target != "fp8":
+        return reader.get(name, EXPORT_DTYPES[target])
+    return reader.get(name)
+
+
+def _unit_items(reader, mobe: dict, layer, names: list[str], target: str, block, chunk: int):
+    for name in names:
+        if name.endswith(MOBE_SUFFIXES):
+            continue
+        t = _convert(reader, name, target)
+        if t is not None:
+            yield name, t
+    if layer is None or layer not in mobe["layers"]:
+        return
+    if mobe["layout"] == "fused":
+        gate = torch.cat(list(_rebuilt(reader, mobe, layer, "gate_proj", chunk)))
+        up = torch.cat(list(_rebuilt(reader, mobe, layer, "up_proj", chunk)))
+        fused = torch.cat([gate, up], dim=1)  # [E, 2p, d], gate rows first
+        del gate, up
+        yield from _emit(f"model.layers.{layer}.mlp.experts.gate_up_proj", fused, target, block)
+        return
+    for proj in PROJECTIONS:
+        e0 = 0
+        for W in _rebuilt(reader, mobe, layer, proj, chunk):
+            for i in range(W.shape[0]):
+                yield from _emit(f"model.layers.{layer}.mlp.experts.{e0 + i}.{proj}.weight", W[i].clone(), target, block)
+            e0 += W.shape[0]
+
+
+def _emit(name: str, w: torch.Tensor, target: str, block):
+    if target == "fp8":
+        if w.dim() == 3:
+            qs = [fp8.quantize(x, block) for x in w]
+            yield name, torch.stack([q for q, _ in qs])
+            yield fp8.scale_name(name), torch.stack([s for _, s in qs])
+        else:
+            q, s = fp8.quantize(w, block)
+            yield name, q
+            yield fp8.scale_name(name), s
+    else:
+        yield name, w.to(EXPORT_DTYPES[target]).contiguous()
+
+
+def _rebuilt(reader, mobe: dict, layer: int, proj: str, chunk: int):
+    """Rebuilt expert weights [k, p, d] in fp32, `chunk` experts at a time."""
+    pre = f"model.layers.{layer}.mlp.experts.{proj}."
+    f = MoBEFactors(A=reader.get(pre + "mobe_A", torch.float32), B=reader.get(pre + "mobe_B", torch.float32),
+                    alpha=reader.get(pre + "mobe_alpha", torch.float32), scale=1.0)
+    E = f.A.shape[0]
+    for e0 in range(0, E, chunk):
+        yield f.reconstruct(torch.arange(e0, min(E, e0 + chunk)), activation=mobe["activation"])

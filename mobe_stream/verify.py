@@ -1,0 +1,105 @@
+"""`verify`: is this checkpoint directory complete, uncorrupted and consistent with its config?
+
+Returns a list of problems (empty = fine). Cheap checks (manifest sizes, index vs headers, shapes)
+always run; the sha256 of every shard and the NaN/Inf scan of compressed tensors are the expensive
+part (`full=True`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint.families import get_family
+from .checkpoint.reader import CheckpointReader
+from .checkpoint.safetensors_io import sha256_file
+from .errors import MobeError
+
+PROJ = ("gate_proj", "up_proj")
+
+
+def verify(model_dir: str | Path, full: bool = True) -> list[str]:
+    d = Path(model_dir)
+    problems: list[str] = []
+    problems += _check_manifest(d, full)
+    try:
+        reader = CheckpointReader(d)  # validates index paths, every header, duplicates
+    except MobeError as e:
+        return problems + [str(e)]
+    with reader:
+        problems += _check_shapes(reader, d)
+        if full:
+            problems += _check_finite(reader)
+    return problems
+
+
+def _check_manifest(d: Path, full: bool) -> list[str]:
+    path = d / "manifest.json"
+    if not path.exists():
+        return [f"{path}: missing (cannot check shard integrity)"]
+    try:
+        shards = json.loads(path.read_text())["shards"]
+    except (ValueError, KeyError) as e:
+        return [f"{path}: unreadable manifest ({e})"]
+    out = []
+    for name, rec in sorted(shards.items()):
+        p = d / name
+        if not p.is_file():
+            out.append(f"{p}: shard listed in manifest.json is missing")
+        elif p.stat().st_size != rec["size"]:
+            out.append(f"{p}: size {p.stat().st_size} differs from manifest.json ({rec['size']})")
+        elif full and sha256_file(p) != rec["sha256"]:
+            out.append(f"{p}: sha256 differs from manifest.json (corrupted)")
+    for p in sorted(d.glob("*.safetensors")):
+        if p.name not in shards:
+            out.append(f"{p}: shard not listed in manifest.json")
+    return out
+
+
+def _expect(reader: CheckpointReader, name: str, shape: tuple, problems: list[str]) -> None:
+    if name not in reader:
+        problems.append(f"{reader.model_dir}: tensor {name} is missing")
+    elif tuple(reader.info(name).shape) != tuple(shape):
+        problems.append(f"{reader.model_dir}: tensor {name} has shape {tuple(reader.info(name).shape)}, config implies {tuple(shape)}")
+
+
+def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
+    problems: list[str] = []
+    try:
+        fam = get_family(reader.config, reader)
+    except MobeError as e:
+        return [str(e)]
+    E, p, hid = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
+    mobe = reader.config.get("mobe")
+    mobe_layers = set(mobe["layers"]) if mobe else set()
+    for layer in fam.moe_layers():
+        _expect(reader, f"model.layers.{layer}.mlp.gate.weight", (E, hid), problems)
+        projs = ("down_proj",) if layer in mobe_layers else ("gate_proj", "up_proj", "down_proj")
+        if fam.layout == "fused":
+            if "gate_proj" in projs:
+                _expect(reader, f"model.layers.{layer}.mlp.experts.gate_up_proj", (E, 2 * p, hid), problems)
+            _expect(reader, f"model.layers.{layer}.mlp.experts.down_proj", (E, hid, p), problems)
+        else:
+            for proj in projs:
+                shape = (hid, p) if proj == "down_proj" else (p, hid)
+                for e in range(E):
+                    _expect(reader, f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight", shape, problems)
+    if mobe:
+        m, r, g = mobe["num_bases"], mobe["rank"], mobe["groups"]
+        for layer in mobe["layers"]:
+            for proj in mobe.get("projections", PROJ):
+                pre = f"model.layers.{layer}.mlp.experts.{proj}."
+                _expect(reader, pre + "mobe_A", (E, p, r), problems)
+                _expect(reader, pre + "mobe_B", (g, m // g, r, hid), problems)
+                _expect(reader, pre + "mobe_alpha", (E, m // g), problems)
+    return problems
+
+
+def _check_finite(reader: CheckpointReader) -> list[str]:
+    bad = []
+    for name in reader.names():
+        if ".mobe_" in name and not torch.isfinite(reader.get(name, torch.float32)).all():
+            bad.append(f"{reader.model_dir}: tensor {name} contains NaN or Inf")
+    return bad
