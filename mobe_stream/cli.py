@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -30,6 +31,11 @@ def friendly(fn):
         except KeyboardInterrupt:
             print("error: aborted", file=sys.stderr)
             raise typer.Exit(130)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                print(f"error: {e.filename or ''}: disk full ({e.strerror}); free space and rerun with --resume", file=sys.stderr)
+                raise typer.Exit(2)
+            raise
 
     return wrapper
 

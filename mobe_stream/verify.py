@@ -15,7 +15,7 @@ import torch
 from .checkpoint.families import get_family
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.safetensors_io import sha256_file
-from .errors import MobeError
+from .errors import CheckpointError, MobeError
 
 PROJ = ("gate_proj", "up_proj")
 
@@ -95,6 +95,25 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
                 _expect(reader, pre + "mobe_B", (g, m // g, r, hid), problems)
                 _expect(reader, pre + "mobe_alpha", (E, m // g), problems)
     return problems
+
+
+SUPPORTED_WEIGHT_DTYPES = {"F32", "BF16", "F16", "F8_E4M3"}
+
+
+def check_source(reader: CheckpointReader, fam) -> None:
+    """Before compressing: expert tensors exist with the config's shapes and a dtype we can read."""
+    problems = _check_shapes(reader, reader.model_dir)
+    if problems:
+        raise CheckpointError(problems[0].split(": ", 1)[1] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                              reader.model_dir)
+    for layer in fam.moe_layers():
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for name in fam.expert_tensor_names(layer, proj):
+                dt = reader.info(name).dtype
+                if not name.endswith("_scale_inv") and dt not in SUPPORTED_WEIGHT_DTYPES:
+                    raise CheckpointError(f"tensor {name} has unsupported dtype {dt} (supported: "
+                                          f"{', '.join(sorted(SUPPORTED_WEIGHT_DTYPES))})", reader.shard_path(name)
+                                          if hasattr(reader, "shard_path") else reader.model_dir)
 
 
 def _check_finite(reader: CheckpointReader) -> list[str]:

@@ -16,6 +16,7 @@ from ..checkpoint.families import get_family
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import parse_size
 from ..errors import ConfigError, MobeError
+from ..verify import check_source
 from ..factorize import MoBESpec, choose_bases_rank, prepare_targets, relative_error
 from . import outputs, preflight
 from .events import Reporter
@@ -85,6 +86,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
 
 def _make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointReader, reporter: Reporter) -> Job:
     family = get_family(reader.config, reader)
+    check_source(reader, family)
     try:
         layers = parse_layers(opts.layers, family.moe_layers())
         out_dtype = opts.output_dtype()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -11,7 +12,7 @@ import torch
 
 from ..checkpoint.safetensors_io import atomic_write_json, sha256_file
 from ..checkpoint.writer import ShardWriter, write_index_and_manifest
-from ..errors import ConfigError
+from ..errors import ConfigError, ResourceError
 from .journal import JOURNAL_NAME, Journal
 from .lock import LOCK_NAME
 from .plan import PROJECTIONS
@@ -90,13 +91,19 @@ def write_unit(out: Path, journal: Journal, key: str, items, max_shard_bytes: in
         reporter.event("unit_start", unit=key, kind=info.get("kind", "copy"), tensors=info.get("tensors"))
     writer = ShardWriter(out, max_shard_size=max_shard_bytes, start_index=journal.allocate_shard_index())
     records: list = []
-    for i, (name, tensor) in enumerate(items):
-        writer.add(name, tensor)
-        if writer.pending_bytes >= max_shard_bytes:
-            records.extend(writer.flush())
-        if announce:
-            reporter.event("copy", unit=key, done=i + 1)
-    records.extend(writer.flush())
+    try:
+        for i, (name, tensor) in enumerate(items):
+            writer.add(name, tensor)
+            if writer.pending_bytes >= max_shard_bytes:
+                records.extend(writer.flush())
+            if announce:
+                reporter.event("copy", unit=key, done=i + 1)
+        records.extend(writer.flush())
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(f"disk full while writing {key} ({e.strerror}); free space and rerun with --resume",
+                                e.filename or out) from None
+        raise
     info = {**info, "seconds": seconds_before + time.monotonic() - t0}
     journal.commit(key, records, info, writer.next_index)
     reporter.event("unit_done", unit=key, **info)

@@ -1,0 +1,43 @@
+"""Test-only fault injection, so failure paths that real hardware produces rarely can be tested.
+
+Driven by the environment variable MOBE_STREAM_FAULT, e.g. `enospc_after_bytes=100000` (the shard
+writer raises ENOSPC once that many bytes were written in this process) or `nan_at_step=5` (the
+solver sees a NaN loss once at that step). Unset in normal use: every hook is then a no-op.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+_written = 0
+_fired: set[str] = set()
+
+
+def _get(name: str) -> int | None:
+    spec = os.environ.get("MOBE_STREAM_FAULT", "")
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == name:
+            return int(value)
+    return None
+
+
+def on_bytes_written(n: int, path: str) -> None:
+    """Called by the shard writer after each chunk; raises ENOSPC past the configured budget."""
+    global _written
+    limit = _get("enospc_after_bytes")
+    if limit is None:
+        return
+    _written += n
+    if _written > limit:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", path)
+
+
+def nan_at_step(step: int) -> bool:
+    """True once, at the configured solver step."""
+    at = _get("nan_at_step")
+    if at is None or step != at or "nan" in _fired:
+        return False
+    _fired.add("nan")
+    return True
