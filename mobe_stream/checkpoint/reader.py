@@ -1,0 +1,255 @@
+"""CheckpointReader: a lazy, validated view of a Hugging Face safetensors model directory.
+
+Everything about the tensors (shard, dtype, shape) is known from the headers alone; tensor data is
+read one tensor (or one expert slice) at a time through safetensors' mmap, never a whole shard.
+A directory that only holds pickle weights is refused: mobe-stream never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from . import fp8
+from .safetensors_io import ShardHeader, read_header
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shard: str  # shard filename, relative to the model dir
+    dtype: str  # safetensors dtype string: "BF16", "F8_E4M3", ...
+    shape: tuple[int, ...]
+    nbytes: int = 0
+    offset: int = 0  # absolute byte offset of the data in the shard file (for direct/offloaded reads)
+
+
+def load_json(path: Path, what: str) -> Any:
+    """Read a JSON file, turning every failure into a CheckpointError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} is missing", path) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} ({e.strerror or e})", path) from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except ValueError as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e})", path) from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+class CheckpointReader:
+    """Validates config, index and every shard header on open; reads tensors lazily."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise CheckpointError("model directory does not exist or is not a directory", self.model_dir)
+        self.config_path = self.model_dir / CONFIG_NAME
+        self.config: dict = load_json(self.config_path, "config")
+        if not isinstance(self.config, dict):
+            raise CheckpointError("config is not a JSON object", self.config_path)
+        self._headers: dict[str, ShardHeader] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        self._handles: dict[str, Any] = {}
+        weight_map = self._weight_map()
+        self._load_headers(weight_map)
+        self.fp8_block: tuple[int, int] | None = _fp8_block(self.config)
+
+    # ---- opening -------------------------------------------------------------------------------
+
+    def _weight_map(self) -> dict[str, str] | None:
+        """tensor -> shard from the index; None means a single `model.safetensors`."""
+        index_path = self.model_dir / INDEX_NAME
+        if index_path.exists():
+            doc = load_json(index_path, "index")
+            wm = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise CheckpointError("index has no valid weight_map (tensor name -> shard file)", index_path)
+            for name, shard in wm.items():
+                self._check_inside(index_path, name, shard)
+            return wm
+        if (self.model_dir / SINGLE_NAME).is_file():
+            return None
+        if any(self.model_dir.glob("*.safetensors")):
+            raise CheckpointError(f"has *.safetensors shards but no {INDEX_NAME} or {SINGLE_NAME}", self.model_dir)
+        pickles = sorted(p.name for p in self.model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(f"holds only pickle weights ({pickles[0]}); mobe-stream never unpickles "
+                                  f"(arbitrary code execution risk): convert the model to safetensors first",
+                                  self.model_dir)
+        raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} found", self.model_dir)
+
+    def _check_inside(self, index_path: Path, name: str, shard: str) -> None:
+        """Refuse index entries that would make us open a file outside the model directory."""
+        rel = Path(shard)
+        if not shard or rel.is_absolute() or ".." in rel.parts or shard.startswith("~"):
+            raise CheckpointError(f"weight_map entry for {name} points outside the model directory: {shard!r}", index_path)
+        root = self.model_dir.resolve()
+        target = (self.model_dir / rel).resolve()
+        if root != target and root not in target.parents:
+            raise CheckpointError(f"weight_map entry for {name} resolves outside the model directory: "
+                                  f"{shard!r} -> {target}", index_path)
+
+    def _load_headers(self, weight_map: dict[str, str] | None) -> None:
+        shards = [SINGLE_NAME] if weight_map is None else list(dict.fromkeys(weight_map.values()))
+        owner: dict[str, str] = {}
+        for shard in shards:
+            path = self.model_dir / shard
+            if not path.is_file():
+                raise CheckpointError(f"shard listed in {INDEX_NAME} is missing", path)
+            header = read_header(path)
+            self._headers[shard] = header
+            for name in header.tensors:
+                if name in owner:
+                    raise CheckpointError(f"tensor {name} is stored in two shards ({owner[name]} and {shard})", path)
+                owner[name] = shard
+        names = list(owner) if weight_map is None else list(weight_map)
+        for name in names:
+            shard = owner.get(name)
+            want = shard if weight_map is None else weight_map[name]
+            if shard != want:
+                path = self.model_dir / want
+                if shard is None:
+                    raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but not in the shard header", path)
+                raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} for {want} but stored in {shard}", path)
+            header = self._headers[shard]
+            e = header.tensors[name]
+            self._infos[name] = TensorInfo(name, shard, e.dtype, e.shape, e.nbytes, header.data_start + e.begin)
+
+    # ---- metadata ------------------------------------------------------------------------------
+
+    @property
+    def shards(self) -> list[str]:
+        return list(self._headers)
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint", self.model_dir) from None
+
+    def shard_path(self, shard: str) -> Path:
+        return self.model_dir / shard
+
+    def fingerprint(self) -> str:
+        """sha256 over (shard name, size, raw header) of every shard: changes if any shard does."""
+        h = hashlib.sha256()
+        for shard in sorted(self._headers):
+            header = self._headers[shard]
+            h.update(f"{shard}\0{header.file_size}\0{len(header.raw)}\0".encode())
+            h.update(header.raw)
+        return h.hexdigest()
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def _handle(self, shard: str):
+        handle = self._handles.get(shard)
+        if handle is None:
+            path = self.model_dir / shard
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot open shard ({e})", path) from None
+            self._handles[shard] = handle
+        return handle
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor as stored (dtype None, bit-exact), or FP8-dequantized / cast to `dtype`."""
+        info = self.info(name)
+        t = self._read(info, lambda h: h.get_tensor(name))
+        if dtype is None:
+            return t
+        scale = fp8.scale_name(name)
+        if info.dtype == "F8_E4M3" and scale in self._infos:
+            return self._dequantize(name, t, self.get(scale), dtype)
+        return t.to(dtype)
+
+    def get_expert(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Slice `[index]` of a fused `[E, ...]` tensor; only that expert's bytes are read."""
+        info = self.info(name)
+        if len(info.shape) < 2 or not 0 <= index < info.shape[0]:
+            raise CheckpointError(f"tensor {name} of shape {list(info.shape)} has no expert slice {index}",
+                                  self.model_dir / info.shard)
+        t = self._read(info, lambda h: h.get_slice(name)[index])
+        if dtype is None:
+            return t
+        scale = fp8.scale_name(name)
+        if info.dtype == "F8_E4M3" and scale in self._infos:
+            s = self._read(self.info(scale), lambda h: h.get_slice(scale)[index])
+            return self._dequantize(name, t, s, dtype)
+        return t.to(dtype)
+
+    def _read(self, info: TensorInfo, fetch) -> torch.Tensor:
+        try:
+            return fetch(self._handle(info.shard))
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {info.name} ({e})", self.model_dir / info.shard) from None
+
+    def _dequantize(self, name: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        block = self.fp8_block or fp8.DEFAULT_BLOCK
+        try:
+            if q.dim() == 3:  # fused experts with a [E, sm, sn] scale
+                return torch.stack([fp8.dequantize(q[e], scale[e], block, dtype) for e in range(q.shape[0])])
+            return fp8.dequantize(q, scale, block, dtype)
+        except ValueError as e:
+            raise CheckpointError(f"cannot dequantize {name}: {e}", self.model_dir / self.info(name).shard) from None
+
+    # ---- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop the cached shard handles (their mmaps go away once no tensor refers to them)."""
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.model_dir)!r}, {len(self._infos)} tensors, {len(self._headers)} shards)"
+
+
+def _fp8_block(config: dict) -> tuple[int, int] | None:
+    """Block size of DeepSeek-style FP8 from quantization_config, or None for unquantized models."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    block = q.get("weight_block_size")
+    if isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block):
+        return (int(block[0]), int(block[1]))
+    if q.get("quant_method") == "fp8":
+        return fp8.DEFAULT_BLOCK
+    return None

@@ -1,0 +1,172 @@
+"""ShardWriter: size-capped safetensors shards written atomically, plus the index and manifest.
+
+Shards are the unit of crash safety: each one is complete and fsynced (tmp + rename) before its
+record is returned, and the index + manifest are written last, so a directory with a manifest is
+a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+
+from ..errors import ConfigError
+from .safetensors_io import atomic_write_json, read_header, sha256_file, write_safetensors
+
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "mobe-stream-manifest/1"
+SHARD_METADATA = {"format": "pt"}  # what transformers expects in a shard's __metadata__
+
+
+class ShardRecord(NamedTuple):
+    filename: str
+    sha256: str
+    size: int
+    tensors: list[str]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ShardWriter:
+    """Collects tensors (by reference) and writes them to `prefix-NNNNN.safetensors` on flush()."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int = 5 * 10**9, prefix: str = "model",
+                 start_index: int = 1):
+        if max_shard_size <= 0:
+            raise ConfigError(f"max shard size must be positive, got {max_shard_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_size = int(max_shard_size)
+        self.prefix = prefix
+        self.next_index = int(start_index)
+        self._pending: list[tuple[str, torch.Tensor]] = []
+        self._seen: set[str] = set()
+        self.pending_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a tensor; nothing is copied (it may be a view into a source mmap)."""
+        if name in self._seen:
+            raise ValueError(f"duplicate tensor name {name!r} in one ShardWriter")
+        self._seen.add(name)
+        self._pending.append((name, tensor))
+        self.pending_bytes += _nbytes(tensor)
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.prefix}-{index:05d}.safetensors"
+
+    def _groups(self) -> list[list[tuple[str, torch.Tensor]]]:
+        """Greedy split in add order; a tensor bigger than the cap gets a shard of its own."""
+        groups: list[list[tuple[str, torch.Tensor]]] = []
+        size = 0
+        for item in self._pending:
+            nb = _nbytes(item[1])
+            if not groups or (groups[-1] and size + nb > self.max_shard_size):
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += nb
+        return groups
+
+    def flush(self) -> list[ShardRecord]:
+        """Write everything pending; returns one record per shard, in order."""
+        groups = self._groups()
+        self._pending = []
+        self.pending_bytes = 0
+        records = []
+        while groups:
+            group = groups.pop(0)
+            fname = self.shard_name(self.next_index)
+            sha, size = write_safetensors(self.out_dir / fname, group, SHARD_METADATA)
+            self.next_index += 1
+            records.append(ShardRecord(fname, sha, size, [n for n, _ in group]))
+            del group  # release tensor references as soon as their shard is on disk
+        return records
+
+
+def _as_record(rec: ShardRecord | Mapping) -> ShardRecord:
+    """Accept ShardRecords or their dict form (as stored in the compress journal)."""
+    if isinstance(rec, ShardRecord):
+        return rec
+    return ShardRecord(rec["filename"], rec["sha256"], int(rec["size"]), list(rec["tensors"]))
+
+
+def write_index_and_manifest(out_dir: str | os.PathLike, records: Iterable[ShardRecord | Mapping],
+                             metadata: Mapping[str, object] | None = None) -> None:
+    """Write model.safetensors.index.json then manifest.json, both atomically.
+
+    `total_size` is the sum of tensor data bytes (the Hugging Face convention), read from the
+    headers of the shards on disk, which also checks the records name real tensors.
+    """
+    out_dir = Path(out_dir)
+    recs = [_as_record(r) for r in records]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for rec in recs:
+        header = read_header(out_dir / rec.filename)
+        total += header.data_bytes
+        for name in rec.tensors:
+            if name not in header.tensors:
+                raise ValueError(f"{out_dir / rec.filename}: record lists tensor {name}, which the shard lacks")
+            if name in weight_map:
+                raise ValueError(f"tensor {name} is recorded in {weight_map[name]} and {rec.filename}")
+            weight_map[name] = rec.filename
+    meta = {"total_size": total, **(dict(metadata) if metadata else {})}
+    atomic_write_json(out_dir / INDEX_NAME, {"metadata": meta, "weight_map": weight_map})
+    shards = {r.filename: {"sha256": r.sha256, "size": r.size, "tensors": list(r.tensors)} for r in recs}
+    atomic_write_json(out_dir / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "shards": shards})
+
+
+def verify_manifest(out_dir: str | os.PathLike, full: bool = True) -> list[str]:
+    """Problems with the shards listed in manifest.json (empty list: all present and intact).
+
+    full=False checks sizes only (fast); full=True also re-hashes every shard.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_text())
+        shards = doc["shards"]
+        if doc.get("format") != MANIFEST_FORMAT:
+            return [f"{path}: unknown manifest format {doc.get('format')!r}"]
+    except FileNotFoundError:
+        return [f"{path}: missing"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{path}: unreadable manifest ({e})"]
+    problems = []
+    for fname, rec in sorted(shards.items()):
+        p = out_dir / fname
+        if not p.is_file():
+            problems.append(f"{p}: shard listed in manifest.json is missing")
+        elif p.stat().st_size != rec.get("size"):
+            problems.append(f"{p}: size {p.stat().st_size} differs from manifest.json ({rec.get('size')})")
+        elif full and sha256_file(p) != rec.get("sha256"):
+            problems.append(f"{p}: sha256 differs from manifest.json (corrupted or changed)")
+    return problems
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(s: str | int) -> int:
+    """accelerate-style sizes: "5GB" = 5*10**9, "20GiB" = 20*2**30, plain numbers are bytes."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        if s <= 0:
+            raise ConfigError(f"size must be positive, got {s}")
+        return s
+    m = _SIZE_RE.match(str(s))
+    if not m:
+        raise ConfigError(f"cannot parse size {s!r} (use e.g. 5GB, 500MB, 20GiB or a number of bytes)")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()]
+    if value < 1:
+        raise ConfigError(f"size {s!r} must be at least 1 byte")
+    return int(value)
