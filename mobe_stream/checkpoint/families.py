@@ -129,12 +129,12 @@ class Family:
         self.config = config
         self.reader = reader
         self.config_path = config_path
-        try:
-            self.num_layers = num_layers(config)
-            self.hidden_size = hidden_size(config)
-            self.moe_intermediate_size = moe_intermediate_size(config)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{spec.name} config lacks a valid {e}", config_path) from None
+        for key in ("num_hidden_layers", "hidden_size", "moe_intermediate_size"):
+            if not isinstance(config.get(key), int) or config[key] < 0:
+                raise CheckpointError(f"{spec.name} config has no valid {key} (got {config.get(key)!r})", config_path)
+        self.num_layers = num_layers(config)
+        self.hidden_size = hidden_size(config)
+        self.moe_intermediate_size = moe_intermediate_size(config)
         self.num_experts = num_experts(config)
         self.top_k = top_k(config)
         self.layout = detect_layout(reader.names(), reader.model_dir) if reader is not None else PER_EXPERT
