@@ -142,8 +142,9 @@ def _one(shape=(2, 2), dtype="F32", offsets=(0, 16)) -> dict:
     (None, b"", None, "shorter than the 8-byte header length"),
     (_one(), b"\0" * 16, 10**6, "truncated: header says it ends at"),
     (_one(), b"\0" * 10, None, "truncated: header says data ends at .* but file is"),
+    (_one(offsets=(0, 10**9)), b"\0" * 16, None, "truncated: header says data ends at"),
     (_one(dtype="F4"), b"\0" * 16, None, "unknown dtype 'F4'"),
-    (_one(offsets=(0, 12)), b"\0" * 12, None, "spans 12 bytes but F32\\[2, 2\\] needs 16"),
+    (_one(offsets=(0, 12)), b"\0" * 12, None, "span 12 bytes but F32\\[2, 2\\] needs 16"),
     ({**_one(), "u": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16, None, "overlaps"),
     ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16, None, "unused bytes"),
     (_one(), b"\0" * 20, None, "4 unexpected trailing bytes"),
@@ -248,7 +249,7 @@ def test_duplicate_tensor_across_shards(tmp_path):
     write_safetensors(d / "a.safetensors", [("x", torch.zeros(2)), ("y", torch.ones(2))])
     write_safetensors(d / "b.safetensors", [("y", torch.ones(2))])
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}))
-    with pytest.raises(CheckpointError, match="tensor y is stored in two shards") as ei:
+    with pytest.raises(CheckpointError, match="duplicate tensor y: stored in two shards") as ei:
         CheckpointReader(d)
     assert "b.safetensors" in str(ei.value)
 

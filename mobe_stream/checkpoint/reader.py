@@ -122,7 +122,7 @@ class CheckpointReader:
             self._headers[shard] = header
             for name in header.tensors:
                 if name in owner:
-                    raise CheckpointError(f"tensor {name} is stored in two shards ({owner[name]} and {shard})", path)
+                    raise CheckpointError(f"duplicate tensor {name}: stored in two shards ({owner[name]} and {shard})", path)
                 owner[name] = shard
         names = list(owner) if weight_map is None else list(weight_map)
         for name in names:

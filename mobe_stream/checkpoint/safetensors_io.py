@@ -108,6 +108,14 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     if not isinstance(metadata, dict):
         raise _fail(path, "corrupt header: __metadata__ is not an object")
     entries = [_entry(path, name, spec) for name, spec in doc.items()]
+    end = 8 + n + max((e.end for e in entries), default=0)
+    if end > file_size:  # checked before the per-tensor sizes: a cut file is the likelier story
+        raise _fail(path, f"truncated: header says data ends at {end} bytes but file is {file_size} bytes")
+    for e in entries:
+        want = math.prod(e.shape) * ITEMSIZE[e.dtype]
+        if e.nbytes != want:
+            raise _fail(path, f"corrupt header: tensor {e.name} data_offsets [{e.begin}, {e.end}] span {e.nbytes} "
+                              f"bytes but {e.dtype}{list(e.shape)} needs {want}")
     _check_layout(path, entries, 8 + n, file_size)
     entries.sort(key=lambda e: (e.begin, e.end))
     return ShardHeader(path, file_size, 8 + n, {e.name: e for e in entries}, metadata, head + body)
@@ -125,10 +133,6 @@ def _entry(path: Path, name: str, spec: object) -> HeaderEntry:
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise _fail(path, f"corrupt header: tensor {name} has invalid data_offsets {offsets!r}")
-    want = math.prod(shape) * ITEMSIZE[dtype]
-    if offsets[1] - offsets[0] != want:
-        raise _fail(path, f"corrupt header: tensor {name} spans {offsets[1] - offsets[0]} bytes but "
-                          f"{dtype}{list(shape)} needs {want}")
     return HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -143,8 +147,6 @@ def _check_layout(path: Path, entries: list[HeaderEntry], data_start: int, file_
             raise _fail(path, f"corrupt header: {e.begin - pos} unused bytes before tensor {e.name} at {pos}")
         pos, prev = e.end, e.name
     end = data_start + pos
-    if end > file_size:
-        raise _fail(path, f"truncated: header says data ends at {end} bytes but file is {file_size} bytes")
     if end < file_size:
         raise _fail(path, f"corrupt: header says data ends at {end} bytes but file is {file_size} bytes "
                           f"({file_size - end} unexpected trailing bytes)")
