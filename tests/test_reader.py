@@ -283,3 +283,28 @@ def test_config_missing_or_invalid(make_ckpt):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         CheckpointReader(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("max_open,recycle", [(0, None), (1, 1), (1, None), (None, 64)])
+def test_handle_cache_settings_keep_reads_exact(make_ckpt, max_open, recycle):
+    ts = _tensors()
+    d = make_ckpt(ts, shards=3)
+    with CheckpointReader(d, max_open_shards=max_open, recycle_bytes=recycle) as r:
+        for _ in range(2):
+            for name, t in ts.items():
+                assert _same(r.get(name), t), name
+                assert len(r._handles) <= (len(r.shards) if max_open is None else max_open)
+        assert _same(r.get_expert("model.layers.0.experts.gate_up_proj", 3), ts["model.layers.0.experts.gate_up_proj"][3])
+
+
+def test_get_with_dtype_is_a_fresh_tensor(make_ckpt):
+    ts = _tensors()
+    d = make_ckpt(ts)
+    with CheckpointReader(d) as r:
+        r.get("model.norm.weight", torch.float32).add_(1.0)  # same dtype as stored: still a copy
+        r.get_expert("model.layers.0.experts.gate_up_proj", 1, torch.bfloat16).add_(1.0)
+        assert _same(r.get("model.norm.weight"), ts["model.norm.weight"])
+        assert _same(r.get("model.layers.0.experts.gate_up_proj"), ts["model.layers.0.experts.gate_up_proj"])
+        r.get("model.norm.weight").add_(1.0)  # raw views are private mappings: never reach the file
+    with CheckpointReader(d) as r:
+        assert _same(r.get("model.norm.weight"), ts["model.norm.weight"])

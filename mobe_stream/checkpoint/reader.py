@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,8 +62,22 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 class CheckpointReader:
     """Validates config, index and every shard header on open; reads tensors lazily."""
 
-    def __init__(self, model_dir: str | os.PathLike):
+    def __init__(self, model_dir: str | os.PathLike, max_open_shards: int | None = 1,
+                 recycle_bytes: int | None = 256 << 20):
+        """max_open_shards: shard handles kept open (LRU; None = all, 0 = open for every read).
+        recycle_bytes: reopen a cached handle after this many bytes were read through it.
+
+        Tensors from `get` are zero-copy views of safetensors' mmap, and every page touched through
+        a mapping stays in this process's RSS (file-backed, reclaimable) until the mapping is gone,
+        i.e. until its handle and all tensors read through it are freed. Caching every handle lets
+        RSS climb to the size of the checkpoint; opening per read re-parses the header each time
+        (ms for shards with thousands of tensors). One handle, recycled every 256 MiB, bounds RSS to
+        about the live tensors plus 256 MiB per mapping they keep alive.
+        """
         self.model_dir = Path(model_dir)
+        self.max_open_shards = max_open_shards
+        self.recycle_bytes = recycle_bytes
+        self._read_through: dict[str, int] = {}
         if not self.model_dir.is_dir():
             raise CheckpointError("model directory does not exist or is not a directory", self.model_dir)
         self.config_path = self.model_dir / CONFIG_NAME
@@ -71,7 +86,7 @@ class CheckpointReader:
             raise CheckpointError("config is not a JSON object", self.config_path)
         self._headers: dict[str, ShardHeader] = {}
         self._infos: dict[str, TensorInfo] = {}
-        self._handles: dict[str, Any] = {}
+        self._handles: OrderedDict[str, Any] = OrderedDict()
         weight_map = self._weight_map()
         self._load_headers(weight_map)
         self.fp8_block: tuple[int, int] | None = _fp8_block(self.config)
@@ -172,27 +187,43 @@ class CheckpointReader:
 
     # ---- data ----------------------------------------------------------------------------------
 
-    def _handle(self, shard: str):
+    def _handle(self, shard: str, nbytes: int = 0):
+        """A safe_open handle for `shard`: opened lazily, kept in a small LRU, recycled by bytes read."""
         handle = self._handles.get(shard)
-        if handle is None:
-            path = self.model_dir / shard
-            try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"cannot open shard ({e})", path) from None
+        if handle is not None:
+            used = self._read_through.get(shard, 0) + nbytes
+            if self.recycle_bytes is None or used <= self.recycle_bytes or used == nbytes:
+                self._handles.move_to_end(shard)
+                self._read_through[shard] = used
+                return handle
+            del self._handles[shard]  # its mmap goes once the tensors read through it are freed
+        path = self.model_dir / shard
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot open shard ({e})", path) from None
+        if self.max_open_shards is None or self.max_open_shards > 0:
             self._handles[shard] = handle
+            self._read_through[shard] = nbytes
+            while self.max_open_shards is not None and len(self._handles) > self.max_open_shards:
+                self._handles.popitem(last=False)
         return handle
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor as stored (dtype None, bit-exact), or FP8-dequantized / cast to `dtype`."""
+        """The tensor as stored (dtype None, bit-exact), or FP8-dequantized / cast to `dtype`.
+
+        dtype None returns a zero-copy view of the shard's private mmap: treat it as read-only
+        (an in-place change would show in later reads through the same handle). With a dtype the
+        result is always a fresh tensor, safe to modify.
+        """
         info = self.info(name)
-        t = self._read(info, lambda h: h.get_tensor(name))
+        t = self._read(info, lambda h: h.get_tensor(name), info.nbytes)
         if dtype is None:
             return t
         scale = fp8.scale_name(name)
         if info.dtype == "F8_E4M3" and scale in self._infos:
             return self._dequantize(name, t, self.get(scale), dtype)
-        return t.to(dtype)
+        return t.to(dtype, copy=True)
 
     def get_expert(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Slice `[index]` of a fused `[E, ...]` tensor; only that expert's bytes are read."""
@@ -200,18 +231,18 @@ class CheckpointReader:
         if len(info.shape) < 2 or not 0 <= index < info.shape[0]:
             raise CheckpointError(f"tensor {name} of shape {list(info.shape)} has no expert slice {index}",
                                   self.model_dir / info.shard)
-        t = self._read(info, lambda h: h.get_slice(name)[index])
+        t = self._read(info, lambda h: h.get_slice(name)[index], info.nbytes // info.shape[0])
         if dtype is None:
             return t
         scale = fp8.scale_name(name)
         if info.dtype == "F8_E4M3" and scale in self._infos:
             s = self._read(self.info(scale), lambda h: h.get_slice(scale)[index])
             return self._dequantize(name, t, s, dtype)
-        return t.to(dtype)
+        return t.to(dtype, copy=True)
 
-    def _read(self, info: TensorInfo, fetch) -> torch.Tensor:
+    def _read(self, info: TensorInfo, fetch, nbytes: int = 0) -> torch.Tensor:
         try:
-            return fetch(self._handle(info.shard))
+            return fetch(self._handle(info.shard, nbytes))
         except CheckpointError:
             raise
         except Exception as e:
@@ -231,6 +262,7 @@ class CheckpointReader:
     def close(self) -> None:
         """Drop the cached shard handles (their mmaps go away once no tensor refers to them)."""
         self._handles.clear()
+        self._read_through.clear()
 
     def __enter__(self) -> "CheckpointReader":
         return self
