@@ -112,8 +112,8 @@ def check_source(reader: CheckpointReader, fam) -> None:
                 dt = reader.info(name).dtype
                 if not name.endswith("_scale_inv") and dt not in SUPPORTED_WEIGHT_DTYPES:
                     raise CheckpointError(f"tensor {name} has unsupported dtype {dt} (supported: "
-                                          f"{', '.join(sorted(SUPPORTED_WEIGHT_DTYPES))})", reader.shard_path(name)
-                                          if hasattr(reader, "shard_path") else reader.model_dir)
+                                          f"{', '.join(sorted(SUPPORTED_WEIGHT_DTYPES))})",
+                                          reader.model_dir / reader.info(name).shard)
 
 
 def _check_finite(reader: CheckpointReader) -> list[str]:

@@ -29,8 +29,9 @@ def all_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
         return {n: r.get(n).clone() for n in r.names()}
 
 
-def run_cli(*args: str, check: bool = False, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_cli(*args: str, check: bool = False, timeout: float = 600, extra_env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     proc = subprocess.run([sys.executable, "-m", "mobe_stream.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, **kw)
     if check and proc.returncode != 0:

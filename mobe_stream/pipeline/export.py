@@ -7,7 +7,6 @@ through the same journal, lock and atomic shards as `compress`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -69,7 +69,7 @@ class Journal:
         return int(self.data["next_shard_index"])
 
     def commit(self, key: str, records: list, info: dict, next_shard_index: int) -> None:
-        self.data["units"][key] = {"shards": [r if isinstance(r, dict) else r._asdict() if hasattr(r, "_asdict") else vars(r) for r in records], "info": info}
+        self.data["units"][key] = {"shards": [r if isinstance(r, dict) else r._asdict() for r in records], "info": info}
         self.data["next_shard_index"] = max(int(self.data["next_shard_index"]), next_shard_index)
         self.save()
 

@@ -14,28 +14,17 @@ from ..factorize import working_set_bytes
 def projected_output_bytes(job, units) -> int:
     """Bytes the remaining units will write: copied tensors as stored + MoBE factors in the output dtype."""
     fam, spec, reader = job.family, job.spec, job.reader
-    item = {2: 2, 4: 4}.get(job.out_dtype.itemsize, job.out_dtype.itemsize)
+    item = job.out_dtype.itemsize
     E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
     mg = spec.num_bases // spec.groups
     per_proj = (E * p * spec.rank + spec.num_bases * spec.rank * d) * item + E * mg * 4
     total = 0
     for u in units:
         if u.kind == "copy":
-            total += sum(_nbytes(reader.info(n)) for n in u.tensors)
+            total += sum(reader.info(n).nbytes for n in u.tensors)
         else:
             total += per_proj
     return total
-
-
-def _nbytes(info) -> int:
-    n = 1
-    for s in info.shape:
-        n *= s
-    return n * info.itemsize if hasattr(info, "itemsize") else n * _DTYPE_SIZES.get(info.dtype, 4)
-
-
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def layer_ram_bytes(job) -> int:

@@ -1,0 +1,62 @@
+"""Disk full, NaN in the solver: clean failures that resume, never a partial file under a final name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobe_stream.synth import make_tiny_moe
+
+from .helpers import all_tensors, dir_digest, run_cli
+
+ARGS = ["--num-bases", "4", "--rank", "16", "--steps", "10", "--quiet", "--max-shard-size", "200KB"]
+
+
+def _small_fs(path: Path, size: str) -> bool:
+    """Mount a size-limited tmpfs at path (root only); False where that is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _assert_no_partial_final_files(out: Path, index_names: set[str] | None = None) -> None:
+    from mobe_stream.checkpoint.safetensors_io import read_header
+
+    for f in out.glob("*.safetensors"):
+        read_header(f)  # every file under a final name is a complete shard
+
+
+def test_disk_full_gives_clean_error_and_resumes(tmp_path):
+    src = make_tiny_moe(tmp_path / "src", family="deepseek_v3")
+    before = dir_digest(src)
+    ref = tmp_path / "ref"
+    run_cli("compress", str(src), "--out", str(ref), *ARGS, check=True)
+    total = sum(f.stat().st_size for f in ref.glob("*.safetensors"))
+
+    mnt = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+    mounted = _small_fs(mnt, str(max(64 * 1024, total // 2)))
+    out = mnt / "out"
+    env = None if mounted else {"MOBE_STREAM_FAULT": f"enospc_after_bytes={total // 2}"}
+    try:
+        proc = run_cli("compress", str(src), "--out", str(out), *ARGS, "--force", extra_env=env)
+        assert proc.returncode == 2, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "disk full" in line and "--resume" in line, proc.stderr
+        _assert_no_partial_final_files(out)
+        if mounted:  # "free space": grow the filesystem
+            subprocess.run(["mount", "-o", f"remount,size={4 * total + 10**6}", str(mnt)], check=True)
+        run_cli("compress", str(src), "--out", str(out), *ARGS, "--resume", check=True)
+        a, b = all_tensors(ref), all_tensors(out)
+        assert set(a) == set(b) and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+        assert not list(out.glob("*.tmp-*"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)])
+    assert dir_digest(src) == before
