@@ -78,14 +78,18 @@ class PeakSampler:
         self._t.join()
 
 
-def read_all(d: Path, max_open: int | None) -> dict:
+def read_all(d: Path, setting: str) -> dict:
     """Runs in a fresh child so ru_maxrss covers reading only (not the checkpoint generation)."""
     base = psutil.Process().memory_info().rss
     total = 0
     checksum = 0.0
     with PeakSampler() as s:
         t0 = time.perf_counter()
-        with CheckpointReader(d, max_open_shards=max_open) as r:
+        mo, _, rb = setting.partition(":")
+        kw = {"max_open_shards": None if mo == "all" else int(mo)}
+        if rb:
+            kw["recycle_bytes"] = None if rb == "none" else parse_size(rb)
+        with CheckpointReader(d, **kw) as r:
             for name in r.names():
                 t = r.get(name)
                 checksum += float(t.sum(dtype=torch.float32))
@@ -102,8 +106,9 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=4096, help="tensors are bf16 [side, side]")
     ap.add_argument("--shard-size", default="512MB", help="max shard size (accelerate units)")
     ap.add_argument("--dir", type=Path, help="reuse/create the checkpoint here instead of a temp dir")
-    ap.add_argument("--max-open-shards", default="0,1,all",
-                    help="comma list of CheckpointReader max_open_shards settings to compare ('all' = None)")
+    ap.add_argument("--settings", default="0,1,1:none,all:none",
+                    help="comma list of CheckpointReader settings MAX_OPEN[:RECYCLE] to compare "
+                         "('all' = keep every handle, RECYCLE 'none' = never reopen; default recycle 256 MiB)")
     ap.add_argument("--child-read", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-make", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -111,8 +116,7 @@ def main() -> None:
         make_checkpoint(args.child_make, int(args.size_gb * GB), args.side, parse_size(args.shard_size))
         return
     if args.child_read:
-        mo = args.max_open_shards
-        print(json.dumps(read_all(args.child_read, None if mo == "all" else int(mo))))
+        print(json.dumps(read_all(args.child_read, args.settings)))
         return
 
     tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="bench_read-")
@@ -131,8 +135,8 @@ def main() -> None:
         cat = time.perf_counter() - t0
 
         results = {}
-        for mo in args.max_open_shards.split(","):
-            out = subprocess.run([sys.executable, __file__, "--child-read", str(d), "--max-open-shards", mo],
+        for mo in args.settings.split(","):
+            out = subprocess.run([sys.executable, __file__, "--child-read", str(d), "--settings", mo],
                                  capture_output=True, text=True, check=True)
             results[mo] = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -146,7 +150,7 @@ def main() -> None:
     print(f"{'measurement':<44}{'wall s':>8}{'GB/s':>7}{'peak RSS':>10}{'anon':>7}{'ru_maxrss':>10}  (MiB)")
     print(f"{'cat shards > /dev/null':<44}{cat:>8.2f}{size / GB / cat:>7.2f}")
     for mo, res in results.items():
-        label = f"reader.get+sum 1-by-1, max_open_shards={mo}"
+        label = f"reader.get+sum 1-by-1, open:recycle={mo}"
         print(f"{label:<44}{res['wall']:>8.2f}{res['bytes'] / GB / res['wall']:>7.2f}{res['peak_rss'] / mib:>10.0f}"
               f"{res['peak_anon'] / mib:>7.0f}{res['ru_maxrss'] / mib:>10.0f}")
     base = next(iter(results.values()))["base_rss"]
