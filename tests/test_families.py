@@ -192,3 +192,19 @@ def test_fused_layout_from_down_proj_only(make_ckpt):
         fam = get_family(r.config, r)
         assert fam.layout == "fused"
         assert torch.equal(fam.expert_weight(r, 0, 1, "down_proj", torch.float32), W["down_proj"][1].to(torch.bfloat16).float())
+
+
+def test_fused_fp8_gate_up_split_exact(make_ckpt):
+    """Fused FP8: the whole [2p, d] expert is dequantized with its [sm, sn] scale, then split."""
+    W = _experts(seed=2)
+    ts = _layer_tensors(0, W, "fused", fp8_on=True)
+    cfg = _cfg("qwen3_moe", num_experts=E, num_hidden_layers=1,
+               quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    with CheckpointReader(make_ckpt(ts, cfg)) as r:
+        fam = get_family(r.config, r)
+        for e in range(E):
+            full = fp8.dequantize(ts[name][e], ts[fp8.scale_name(name)][e], (128, 128), torch.bfloat16)
+            assert torch.equal(fam.expert_weight(r, 0, e, "gate_proj", torch.bfloat16), full[:P])
+            assert torch.equal(fam.expert_weight(r, 0, e, "up_proj", torch.bfloat16), full[P:])
+        assert fam.expert_tensor_names(0, "gate_proj") == [name, name + "_scale_inv"]
