@@ -163,3 +163,17 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ConfigError):
         parse_size(text)
+
+
+def test_injected_enospc_leaves_no_partial_shard(tmp_path, monkeypatch):
+    from mobe_stream import faults
+
+    monkeypatch.setenv("MOBE_STREAM_FAULT", "enospc_after_bytes=1500")
+    monkeypatch.setattr(faults, "_written", 0)
+    w = ShardWriter(tmp_path, max_shard_size=1000)
+    for i in range(4):
+        w.add(f"t{i}", _t(1000, i))
+    with pytest.raises(OSError) as ei:
+        w.flush()
+    assert ei.value.errno == 28
+    assert [p.name for p in tmp_path.iterdir()] == ["model-00001.safetensors"]  # complete shard only

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import faults
 from ..errors import CheckpointError
 
 # safetensors dtype string -> torch dtype. Item sizes come from the torch dtype.
@@ -209,12 +210,14 @@ def write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tens
             f.write(header)
             sha.update(header)
             size += len(header)
+            faults.on_bytes_written(len(header), str(tmp))
             for _, t in items:
                 mv = _tensor_bytes(t)
                 for i in range(0, len(mv), WRITE_CHUNK):
                     chunk = mv[i:i + WRITE_CHUNK]
                     f.write(chunk)
                     sha.update(chunk)
+                    faults.on_bytes_written(len(chunk), str(tmp))  # test-only ENOSPC injection
                 size += len(mv)
                 del mv
             f.flush()

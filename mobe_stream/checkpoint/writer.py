@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .safetensors_io import atomic_write_json, read_header, sha256_file, write_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -114,9 +114,10 @@ def write_index_and_manifest(out_dir: str | os.PathLike, records: Iterable[Shard
         total += header.data_bytes
         for name in rec.tensors:
             if name not in header.tensors:
-                raise ValueError(f"{out_dir / rec.filename}: record lists tensor {name}, which the shard lacks")
+                raise CheckpointError(f"shard record lists tensor {name}, which the shard lacks", out_dir / rec.filename)
             if name in weight_map:
-                raise ValueError(f"tensor {name} is recorded in {weight_map[name]} and {rec.filename}")
+                raise CheckpointError(f"duplicate tensor {name}: recorded in {weight_map[name]} and {rec.filename}",
+                                      out_dir / rec.filename)
             weight_map[name] = rec.filename
     meta = {"total_size": total, **(dict(metadata) if metadata else {})}
     atomic_write_json(out_dir / INDEX_NAME, {"metadata": meta, "weight_map": weight_map})
