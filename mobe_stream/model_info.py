@@ -9,8 +9,6 @@ from .checkpoint.families import get_family
 from .checkpoint.reader import CheckpointReader
 from .factorize import choose_bases_rank, working_set_bytes
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _OUT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -34,7 +32,7 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
         for name in reader.names():
             info = reader.info(name)
             n = _numel(info.shape)
-            size += n * _DTYPE_BYTES.get(info.dtype, 4)
+            size += info.nbytes
             if name.endswith(("_scale_inv", "rotary_emb.inv_freq")):
                 continue
             dtypes[info.dtype] += n
@@ -66,9 +64,8 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             saved = (before - after) * len(moe)
             ob = _OUT_BYTES.get(dtype, 2)
             # gate/up bytes as stored now vs as MoBE tensors in the output dtype
-            stored_gate_up = sum(_numel(reader.info(n).shape) * _DTYPE_BYTES.get(reader.info(n).dtype, 4)
-                                 for layer in moe for proj in ("gate_proj", "up_proj")
-                                 for n in set(fam.expert_tensor_names(layer, proj)))
+            gate_up_names = {n for layer in moe for proj in ("gate_proj", "up_proj") for n in fam.expert_tensor_names(layer, proj)}
+            stored_gate_up = sum(reader.info(n).nbytes for n in gate_up_names)
             mobe_bytes = len(moe) * (2 * (E * p * r + m * r * d) * ob + 2 * E * mg * 4)
             ws = working_set_bytes(E, p, d, m, r, groups)
             out["projection"] = {
