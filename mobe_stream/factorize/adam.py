@@ -1,0 +1,25 @@
+"""The paper's solver: Adam on A, B and α together, minimising the MSE of the z-scored targets."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import MoBEFactors, mixed_bases
+from .solver_base import Solver
+
+
+class AdamSolver(Solver):
+    per_expert = ("A", "alpha")
+
+    def _params_from(self, f: MoBEFactors) -> dict[str, torch.Tensor]:
+        return {"A": f.A.to(self.home, torch.float32).clone(), "alpha": f.alpha.to(self.home, torch.float32).clone(),
+                "B": f.B.to(self.device, torch.float32).clone()}
+
+    def _batch_loss(self, W, per, B, idx):
+        M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
+        R = torch.baddbmm(W, per["A"], M, beta=-1.0)  # A M - W
+        return (R * R).sum()
+
+    def best_factors(self) -> MoBEFactors:
+        return MoBEFactors(self.best["A"].cpu().clone(), self.best["B"].cpu().clone(), self.best["alpha"].cpu().clone(),
+                           1.0, self.spec.activation)

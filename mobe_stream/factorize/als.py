@@ -1,0 +1,55 @@
+"""Variable projection: A is never a free variable. For fixed bases and mixing weights each A_e has
+a closed form, A_e = W_e M_eᵀ (M_e M_eᵀ + λI)⁻¹, so the loss is a function of (B, α) alone and Adam
+only steps those. By the envelope theorem the gradient w.r.t. (B, α) at the optimal A is the
+ordinary gradient with A held fixed, so one backward pass through the residual suffices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import MoBEFactors, mixed_bases
+from .solver_base import Solver
+
+RIDGE = 1e-6  # relative to the mean eigenvalue of M Mᵀ: keeps the solve well posed, biases nothing measurable
+
+
+def solve_A(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """argmin_A ||W - A M||² (+ tiny ridge), batched over experts: [k, p, r]."""
+    G = torch.bmm(M, M.transpose(1, 2))  # [k, r, r]
+    r = G.shape[-1]
+    lam = RIDGE * G.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+    G = G + lam[:, None, None] * torch.eye(r, dtype=G.dtype, device=G.device)
+    rhs = torch.bmm(M, W.transpose(1, 2))  # [k, r, p]
+    L, info = torch.linalg.cholesky_ex(G)
+    if bool((info == 0).all()):
+        X = torch.cholesky_solve(rhs, L)
+    else:
+        X = torch.linalg.lstsq(G, rhs).solution
+    return X.transpose(1, 2)
+
+
+class AlternatingSolver(Solver):
+    per_expert = ("alpha",)
+
+    def _params_from(self, f: MoBEFactors) -> dict[str, torch.Tensor]:
+        return {"alpha": f.alpha.to(self.home, torch.float32).clone(), "B": f.B.to(self.device, torch.float32).clone()}
+
+    def _batch_loss(self, W, per, B, idx):
+        M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
+        with torch.no_grad():
+            A = solve_A(W, M)
+        R = torch.baddbmm(W, A, M, beta=-1.0)
+        return (R * R).sum()
+
+    def best_factors(self) -> MoBEFactors:
+        B = self.best["B"].to(self.device)
+        alpha = self.best["alpha"]
+        A = torch.empty((self.E, self.p, self.spec.rank), dtype=torch.float32)
+        with torch.no_grad():
+            for e0 in range(0, self.E, self.batch):
+                e1 = min(self.E, e0 + self.batch)
+                idx = torch.arange(e0, e1, device=self.device)
+                M = mixed_bases(alpha[e0:e1].to(self.device), B, idx, self.E, self.spec.activation)
+                A[e0:e1] = solve_A(self.W[e0:e1].to(self.device), M).cpu()
+        return MoBEFactors(A, self.best["B"].cpu().clone(), alpha.cpu().clone(), 1.0, self.spec.activation)

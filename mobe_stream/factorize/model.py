@@ -1,0 +1,93 @@
+"""The MoBE parameterisation: W_e ≈ scale · A_e · act(Σ_i softmax(α_e)_i · B_{g(e), i}).
+
+Bases B are shared by the experts of a group (g(e) = e // (E / G)); A_e and α_e are per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh}
+
+
+@dataclass(frozen=True)
+class MoBESpec:
+    num_bases: int  # m, over all groups
+    rank: int  # r
+    activation: str = "silu"
+    groups: int = 1
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        if self.num_bases < 1 or self.rank < 1 or self.groups < 1 or self.num_bases % self.groups:
+            raise ValueError(f"num_bases ({self.num_bases}) must be a positive multiple of groups ({self.groups}), rank >= 1")
+
+    @property
+    def bases_per_group(self) -> int:
+        return self.num_bases // self.groups
+
+
+def group_of(num_experts: int, groups: int) -> torch.Tensor:
+    """Group index of every expert (contiguous groups)."""
+    if num_experts % groups:
+        raise ValueError(f"{num_experts} experts cannot be split into {groups} equal groups")
+    return torch.arange(num_experts) // (num_experts // groups)
+
+
+def mixed_bases(alpha: torch.Tensor, B: torch.Tensor, experts: torch.Tensor, num_experts: int, activation: str) -> torch.Tensor:
+    """act(Σ_i softmax(α_e)_i B_{g(e), i}) for the given experts: [k, r, d].
+
+    One matmul per group present (softmax weights [k_g, m_g] @ bases [m_g, r*d]); never builds a
+    [k, m, r, d] gather.
+    """
+    G, mg, r, d = B.shape
+    weights = torch.softmax(alpha, dim=-1)
+    groups = experts // (num_experts // G)
+    out = torch.empty((experts.numel(), r * d), dtype=B.dtype, device=B.device)
+    for g in torch.unique(groups).tolist():
+        sel = (groups == g).nonzero(as_tuple=True)[0]
+        out[sel] = weights[sel] @ B[g].reshape(mg, r * d)
+    return ACTIVATIONS[activation](out.view(-1, r, d))
+
+
+@dataclass
+class MoBEFactors:
+    A: torch.Tensor  # [E, p, r]
+    B: torch.Tensor  # [G, m_g, r, d]
+    alpha: torch.Tensor  # [E, m_g] logits
+    scale: float = 1.0
+    activation: str = "silu"
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
+
+    def reconstruct(self, experts: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+        """scale · A_e M_e for the given experts (all by default): [k, p, d] in fp32."""
+        E = self.num_experts
+        idx = torch.arange(E) if experts is None else torch.as_tensor(experts).reshape(-1)
+        A, B, alpha = self.A.float(), self.B.float(), self.alpha.float()
+        M = mixed_bases(alpha[idx], B, idx, E, activation or self.activation)
+        return self.scale * torch.bmm(A[idx], M)
+
+    def num_params(self) -> int:
+        return self.A.numel() + self.B.numel() + self.alpha.numel()
+
+    def to(self, device) -> "MoBEFactors":
+        return MoBEFactors(self.A.to(device), self.B.to(device), self.alpha.to(device), self.scale, self.activation)
+
+
+def prepare_targets(W: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Divide by the std over all experts of the layer (the paper's z-scoring; it helps Adam).
+
+    In place when W is already fp32 (the layer's targets are the largest tensor of the fit).
+    """
+    W = W if W.dtype == torch.float32 else W.float()
+    std = float(W.std())
+    if not std > 0:
+        std = 1.0
+    return W.div_(std), std
