@@ -176,13 +176,20 @@ class CheckpointReader:
     def shard_path(self, shard: str) -> Path:
         return self.model_dir / shard
 
-    def fingerprint(self) -> str:
-        """sha256 over (shard name, size, raw header) of every shard: changes if any shard does."""
+    def fingerprint(self, sample_bytes: int = 1 << 16) -> str:
+        """sha256 over every shard's name, size and raw header, plus three samples of its data
+        (start, middle, end): detects a replaced or re-downloaded source with the same layout
+        without reading terabytes. Not a full-content hash (that is `verify`'s job)."""
         h = hashlib.sha256()
         for shard in sorted(self._headers):
             header = self._headers[shard]
             h.update(f"{shard}\0{header.file_size}\0{len(header.raw)}\0".encode())
             h.update(header.raw)
+            start, end = header.data_start, header.file_size
+            with open(self.model_dir / shard, "rb") as f:
+                for pos in (start, (start + end) // 2, max(start, end - sample_bytes)):
+                    f.seek(pos)
+                    h.update(f.read(sample_bytes))
         return h.hexdigest()
 
     # ---- data ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class Reporter:
     def __init__(self, sinks: list["Sink"] | None = None):
         self.sinks = sinks or []
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, /, **fields: Any) -> None:
         for s in self.sinks:
             s.event(kind, fields)
 

@@ -1,0 +1,104 @@
+"""config.json for tiny models, with each family's real keys (as in the released hub configs)."""
+
+from __future__ import annotations
+
+FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def qwen3_moe_config(*, num_layers: int, num_experts: int, hidden: int, moe_inter: int, vocab: int,
+                     dtype: str) -> dict:
+    heads, kv_heads = 4, 2
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "moe_intermediate_size": moe_inter,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "num_experts": num_experts,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [0],  # one dense layer, as a test of the layer selection
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+        "transformers_version": "4.51.0",
+    }
+
+
+def deepseek_v3_config(*, num_layers: int, num_experts: int, hidden: int, moe_inter: int, vocab: int,
+                       dtype: str, kimi: bool, fp8: bool) -> dict:
+    heads = 4
+    rank_unit = 64 if fp8 else 16
+    cfg = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "kimi_k2" if kimi else "deepseek_v3",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "moe_intermediate_size": moe_inter,
+        "num_hidden_layers": num_layers,
+        "num_nextn_predict_layers": 1,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "n_shared_experts": 1,
+        "n_routed_experts": num_experts,
+        "ep_size": 1,
+        "routed_scaling_factor": 2.827 if kimi else 2.5,
+        "kv_lora_rank": rank_unit,
+        "q_lora_rank": 2 * rank_unit,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "qk_nope_head_dim": 16,
+        "topk_method": "noaux_tc",
+        "n_group": 1 if kimi else 2,
+        "topk_group": 1,
+        "num_experts_per_tok": 2,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 1,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "hidden_act": "silu",
+        "max_position_embeddings": 1024,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "rope_theta": 50000.0 if kimi else 10000.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 32.0 if kimi else 40.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 1.0 if kimi else 32,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "torch_dtype": dtype,
+        "transformers_version": "4.33.1",
+    }
+    if fp8:
+        cfg["quantization_config"] = dict(FP8_QUANT)
+    return cfg

@@ -1,0 +1,102 @@
+"""Which tensors a tiny checkpoint of each family holds: hub names, shapes, and how each is made.
+
+A `Spec` is (name, shape, dtype, kind): kind "linear" (random weight, FP8-quantized in FP8 mode),
+"linear16" (random, never quantized: router, embeddings, lm_head), "norm" (ones), "bias" (fp32
+router bias), "expert" (structured expert weight), "inv_freq" (Kimi's rotary buffer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    layer: int | None = None
+    proj: str | None = None
+    expert: int | None = None
+
+
+def _experts(pre: str, layer: int, E: int, p: int, d: int, fused: bool) -> list[Spec]:
+    if fused:
+        return [Spec(pre + "experts.gate_up_proj", (E, 2 * p, d), "expert", layer, "gate_up_proj"),
+                Spec(pre + "experts.down_proj", (E, d, p), "expert", layer, "down_proj")]
+    out = []
+    for e in range(E):
+        for proj, shape in (("gate_proj", (p, d)), ("up_proj", (p, d)), ("down_proj", (d, p))):
+            out.append(Spec(f"{pre}experts.{e}.{proj}.weight", shape, "expert", layer, proj, e))
+    return out
+
+
+def _mlp(pre: str, inter: int, d: int) -> list[Spec]:
+    return [Spec(pre + "gate_proj.weight", (inter, d), "linear"), Spec(pre + "up_proj.weight", (inter, d), "linear"),
+            Spec(pre + "down_proj.weight", (d, inter), "linear")]
+
+
+def qwen3_moe_specs(cfg: dict, fused: bool) -> list[Spec]:
+    d, V = cfg["hidden_size"], cfg["vocab_size"]
+    hd, H, KV = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    E, p = cfg["num_experts"], cfg["moe_intermediate_size"]
+    specs = [Spec("model.embed_tokens.weight", (V, d), "linear16")]
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        specs += [Spec(pre + "input_layernorm.weight", (d,), "norm"), Spec(pre + "post_attention_layernorm.weight", (d,), "norm"),
+                  Spec(pre + "self_attn.q_proj.weight", (H * hd, d), "linear"),
+                  Spec(pre + "self_attn.k_proj.weight", (KV * hd, d), "linear"),
+                  Spec(pre + "self_attn.v_proj.weight", (KV * hd, d), "linear"),
+                  Spec(pre + "self_attn.o_proj.weight", (d, H * hd), "linear"),
+                  Spec(pre + "self_attn.q_norm.weight", (hd,), "norm"), Spec(pre + "self_attn.k_norm.weight", (hd,), "norm")]
+        moe = i not in cfg["mlp_only_layers"] and E > 0 and (i + 1) % cfg["decoder_sparse_step"] == 0
+        if moe:
+            specs.append(Spec(pre + "mlp.gate.weight", (E, d), "linear16"))
+            specs += _experts(pre + "mlp.", i, E, p, d, fused)
+        else:
+            specs += _mlp(pre + "mlp.", cfg["intermediate_size"], d)
+    specs += [Spec("model.norm.weight", (d,), "norm"), Spec("lm_head.weight", (V, d), "linear16")]
+    return specs
+
+
+def _mla(pre: str, cfg: dict) -> list[Spec]:
+    d, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    qr, kvr = cfg["q_lora_rank"], cfg["kv_lora_rank"]
+    nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    return [Spec(pre + "self_attn.q_a_proj.weight", (qr, d), "linear"), Spec(pre + "self_attn.q_a_layernorm.weight", (qr,), "norm"),
+            Spec(pre + "self_attn.q_b_proj.weight", (H * (nope + rope), qr), "linear"),
+            Spec(pre + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, d), "linear"),
+            Spec(pre + "self_attn.kv_a_layernorm.weight", (kvr,), "norm"),
+            Spec(pre + "self_attn.kv_b_proj.weight", (H * (nope + v), kvr), "linear"),
+            Spec(pre + "self_attn.o_proj.weight", (d, H * v), "linear")]
+
+
+def _deepseek_layer(i: int, cfg: dict, fused: bool, kimi: bool) -> list[Spec]:
+    d, E, p = cfg["hidden_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    pre = f"model.layers.{i}."
+    specs = [Spec(pre + "input_layernorm.weight", (d,), "norm"), Spec(pre + "post_attention_layernorm.weight", (d,), "norm")]
+    specs += _mla(pre, cfg)
+    if kimi:
+        specs.append(Spec(pre + "self_attn.rotary_emb.inv_freq", (cfg["qk_rope_head_dim"] // 2,), "inv_freq"))
+    if i >= cfg["first_k_dense_replace"] and i % cfg["moe_layer_freq"] == 0:
+        specs += [Spec(pre + "mlp.gate.weight", (E, d), "linear16"), Spec(pre + "mlp.gate.e_score_correction_bias", (E,), "bias")]
+        specs += _experts(pre + "mlp.", i, E, p, d, fused)
+        specs += _mlp(pre + "mlp.shared_experts.", p * cfg["n_shared_experts"], d)
+    else:
+        specs += _mlp(pre + "mlp.", cfg["intermediate_size"], d)
+    return specs
+
+
+def deepseek_specs(cfg: dict, fused: bool, kimi: bool, mtp: bool) -> list[Spec]:
+    d, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    specs = [Spec("model.embed_tokens.weight", (V, d), "linear16")]
+    for i in range(L):
+        specs += _deepseek_layer(i, cfg, fused, kimi)
+    specs += [Spec("model.norm.weight", (d,), "norm"), Spec("lm_head.weight", (V, d), "linear16")]
+    if mtp:  # DeepSeek-V3's multi-token-prediction layer is stored as one more layer past num_hidden_layers
+        pre = f"model.layers.{L}."
+        specs += _deepseek_layer(L, {**cfg, "first_k_dense_replace": 0}, fused, kimi)
+        specs += [Spec(pre + "embed_tokens.weight", (V, d), "linear16"), Spec(pre + "enorm.weight", (d,), "norm"),
+                  Spec(pre + "hnorm.weight", (d,), "norm"), Spec(pre + "eh_proj.weight", (d, 2 * d), "linear16"),
+                  Spec(pre + "shared_head.norm.weight", (d,), "norm"), Spec(pre + "shared_head.head.weight", (V, d), "linear16")]
+    return specs

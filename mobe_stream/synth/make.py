@@ -1,0 +1,152 @@
+"""Write tiny (or wide) hub-layout checkpoints, shard by shard, never holding the model in RAM."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import fp8
+from ..checkpoint.safetensors_io import atomic_write_json, write_safetensors
+from .configs import deepseek_v3_config, qwen3_moe_config
+from .layout import Spec, deepseek_specs, qwen3_moe_specs
+from .tokenizer import write_tokenizer
+
+FAMILIES = ("qwen3_moe", "deepseek_v3", "kimi_k2")
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+
+
+class _Values:
+    """Deterministic tensor values. Structured experts: W_e = C_cluster + U_e V_e + noise, so that
+    the experts of a layer share structure as in trained models (a shared basis then fits well)."""
+
+    def __init__(self, seed: int, structured: bool, clusters: int = 4):
+        self.seed, self.structured, self.clusters = seed, structured, clusters
+        self._common: dict = {}
+
+    def _gen(self, *key: object) -> torch.Generator:
+        digest = hashlib.sha256(repr((self.seed,) + key).encode()).digest()  # stable across processes
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF)
+
+    def linear(self, spec: Spec) -> torch.Tensor:
+        return torch.randn(spec.shape, generator=self._gen(spec.name)) * 0.02
+
+    def expert(self, spec: Spec, E: int) -> torch.Tensor:
+        if spec.expert is None:  # fused [E, ...]
+            if spec.proj == "gate_up_proj":
+                p = spec.shape[1] // 2
+                return torch.stack([torch.cat([self._one(spec.layer, "gate_proj", e, (p, spec.shape[2]), E),
+                                               self._one(spec.layer, "up_proj", e, (p, spec.shape[2]), E)]) for e in range(E)])
+            return torch.stack([self._one(spec.layer, spec.proj, e, spec.shape[1:], E) for e in range(E)])
+        return self._one(spec.layer, spec.proj, spec.expert, spec.shape, E)
+
+    def _one(self, layer: int, proj: str, e: int, shape: tuple, E: int) -> torch.Tensor:
+        g = self._gen(layer, proj, e)
+        if not self.structured:
+            return torch.randn(shape, generator=g) * 0.02
+        c = e * self.clusters // E
+        key = (layer, proj, c)
+        if key not in self._common:
+            self._common = {key: torch.randn(shape, generator=self._gen(*key)) * 0.015}  # one cluster at a time
+        k = max(1, min(shape) // 8)
+        low = (torch.randn(shape[0], k, generator=g) @ torch.randn(k, shape[1], generator=g)) * (0.012 / k**0.5)
+        return self._common[key] + low + torch.randn(shape, generator=g) * 0.003
+
+
+def _tensors(spec: Spec, values: _Values, dtype: torch.dtype, quantize: bool, E: int, block) -> list[tuple[str, torch.Tensor]]:
+    if spec.kind == "norm":
+        return [(spec.name, torch.ones(spec.shape, dtype=dtype))]
+    if spec.kind == "bias":
+        return [(spec.name, (torch.randn(spec.shape, generator=values._gen(spec.name)) * 0.01).float())]
+    if spec.kind == "inv_freq":
+        n = spec.shape[0]
+        return [(spec.name, 1.0 / (50000.0 ** (torch.arange(0, 2 * n, 2, dtype=torch.float32) / (2 * n))))]
+    w = values.expert(spec, E) if spec.kind == "expert" else values.linear(spec)
+    if quantize and spec.kind in ("linear", "expert"):
+        if w.dim() == 3:
+            qs = [fp8.quantize(x, block) for x in w]
+            return [(spec.name, torch.stack([q for q, _ in qs])), (fp8.scale_name(spec.name), torch.stack([s for _, s in qs]))]
+        q, s = fp8.quantize(w, block)
+        return [(spec.name, q), (fp8.scale_name(spec.name), s)]
+    return [(spec.name, w.to(dtype))]
+
+
+def _nbytes(spec: Spec, dtype: torch.dtype, quantize: bool) -> int:
+    n = 1
+    for s in spec.shape:
+        n *= s
+    return n * (1 if quantize and spec.kind in ("linear", "expert") else dtype.itemsize)
+
+
+def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool = False, layout: str = "per_expert",
+                  structured: bool = True, num_layers: int | None = None, num_experts: int | None = None,
+                  hidden_size: int | None = None, moe_intermediate_size: int | None = None, num_shards: int = 3,
+                  seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int | None = None,
+                  mtp_layer: bool = False) -> Path:
+    """A tiny checkpoint of `family` with the hub's config keys and tensor names. Returns its path.
+
+    Defaults: 3 layers (the first dense), 8 experts, hidden 64, moe_intermediate 32, vocab 512; with
+    fp8=True (DeepSeek-V3/Kimi-K2 only) hidden 256 and moe_intermediate 192 so that 128x128 blocks
+    include partial edge blocks.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if fp8 and family == "qwen3_moe":
+        raise ValueError("FP8 block-scaled checkpoints are a DeepSeek-V3/Kimi-K2 format")
+    if layout not in ("per_expert", "fused"):
+        raise ValueError("layout must be per_expert or fused")
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    kw = dict(num_layers=num_layers or 3, num_experts=num_experts or 8,
+              hidden=hidden_size or (256 if fp8 else 64), moe_inter=moe_intermediate_size or (192 if fp8 else 32),
+              vocab=vocab_size or 512, dtype=DTYPE_NAMES[dtype])
+    fused = layout == "fused"
+    if family == "qwen3_moe":
+        cfg = qwen3_moe_config(**kw)
+        specs = qwen3_moe_specs(cfg, fused)
+        E = cfg["num_experts"]
+    else:
+        cfg = deepseek_v3_config(**kw, kimi=family == "kimi_k2", fp8=fp8)
+        specs = deepseek_specs(cfg, fused, family == "kimi_k2", mtp_layer)
+        E = cfg["n_routed_experts"]
+    _write_shards(out, specs, _Values(seed, structured), dtype, fp8, E, num_shards, unpadded=family == "kimi_k2")
+    atomic_write_json(out / "config.json", cfg)
+    atomic_write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False})
+    write_tokenizer(out, cfg["vocab_size"])
+    return out
+
+
+def _write_shards(out: Path, specs: list[Spec], values: _Values, dtype, quantize: bool, E: int, num_shards: int,
+                  unpadded: bool) -> None:
+    total = sum(_nbytes(s, dtype, quantize) for s in specs)
+    cap = -(-total // num_shards)
+    groups: list[list[Spec]] = [[]]
+    size = 0
+    for s in specs:
+        if size >= cap and len(groups) < num_shards:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += _nbytes(s, dtype, quantize)
+    n = len(groups)
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        fname = f"model-{i}-of-{n}.safetensors" if unpadded else f"model-{i:05d}-of-{n:05d}.safetensors"
+        items = [t for s in group for t in _tensors(s, values, dtype, quantize, E, tuple(fp8.DEFAULT_BLOCK))]
+        write_safetensors(out / fname, items, {"format": "pt"})
+        weight_map.update({name: fname for name, _ in items})
+        del items
+    size_all = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    atomic_write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": size_all}, "weight_map": weight_map})
+
+
+def make_wide_kimi(out_dir: str | Path, num_layers: int = 61, num_experts: int = 384, hidden_size: int = 64,
+                   moe_intermediate_size: int = 32, fp8: bool = False, seed: int = 0, num_shards: int | None = None) -> Path:
+    """Kimi-K2-shaped (61 layers, 384 experts, first layer dense) with tiny dims, for memory benchmarks."""
+    return make_tiny_moe(out_dir, "kimi_k2", fp8=fp8, num_layers=num_layers, num_experts=num_experts,
+                         hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size, seed=seed,
+                         num_shards=num_shards or max(3, num_layers // 2))
