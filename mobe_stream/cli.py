@@ -145,12 +145,13 @@ def _gb(n: int) -> str:
 def demo(
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Keep the demo files here (default: a temp dir, removed)."),
     family: str = typer.Option("deepseek_v3", help="qwen3_moe, deepseek_v3 or kimi_k2."),
-    steps: int = typer.Option(200, help="Solver steps per projection."),
+    steps: int = typer.Option(300, help="Solver steps per projection."),
+    solver: str = typer.Option("adam", help="adam or als."),
 ):
     """Make a tiny structured MoE, compress it (interrupted and resumed once), report, generate."""
     from .demo import run_demo
 
-    run_demo(workdir, family=family, steps=steps)
+    run_demo(workdir, family=family, steps=steps, solver=solver)
 
 
 @app.command()

@@ -21,18 +21,22 @@ from .pipeline.options import CompressOptions
 
 
 class _InterruptOnce(Sink):
-    """Sends this process SIGINT at the first solver checkpoint, as a user pressing Ctrl-C would."""
+    """Sends this process SIGINT midway through the second factorized projection, as a user
+    pressing Ctrl-C would: the solver checkpoints and the run stops, resumable."""
 
     def __init__(self):
         self.fired = False
+        self.units = 0
 
     def event(self, kind: str, fields: dict) -> None:
-        if kind == "checkpoint" and not self.fired:
+        if kind == "unit_start" and fields.get("kind") == "factorize":
+            self.units += 1
+        if kind == "solver" and self.units == 2 and fields["step"] >= 50 and not self.fired:
             self.fired = True
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: int = 200) -> dict:
+def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: int = 300, solver: str = "adam") -> dict:
     from .synth import make_tiny_moe
 
     console = Console(stderr=True)
@@ -47,10 +51,10 @@ def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: in
         if src.exists():
             shutil.rmtree(src)
         console.rule(f"1. tiny structured {family} checkpoint")
-        make_tiny_moe(src, family=family, structured=True, seed=0)
+        make_tiny_moe(src, family=family, structured=True, seed=0, fp8=family != "qwen3_moe")
         console.print(f"wrote {src}")
-        opts = CompressOptions(reduction=0.25, steps=steps, checkpoint_every=0.5, overwrite=True, solver="adam")
-        console.rule("2. compress (will be interrupted by a real SIGINT at the first checkpoint)")
+        opts = CompressOptions(reduction=0.25, steps=steps, overwrite=True, solver=solver)
+        console.rule("2. compress (a real SIGINT will interrupt it midway)")
         try:
             compress(src, out, opts, Reporter([RichSink(console), _InterruptOnce()]))
         except Interrupted as e:
