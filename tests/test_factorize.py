@@ -1,0 +1,137 @@
+"""MoBE factorization: formula, init, solvers (batched == unbatched, exact resume), budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mobe_stream.factorize import (AdamSolver, AlternatingSolver, MoBEFactors, MoBESpec, choose_bases_rank,
+                                   expert_cut, init_grouped_svd, prepare_targets, relative_error, solve_A)
+
+SOLVERS = [AdamSolver, AlternatingSolver]
+
+
+def _experts(E=16, p=24, d=40, clusters=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(clusters, p, d, generator=g)
+    return torch.stack([C[e * clusters // E] + 0.3 * torch.randn(p, 3, generator=g) @ torch.randn(3, d, generator=g)
+                        + 0.05 * torch.randn(p, d, generator=g) for e in range(E)])
+
+
+def test_reconstruct_matches_formula_written_out():
+    torch.manual_seed(0)
+    E, p, d, G, mg, r = 6, 5, 7, 2, 3, 4
+    f = MoBEFactors(torch.randn(E, p, r), torch.randn(G, mg, r, d), torch.randn(E, mg), 1.7, "tanh")
+    W = f.reconstruct()
+    for e in range(E):
+        g = e // (E // G)
+        w = torch.softmax(f.alpha[e], 0)
+        M = torch.tanh(sum(w[i] * f.B[g, i] for i in range(mg)))
+        torch.testing.assert_close(W[e], 1.7 * f.A[e] @ M, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(f.reconstruct(torch.tensor([4]), activation="silu")[0],
+                          1.7 * f.A[4] @ F.silu(torch.softmax(f.alpha[4], 0) @ f.B[1].reshape(mg, -1)).reshape(r, d), atol=1e-5)
+
+
+def test_prepare_targets_zscores_in_place():
+    W = _experts() * 3
+    Ws, std = prepare_targets(W)
+    assert Ws.data_ptr() == W.data_ptr() and abs(float(Ws.std()) - 1) < 1e-5 and std > 1
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_init_grouped_svd_shapes_and_one_hot(groups):
+    W, _ = prepare_targets(_experts())
+    spec = MoBESpec(num_bases=4, rank=24, activation="silu", groups=groups)
+    f = init_grouped_svd(W, spec)
+    assert f.A.shape == (16, 24, 24) and f.B.shape == (groups, 4 // groups, 24, 40) and f.alpha.shape == (16, 4 // groups)
+    assert torch.equal(f.alpha.sum(1), torch.ones(16)) and set(f.alpha.unique().tolist()) == {0.0, 1.0}
+    assert relative_error(W, f) < 1.0
+
+
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_solver_reduces_error_and_keeps_best(cls):
+    W, _ = prepare_targets(_experts())
+    s = cls(W, MoBESpec(4, 16))
+    e0 = relative_error(W, s.best_factors())
+    losses = []
+    s.run(60, callback=lambda step, loss, best: losses.append((step, loss, best)), report_every=10)
+    assert [x[0] for x in losses] == [10, 20, 30, 40, 50, 60]
+    e1 = relative_error(W, s.best_factors())
+    assert e1 < 0.8 * e0
+    assert s.best_loss == min(s.history + [s.best_loss])
+    # the best iterate is the one whose loss was recorded: its MSE equals best_loss
+    f = s.best_factors()
+    assert float(((f.reconstruct() - W) ** 2).mean()) == pytest.approx(s.best_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_expert_batches_match_all_at_once(cls):
+    W, _ = prepare_targets(_experts())
+    spec = MoBESpec(4, 16, groups=2)
+    a, b = cls(W, spec), cls(W, spec, expert_batch=3)
+    assert b.batch == 3 and a.batch == 16
+    a.run(25)
+    b.run(25)
+    fa, fb = a.best_factors(), b.best_factors()
+    assert a.best_step == b.best_step and b.best_loss == pytest.approx(a.best_loss, rel=1e-5)
+    if cls is AdamSolver:  # ALS re-solves A from (B, α): rounding differences are amplified a little more
+        torch.testing.assert_close(fb.B, fa.B, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fb.reconstruct(), fa.reconstruct(), rtol=1e-3, atol=2e-3)
+
+
+def test_max_device_bytes_chooses_batches():
+    W, _ = prepare_targets(_experts())
+    s = AdamSolver(W, MoBESpec(4, 16), max_device_bytes=200_000)
+    assert 1 <= s.batch < 16
+
+
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_stop_save_load_continue_is_bit_identical(cls):
+    W, _ = prepare_targets(_experts())
+    spec = MoBESpec(4, 16)
+    ref = cls(W, spec, expert_batch=5)
+    ref.run(30)
+    first = cls(W, spec, expert_batch=5)
+    first.run(30, should_stop=lambda: first.step_count >= 11)
+    assert first.step_count == 11
+    tensors, meta = first.state_dict()
+    import json
+
+    meta = json.loads(json.dumps(meta))  # what the checkpoint file stores
+    second = cls(W, spec, expert_batch=5)
+    second.load_state_dict({k: v.clone() for k, v in tensors.items()}, meta)
+    second.run(30 - second.step_count)
+    fa, fb = ref.best_factors(), second.best_factors()
+    assert torch.equal(fa.A, fb.A) and torch.equal(fa.B, fb.B) and torch.equal(fa.alpha, fb.alpha)
+    assert ref.best_loss == second.best_loss
+
+
+def test_tol_stops_early():
+    W, _ = prepare_targets(_experts())
+    s = AlternatingSolver(W, MoBESpec(4, 16), tol=0.5, patience=5)
+    s.run(500)
+    assert s.converged and s.step_count < 500
+
+
+def test_solve_A_is_least_squares():
+    torch.manual_seed(0)
+    W, M = torch.randn(3, 6, 20), torch.randn(3, 4, 20)
+    A = solve_A(W, M)
+    ref = torch.linalg.lstsq(M.transpose(1, 2), W.transpose(1, 2)).solution.transpose(1, 2)
+    torch.testing.assert_close(A, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_choose_bases_rank():
+    m, r = choose_bases_rank(384, 2048, 7168, 0.25)
+    assert r == 2048 and expert_cut(384, 2048, 7168, m, r) >= 0.25 and expert_cut(384, 2048, 7168, m + 1, r) < 0.25
+    m, r = choose_bases_rank(128, 1536, 4096, 0.25, groups=2)
+    assert m % 2 == 0 and expert_cut(128, 1536, 4096, m, r) >= 0.25
+    m, r = choose_bases_rank(8, 32, 64, 0.5)
+    assert r < 32 and expert_cut(8, 32, 64, m, r) >= 0.5
+    with pytest.raises(ValueError, match="cannot cut"):
+        choose_bases_rank(8, 32, 64, 0.6, rank=32)
+    with pytest.raises(ValueError):
+        choose_bases_rank(8, 32, 64, 1.5)
+    with pytest.raises(ValueError):
+        MoBESpec(num_bases=3, rank=4, groups=2)
