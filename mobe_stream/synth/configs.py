@@ -77,7 +77,7 @@ def deepseek_v3_config(*, num_layers: int, num_experts: int, hidden: int, moe_in
         "norm_topk_prob": True,
         "scoring_func": "sigmoid",
         "hidden_act": "silu",
-        "max_position_embeddings": 1024,
+        "max_position_embeddings": 32 * (32 if kimi else 40),  # = factor * original, as transformers checks
         "initializer_range": 0.02,
         "rms_norm_eps": 1e-6,
         "use_cache": True,
