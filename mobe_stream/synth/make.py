@@ -49,7 +49,9 @@ class _Values:
         c = e * self.clusters // E
         key = (layer, proj, c)
         if key not in self._common:
-            self._common = {key: torch.randn(shape, generator=self._gen(*key)) * 0.015}  # one cluster at a time
+            if any(k[0] != layer for k in self._common):  # keep one layer's centres (fused gate/up alternate)
+                self._common = {}
+            self._common[key] = torch.randn(shape, generator=self._gen(*key)) * 0.015
         k = max(1, min(shape) // 8)
         low = (torch.randn(shape[0], k, generator=g) @ torch.randn(k, shape[1], generator=g)) * (0.012 / k**0.5)
         return self._common[key] + low + torch.randn(shape, generator=g) * 0.003
