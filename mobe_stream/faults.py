@@ -1,8 +1,8 @@
 """Test-only fault injection, so failure paths that real hardware produces rarely can be tested.
 
 Driven by the environment variable MOBE_STREAM_FAULT, e.g. `enospc_after_bytes=100000` (the shard
-writer raises ENOSPC once that many bytes were written in this process) or `nan_at_step=5` (the
-solver sees a NaN loss once at that step). Unset in normal use: every hook is then a no-op.
+writer raises ENOSPC once that many bytes were written in this process) `nan_at_step=5` (a solver
+parameter turns NaN once after that step) or `oom_at_step=5` (a device OOM is raised once). Unset in normal use: every hook is then a no-op.
 """
 
 from __future__ import annotations
@@ -34,10 +34,19 @@ def on_bytes_written(n: int, path: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device (injected)", path)
 
 
-def nan_at_step(step: int) -> bool:
-    """True once, at the configured solver step."""
-    at = _get("nan_at_step")
-    if at is None or step != at or "nan" in _fired:
+def _once(name: str, step: int) -> bool:
+    at = _get(name)
+    if at is None or step != at or name in _fired:
         return False
-    _fired.add("nan")
+    _fired.add(name)
     return True
+
+
+def nan_at_step(step: int) -> bool:
+    """True once, at the configured solver step (the pipeline then poisons a parameter with NaN)."""
+    return _once("nan_at_step", step)
+
+
+def oom_at_step(step: int) -> bool:
+    """True once, at the configured solver step (the pipeline then raises a device OOM)."""
+    return _once("oom_at_step", step)

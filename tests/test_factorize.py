@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mobe_stream.factorize import (AdamSolver, AlternatingSolver, MoBEFactors, MoBESpec, choose_bases_rank,
-                                   expert_cut, init_grouped_svd, prepare_targets, relative_error, solve_A)
+                                   expert_cut, init_grouped_svd, param_fraction, prepare_targets, relative_error,
+                                   solve_A, working_set_bytes)
 
 SOLVERS = [AdamSolver, AlternatingSolver]
 
@@ -135,3 +136,43 @@ def test_choose_bases_rank():
         choose_bases_rank(8, 32, 64, 1.5)
     with pytest.raises(ValueError):
         MoBESpec(num_bases=3, rank=4, groups=2)
+
+
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_device_side_best_tracking_matches_host(cls):
+    """The sync-free bookkeeping used on CUDA (torch.where on the device) picks the same iterate."""
+    W, _ = prepare_targets(_experts())
+    spec = MoBESpec(4, 16)
+    host, dev = cls(W, spec, lr=0.3), cls(W, spec, lr=0.3)  # a large lr makes some steps worse
+    dev.sync_each_step = False
+    host.run(25)
+    seen = []
+    dev.run(25, callback=lambda s, loss, best: seen.append(s), report_every=10)
+    assert seen == [10, 20, 25] and host.best_step == dev.best_step and host.best_loss == dev.best_loss
+    fa, fb = host.best_factors(), dev.best_factors()
+    assert torch.equal(fa.A, fb.A) and torch.equal(fa.B, fb.B) and torch.equal(fa.alpha, fb.alpha)
+
+
+def test_init_pads_bases_when_rank_exceeds_data():
+    W, _ = prepare_targets(_experts(E=8, p=6, d=40))
+    f = init_grouped_svd(W, MoBESpec(4, 16))  # each sub-group stacks 2*6 = 12 rows < 16
+    assert torch.equal(f.B[:, :, 12:], torch.zeros_like(f.B[:, :, 12:]))
+    assert torch.equal(f.A[..., 12:], torch.zeros_like(f.A[..., 12:]))
+    # with exact (unsquashed) bases the init would reproduce each sub-group; silu + soft weights keep it < 1
+    assert relative_error(W, f) < 1.0
+
+
+def test_groups_use_only_their_own_bases():
+    W, _ = prepare_targets(_experts())
+    s = AdamSolver(W, MoBESpec(4, 16, groups=2))
+    s.run(5)
+    f = s.best_factors()
+    before = f.reconstruct(torch.arange(8, 16))
+    f.B[0].add_(1.0)  # group 0's bases must not influence experts 8..15
+    assert torch.equal(f.reconstruct(torch.arange(8, 16)), before)
+
+
+def test_param_fraction_and_working_set():
+    assert param_fraction(256, 2048, 7168, 64, 2048) == pytest.approx(1 / 3 + 2 * 2048 / (3 * 7168) + 2 * 64 * 2048 / (3 * 256 * 2048))
+    ws = working_set_bytes(16, 32, 48, 4, 32)
+    assert ws["host"] >= 4 * 16 * 32 * 48 and ws["device"] > 0

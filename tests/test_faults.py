@@ -60,3 +60,43 @@ def test_disk_full_gives_clean_error_and_resumes(tmp_path):
         if mounted:
             subprocess.run(["umount", "-l", str(mnt)])
     assert dir_digest(src) == before
+
+
+def _events(log: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fault,needle", [("nan_at_step=15", "non-finite loss at step"),
+                                          ("oom_at_step=15", "out of memory")])
+def test_solver_faults_recover_and_finish(tmp_path, fault, needle):
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    out, log = tmp_path / "out", tmp_path / "log.jsonl"
+    proc = run_cli("compress", str(src), "--out", str(out), "--num-bases", "4", "--rank", "16", "--steps", "40",
+                   "--checkpoint-every", "0", "--quiet", "--log-json", str(log), extra_env={"MOBE_STREAM_FAULT": fault},
+                   check=True)
+    warnings = [e for e in _events(log) if e["event"] == "warning"]
+    assert any(needle in w["text"] for w in warnings), warnings
+    assert needle in proc.stderr
+    t = all_tensors(out)
+    assert all(torch.isfinite(v.float()).all() for n, v in t.items() if ".mobe_" in n)
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert all(0 < e < 1 for layer in cfg["mobe"]["errors"].values() for e in layer.values())
+    if fault.startswith("nan"):
+        done = [e for e in _events(log) if e["event"] == "unit_done" and e.get("kind") == "factorize"]
+        assert any(e["lr_final"] == pytest.approx(0.035) for e in done)
+
+
+def test_preflight_refuses_without_force(tmp_path):
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    mnt = tmp_path / "tiny-fs"
+    if not _small_fs(mnt, "64k"):
+        pytest.skip("needs root to mount a size-limited filesystem")
+    try:
+        proc = run_cli("compress", str(src), "--out", str(mnt / "out"), "--steps", "2", "--quiet")
+        assert proc.returncode == 2 and "GB is free" in proc.stderr and "--force" in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])

@@ -15,7 +15,7 @@ class AdamSolver(Solver):
         return {"A": f.A.to(self.home, torch.float32).clone(), "alpha": f.alpha.to(self.home, torch.float32).clone(),
                 "B": f.B.to(self.device, torch.float32).clone()}
 
-    def _batch_loss(self, W, per, B, idx):
+    def _batch_loss(self, W, per, B, idx: range):
         M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
         R = torch.baddbmm(W, per["A"], M, beta=-1.0)  # A M - W
         return (R * R).sum()

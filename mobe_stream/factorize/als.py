@@ -21,11 +21,9 @@ def solve_A(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     lam = RIDGE * G.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
     G = G + lam[:, None, None] * torch.eye(r, dtype=G.dtype, device=G.device)
     rhs = torch.bmm(M, W.transpose(1, 2))  # [k, r, p]
-    L, info = torch.linalg.cholesky_ex(G)
-    if bool((info == 0).all()):
-        X = torch.cholesky_solve(rhs, L)
-    else:
-        X = torch.linalg.lstsq(G, rhs).solution
+    # LU with pivoting instead of Cholesky + an info check: the check would be a host sync per
+    # batch on CUDA, and LU copes with the (ridge-shifted) near-singular Gram of padded bases.
+    X, _ = torch.linalg.solve_ex(G, rhs)
     return X.transpose(1, 2)
 
 
@@ -35,7 +33,7 @@ class AlternatingSolver(Solver):
     def _params_from(self, f: MoBEFactors) -> dict[str, torch.Tensor]:
         return {"alpha": f.alpha.to(self.home, torch.float32).clone(), "B": f.B.to(self.device, torch.float32).clone()}
 
-    def _batch_loss(self, W, per, B, idx):
+    def _batch_loss(self, W, per, B, idx: range):
         M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
         with torch.no_grad():
             A = solve_A(W, M)
@@ -49,7 +47,6 @@ class AlternatingSolver(Solver):
         with torch.no_grad():
             for e0 in range(0, self.E, self.batch):
                 e1 = min(self.E, e0 + self.batch)
-                idx = torch.arange(e0, e1, device=self.device)
-                M = mixed_bases(alpha[e0:e1].to(self.device), B, idx, self.E, self.spec.activation)
+                M = mixed_bases(alpha[e0:e1].to(self.device), B, range(e0, e1), self.E, self.spec.activation)
                 A[e0:e1] = solve_A(self.W[e0:e1].to(self.device), M).cpu()
         return MoBEFactors(A, self.best["B"].cpu().clone(), alpha.cpu().clone(), 1.0, self.spec.activation)

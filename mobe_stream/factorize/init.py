@@ -1,5 +1,9 @@
 """Grouped-SVD initialisation (as published): each basis starts as the top-r right singular
 vectors of a contiguous sub-group of experts, A_e from the matching left vectors, α one-hot.
+
+Uses torch.linalg.svd (economy) of the stacked [k·p, d] sub-group matrix in fp32 on the solver's
+device; no Gram/eigh route (it squares the condition number, and one SVD per sub-group is a
+one-off cost next to thousands of solver passes). Bases beyond the available rank are zero.
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ import torch
 from .model import MoBEFactors
 
 
-def relative_error(W: torch.Tensor, factors: MoBEFactors, expert_batch: int = 64) -> float:
-    """||W - Ŵ||_F / ||W||_F over the whole layer, a batch of experts at a time."""
+def relative_error(W: torch.Tensor, factors: MoBEFactors, expert_batch: int | None = None) -> float:
+    """||W - Ŵ||_F / ||W||_F over the whole layer, a batch of experts at a time (default: about
+    64 MiB of reconstruction per batch) so it never builds a second full-layer tensor."""
+    E, p, d = W.shape
+    expert_batch = expert_batch or max(1, (64 * 2**20) // (4 * p * d))
     num = den = 0.0
     for e0 in range(0, W.shape[0], expert_batch):
         idx = torch.arange(e0, min(W.shape[0], e0 + expert_batch))

@@ -38,19 +38,26 @@ def group_of(num_experts: int, groups: int) -> torch.Tensor:
     return torch.arange(num_experts) // (num_experts // groups)
 
 
-def mixed_bases(alpha: torch.Tensor, B: torch.Tensor, experts: torch.Tensor, num_experts: int, activation: str) -> torch.Tensor:
+def mixed_bases(alpha: torch.Tensor, B: torch.Tensor, experts: torch.Tensor | range, num_experts: int,
+                activation: str) -> torch.Tensor:
     """act(Σ_i softmax(α_e)_i B_{g(e), i}) for the given experts: [k, r, d].
 
-    One matmul per group present (softmax weights [k_g, m_g] @ bases [m_g, r*d]); never builds a
-    [k, m, r, d] gather.
+    `experts` are expert ids (a range or a tensor on any device; group ids are worked out on the
+    host so a CUDA step never waits on the device). One matmul per group present (softmax weights
+    [k_g, m_g] @ bases [m_g, r*d]); never builds a [k, m, r, d] gather.
     """
     G, mg, r, d = B.shape
     weights = torch.softmax(alpha, dim=-1)
-    groups = experts // (num_experts // G)
-    out = torch.empty((experts.numel(), r * d), dtype=B.dtype, device=B.device)
-    for g in torch.unique(groups).tolist():
-        sel = (groups == g).nonzero(as_tuple=True)[0]
-        out[sel] = weights[sel] @ B[g].reshape(mg, r * d)
+    ids = torch.as_tensor(list(experts)) if isinstance(experts, range) else experts.reshape(-1).cpu()
+    groups = ids // (num_experts // G)
+    present = torch.unique(groups).tolist()
+    if len(present) == 1:  # the usual case: a batch inside one group, no index juggling
+        out = weights @ B[present[0]].reshape(mg, r * d)
+    else:
+        out = torch.empty((ids.numel(), r * d), dtype=B.dtype, device=B.device)
+        for g in present:
+            sel = (groups == g).nonzero(as_tuple=True)[0]
+            out[sel.to(B.device)] = weights[sel.to(weights.device)] @ B[g].reshape(mg, r * d)
     return ACTIVATIONS[activation](out.view(-1, r, d))
 
 

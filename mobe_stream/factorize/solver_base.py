@@ -7,11 +7,21 @@ with their batch; the shared bases B stay on the compute device and their gradie
 the pass. Adam is elementwise and per-expert parameters only get gradient from their own expert, so
 updating them batch by batch equals the full-batch update; only B's gradient summation order
 depends on the batch size (results then agree to float rounding).
+
+Host syncs: when everything is resident on a CUDA device the best iterate is tracked on the device
+(torch.where), so a step never waits for the GPU; the loss is read only when a callback is due or
+`tol` is set. When experts stream through the device, targets and per-expert state are pinned on
+the host, the next batch is copied on a side stream while the current one computes, and the step
+ends with one sync (the host-side best iterate must know whether the loss improved).
+
+`best_factors()` returns factors of the *scaled* targets with scale 1.0: the caller folds the
+std from `prepare_targets` in (see FORMAT.md: it goes into A).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -37,6 +47,20 @@ def batch_bytes_per_expert(p: int, d: int, r: int) -> int:
     return 4 * (2 * p * d + 4 * r * d + 6 * p * r)
 
 
+def _pin_in_place(t: torch.Tensor, owner: object) -> bool:
+    """Page-lock a contiguous host tensor without copying it (pin_memory() would double the
+    layer's host footprint); unregistered when `owner` is collected. False if it cannot be done."""
+    try:
+        cudart = torch.cuda.cudart()
+        ptr, size = t.data_ptr(), t.numel() * t.element_size()
+        if not t.is_contiguous() or size == 0 or int(cudart.cudaHostRegister(ptr, size, 0)) != 0:
+            return False
+        weakref.finalize(owner, cudart.cudaHostUnregister, ptr)
+        return True
+    except Exception:  # no CUDA runtime bindings: copies stay synchronous but correct
+        return False
+
+
 class Solver:
     per_expert: tuple[str, ...] = ()
     shared: tuple[str, ...] = ("B",)
@@ -44,15 +68,14 @@ class Solver:
     def __init__(self, W: torch.Tensor, spec: MoBESpec, *, lr: float = 0.07, device: str | torch.device = "cpu",
                  expert_batch: int | None = None, max_device_bytes: int | None = None, init: MoBEFactors | None = None,
                  seed: int = 0, tol: float | None = None, patience: int = 20):
-        torch.manual_seed(seed)
+        # seed: kept for the state dict; nothing here draws random numbers (init is a deterministic SVD)
         self.spec, self.lr, self.tol, self.patience, self.seed = spec, float(lr), tol, patience, seed
         self.device = torch.device(device)
         E, p, d = W.shape
         self.E, self.p, self.d, self.N = E, p, d, E * p * d
         self.batch = max(1, min(E, expert_batch or self._auto_batch(max_device_bytes)))
         self.home = self.device if self.batch >= E else torch.device("cpu")
-        if self.home.type == "cpu" and self.device.type == "cuda":
-            W = W.pin_memory()
+        self.streaming = self.home != self.device
         self.W = W.to(self.home, torch.float32)
         factors = init or init_grouped_svd(W, spec, device=self.device)
         self.params = self._params_from(factors)
@@ -60,10 +83,16 @@ class Solver:
         self.v = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.best = {k: v.clone() for k, v in self.params.items()}
         self.cand = {k: torch.empty_like(v) for k, v in self.params.items()}
+        self._side = None
+        if self.streaming and self.device.type == "cuda":
+            self._side = torch.cuda.Stream(self.device)
+            self._pin_home()
+        # the loss is only read on the host where that costs nothing or is needed anyway
+        self.sync_each_step = self.device.type == "cpu" or self.streaming or tol is not None
         self.step_count = 0
-        self.best_loss = math.inf
-        self.best_step = 0
-        self.last_loss = math.inf
+        self._best_loss = torch.full((), math.inf, device=self.device)
+        self._best_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._last_loss = torch.full((), math.inf, device=self.device)
         self.history: list[float] = []
         self.converged = False
 
@@ -71,16 +100,30 @@ class Solver:
     def _params_from(self, factors: MoBEFactors) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _batch_loss(self, W: torch.Tensor, per: dict[str, torch.Tensor], B: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _batch_loss(self, W: torch.Tensor, per: dict[str, torch.Tensor], B: torch.Tensor, idx: range) -> torch.Tensor:
         """Sum of squared residuals of a batch, differentiable w.r.t. per-expert params and B."""
         raise NotImplementedError
 
     def best_factors(self) -> MoBEFactors:
         raise NotImplementedError
 
+    # -- host views of device scalars (reading them syncs)
+    @property
+    def best_loss(self) -> float:
+        return float(self._best_loss)
+
+    @property
+    def last_loss(self) -> float:
+        return float(self._last_loss)
+
+    @property
+    def best_step(self) -> int:
+        """Step count at which the best iterate's parameters were current (0 = the init)."""
+        return int(self._best_step)
+
     # -- mechanics
     def _auto_batch(self, max_device_bytes: int | None) -> int:
-        E, p, d, r = self.E, self.p, self.d, self.spec.rank
+        p, d, r = self.p, self.d, self.spec.rank
         per = batch_bytes_per_expert(p, d, r)
         if max_device_bytes is None:
             if self.device.type == "cuda":
@@ -94,33 +137,64 @@ class Solver:
     def _home(self, name: str) -> torch.device:
         return self.home if name in self.per_expert else self.device
 
-    def step(self) -> float:
+    def _pin_home(self) -> None:
+        for t in [self.W] + [d[k] for d in (self.params, self.m, self.v) for k in self.per_expert]:
+            _pin_in_place(t, self)
+
+    def _load(self, e0: int, e1: int) -> dict[str, torch.Tensor]:
+        """A batch's targets, per-expert params and moments on the device (views when resident)."""
+        dev = self.device
+        out = {"W": self.W[e0:e1].to(dev, non_blocking=True)}
+        for k in self.per_expert:
+            out[k] = self.params[k][e0:e1].to(dev, non_blocking=True)
+            out["m." + k] = self.m[k][e0:e1].to(dev, non_blocking=True)
+            out["v." + k] = self.v[k][e0:e1].to(dev, non_blocking=True)
+        return out
+
+    def _prefetch(self, e0: int, e1: int):
+        if self._side is None:
+            return self._load(e0, e1)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            return self._load(e0, e1)
+
+    def _take(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._side is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self._side)
+            for t in batch.values():
+                t.record_stream(main)  # allocated on the side stream, used (and freed) on the main one
+        return batch
+
+    def step(self) -> torch.Tensor:
+        """One full pass over all experts and one Adam update. Returns the loss of the parameters
+        the pass started from as a 0-d device tensor (float() it to read; that syncs)."""
         t = self.step_count + 1
         dev = self.device
         total = torch.zeros((), dtype=torch.float32, device=dev)
         B = {k: self.params[k] for k in self.shared}
         gB = {k: torch.zeros_like(v) for k, v in B.items()}
-        for e0 in range(0, self.E, self.batch):
-            e1 = min(self.E, e0 + self.batch)
-            idx = torch.arange(e0, e1, device=dev)
+        ranges = [(e0, min(self.E, e0 + self.batch)) for e0 in range(0, self.E, self.batch)]
+        pending = self._prefetch(*ranges[0])
+        for i, (e0, e1) in enumerate(ranges):
+            cur = self._take(pending)
+            if i + 1 < len(ranges):
+                pending = self._prefetch(*ranges[i + 1])
             per = {}
             for k in self.per_expert:
                 self.cand[k][e0:e1].copy_(self.params[k][e0:e1])
-                per[k] = self.params[k][e0:e1].to(dev, non_blocking=True).detach().requires_grad_(True)
+                per[k] = cur[k].detach().requires_grad_(True)
             Bg = {k: v.detach().requires_grad_(True) for k, v in B.items()}
-            Wb = self.W[e0:e1].to(dev, non_blocking=True)
-            loss = self._batch_loss(Wb, per, Bg["B"], idx)
+            loss = self._batch_loss(cur["W"], per, Bg["B"], range(e0, e1))
             (loss / self.N).backward()
             total += loss.detach()
             for k in self.shared:
                 gB[k] += Bg[k].grad
             with torch.no_grad():
                 for k in self.per_expert:
-                    m = self.m[k][e0:e1].to(dev, non_blocking=True)
-                    v = self.v[k][e0:e1].to(dev, non_blocking=True)
-                    p_ = per[k].detach()
+                    p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]
                     _adam_(p_, per[k].grad, m, v, self.lr, t)
-                    if self.home != dev:  # else p_, m, v alias the home tensors: updated in place
+                    if self.streaming:  # else p_, m, v alias the home tensors: updated in place
                         self.params[k][e0:e1].copy_(p_, non_blocking=True)
                         self.m[k][e0:e1].copy_(m, non_blocking=True)
                         self.v[k][e0:e1].copy_(v, non_blocking=True)
@@ -128,34 +202,55 @@ class Solver:
             for k in self.shared:
                 self.cand[k].copy_(self.params[k])
                 _adam_(self.params[k], gB[k], self.m[k], self.v[k], self.lr, t)
-        loss = float(total) / self.N  # the one host sync per step (best-iterate bookkeeping)
-        if not math.isfinite(loss):
-            # never accept a non-finite iterate as best; the caller rolls back (see pipeline)
-            self.step_count, self.last_loss = t, loss
-            return loss
-        if loss < self.best_loss:
-            self.best_loss, self.best_step = loss, t - 1
+            loss_t = total / self.N
+            self.step_count = t
+            self._last_loss = loss_t
+            if self.sync_each_step:
+                self._track_best_host(float(loss_t), t)  # also waits for the D2H copies of a streamed pass
+            else:
+                self._track_best_device(loss_t, t)
+        return loss_t
+
+    def _track_best_host(self, loss: float, t: int) -> None:
+        if loss < self.best_loss:  # NaN compares False: a non-finite iterate is never the best
+            self._best_loss.fill_(loss)
+            self._best_step.fill_(t - 1)
             self.best, self.cand = self.cand, self.best  # cand holds the params this loss was measured at
-        self.step_count, self.last_loss = t, loss
+        if not math.isfinite(loss):
+            return
         self.history.append(loss)
         del self.history[: -(self.patience + 1)]
         if self.tol is not None and len(self.history) > self.patience:
             old = self.history[0]
             self.converged = (old - loss) / max(old, 1e-30) < self.tol
-        return loss
+
+    def _track_best_device(self, loss: torch.Tensor, t: int) -> None:
+        better = loss < self._best_loss
+        for k in self.best:
+            torch.where(better, self.cand[k], self.best[k], out=self.best[k])
+        self._best_loss = torch.where(better, loss, self._best_loss)
+        self._best_step = torch.where(better, torch.full_like(self._best_step, t - 1), self._best_step)
 
     def run(self, steps: int, callback=None, should_stop=None, report_every: int = 10) -> None:
-        """Up to `steps` steps; stops early on convergence or when should_stop() says so (checked
-        after every step, so each call makes progress)."""
+        """Up to `steps` steps; stops early on convergence, a non-finite loss (seen at a report or
+        every step when the loss is read anyway), or when should_stop() says so (checked after every
+        step, so each call makes progress). callback(step, loss, best_loss) every `report_every`."""
         for i in range(steps):
-            loss = self.step()
-            if callback and (self.step_count % report_every == 0 or i == steps - 1 or not math.isfinite(loss)):
-                callback(self.step_count, loss, self.best_loss)
-            if self.converged or not math.isfinite(loss) or (should_stop and should_stop()):
+            loss_t = self.step()
+            due = callback is not None and (self.step_count % report_every == 0 or i == steps - 1)
+            if due or self.sync_each_step:
+                loss = float(loss_t)
+                if due or not math.isfinite(loss):
+                    if callback is not None:
+                        callback(self.step_count, loss, self.best_loss)
+                if not math.isfinite(loss):
+                    return
+            if self.converged or (should_stop and should_stop()):
                 return
 
     # -- exact state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors: all CPU contiguous, meta: JSON-serialisable): everything the next step depends on."""
         tensors = {}
         for k in self.params:
             tensors[f"param.{k}"] = self.params[k].detach().cpu().contiguous()
@@ -163,21 +258,28 @@ class Solver:
             tensors[f"v.{k}"] = self.v[k].cpu().contiguous()
             tensors[f"best.{k}"] = self.best[k].cpu().contiguous()
         meta = {"solver": type(self).__name__, "step": self.step_count, "best_loss": self.best_loss,
-                "best_step": self.best_step, "last_loss": self.last_loss, "lr": self.lr,
+                "best_step": self.best_step, "last_loss": self.last_loss, "lr": self.lr, "seed": self.seed,
                 "history": self.history, "converged": self.converged,
                 "shape": [self.E, self.p, self.d], "spec": [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if meta.get("solver") != type(self).__name__ or meta.get("shape") != [self.E, self.p, self.d]:
-            raise ValueError(f"solver state is for {meta.get('solver')} {meta.get('shape')}, not {type(self).__name__} "
-                             f"{[self.E, self.p, self.d]}")
+        spec = [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]
+        if meta.get("solver") != type(self).__name__ or meta.get("shape") != [self.E, self.p, self.d] \
+                or meta.get("spec", spec) != spec:
+            raise ValueError(f"solver state is for {meta.get('solver')} {meta.get('shape')} {meta.get('spec')}, not "
+                             f"{type(self).__name__} {[self.E, self.p, self.d]} {spec}")
         for k in self.params:
             self.params[k] = tensors[f"param.{k}"].to(self._home(k)).clone()
             self.m[k] = tensors[f"m.{k}"].to(self._home(k)).clone()
             self.v[k] = tensors[f"v.{k}"].to(self._home(k)).clone()
             self.best[k] = tensors[f"best.{k}"].to(self._home(k)).clone()
             self.cand[k] = torch.empty_like(self.params[k])
-        self.step_count, self.best_step = int(meta["step"]), int(meta["best_step"])
-        self.best_loss, self.last_loss, self.lr = float(meta["best_loss"]), float(meta["last_loss"]), float(meta["lr"])
+        if self._side is not None:
+            self._pin_home()
+        self.step_count = int(meta["step"])
+        self._best_step = torch.tensor(int(meta["best_step"]), device=self.device)
+        self._best_loss = torch.tensor(float(meta["best_loss"]), device=self.device)
+        self._last_loss = torch.tensor(float(meta["last_loss"]), device=self.device)
+        self.lr = float(meta["lr"])
         self.history, self.converged = list(meta["history"]), bool(meta["converged"])

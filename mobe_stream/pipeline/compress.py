@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from .journal import Journal
 from .lock import OutputLock
 from .options import CompressOptions, settings_for_journal
 from .plan import PROJECTIONS, Unit, parse_layers, plan_units
-from .solvers import make_solver
-from .state_io import load_state, save_state
+from .fit import ProjectionFit, StopRequested
 
 STATE_DIR = ".mobe-state"
 
@@ -135,57 +133,21 @@ def _state_path(job: Job, unit: Unit) -> Path:
 
 
 def _run_factorize(job: Job, journal: Journal, unit: Unit) -> None:
-    opts, spec = job.opts, job.spec
-    t0 = time.monotonic()
     W = job.family.expert_stack(job.reader, unit.layer, unit.proj, torch.float32)
-    W_scaled, std = prepare_targets(W)
-    del W
-    device = opts.resolved_device()
-    max_dev = parse_size(opts.max_gpu_memory) if opts.max_gpu_memory else None
-    solver = make_solver(opts.solver, W_scaled, spec, lr=opts.lr, device=device, max_device_bytes=max_dev,
-                         seed=opts.seed, tol=opts.tol)
+    W_scaled, std = prepare_targets(W)  # in place: one copy of the layer's targets
     state_path = _state_path(job, unit)
-    elapsed_before = 0.0
-    if state_path.exists():
-        tensors, meta = load_state(state_path)
-        if meta.get("settings") != job.settings or meta.get("unit") != unit.key:
-            job.reporter.event("warning", text=f"{state_path}: checkpoint is from other settings; restarting {unit.key}")
-        else:
-            solver.load_state_dict(tensors, meta["solver"])
-            elapsed_before = float(meta.get("seconds", 0.0))
-            job.reporter.event("resume", text=f"{unit.key}: resuming at step {solver.step_count} from {state_path.name}")
-    job.reporter.event("unit_start", unit=unit.key, kind="factorize", steps=opts.steps, start_step=solver.step_count)
-
-    def save() -> None:
-        tensors, meta = solver.state_dict()
-        size = save_state(state_path, tensors, {"settings": job.settings, "unit": unit.key, "solver": meta,
-                                                "seconds": elapsed_before + time.monotonic() - t0})
-        job.reporter.event("checkpoint", unit=unit.key, step=solver.step_count, bytes=size,
-                           text=f"{unit.key}: checkpoint at step {solver.step_count} ({size / 2**20:.1f} MiB)")
-
-    last_ckpt = time.monotonic()
-
-    def should_stop() -> bool:
-        return job.stop_requested or time.monotonic() - last_ckpt >= opts.checkpoint_every
-
-    def on_progress(step: int, loss: float, best: float) -> None:
-        job.reporter.event("solver", unit=unit.key, step=step, loss=loss, best_loss=best)
-
-    while solver.step_count < opts.steps and not getattr(solver, "converged", False):
-        solver.run(opts.steps - solver.step_count, callback=on_progress, should_stop=should_stop)
-        if job.stop_requested:
-            save()
-            raise Interrupted(f"interrupted at {unit.key} step {solver.step_count}; progress saved, rerun with --resume")
-        if solver.step_count < opts.steps and not getattr(solver, "converged", False):
-            save()
-            last_ckpt = time.monotonic()
-
-    factors = solver.best_factors()
+    fit = ProjectionFit(job, unit, W_scaled, state_path)
+    try:
+        fit.run()
+    except StopRequested:
+        raise Interrupted(f"interrupted at {unit.key} step {fit.solver.step_count}; progress saved, rerun with --resume") from None
+    factors = fit.solver.best_factors()
     rel = relative_error(W_scaled, factors)
     tensors = outputs.mobe_tensors(job, unit, factors, std)
-    info = {"kind": "factorize", "rel_error": rel, "steps": solver.step_count, "best_loss": float(solver.best_loss)}
+    info = {"kind": "factorize", "rel_error": rel, "steps": fit.solver.step_count, "best_loss": float(fit.solver.best_loss),
+            "lr_final": fit.solver.lr}
     outputs.write_unit(job.out, journal, unit.key, tensors.items(), job.max_shard_bytes, job.reporter, info,
-                       seconds_before=elapsed_before + time.monotonic() - t0, announce=False)
+                       seconds_before=fit.seconds(), announce=False)
     state_path.unlink(missing_ok=True)
 
 

@@ -1,0 +1,138 @@
+"""Fitting one projection of one layer: checkpointing, resume, Ctrl-C, and recovery.
+
+Recovery rules: a non-finite loss rolls back to the last checkpoint (or the start), halves the
+learning rate, logs it and continues; a device out-of-memory error rebuilds the solver with half
+the expert batch and continues from the last checkpoint. Both are deterministic given the events.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import faults
+from ..errors import ResourceError
+from .solvers import make_solver
+from .state_io import load_state, save_state
+
+MIN_LR = 1e-6
+
+
+class StopRequested(Exception):
+    pass
+
+
+class ProjectionFit:
+    def __init__(self, job, unit, W_scaled: torch.Tensor, state_path: Path):
+        self.job, self.unit, self.W, self.state_path = job, unit, W_scaled, state_path
+        o = job.opts
+        self.device = o.resolved_device()
+        from ..checkpoint.writer import parse_size
+
+        self.max_dev = parse_size(o.max_gpu_memory) if o.max_gpu_memory else None
+        self.batch: int | None = None
+        self.elapsed_before = 0.0
+        self.t0 = time.monotonic()
+        self.solver = self._new_solver()
+        self._restore(announce=True)
+
+    def _new_solver(self):
+        o = self.job.opts
+        return make_solver(o.solver, self.W, self.job.spec, lr=o.lr, device=self.device, max_device_bytes=self.max_dev,
+                           seed=o.seed, tol=o.tol, expert_batch=self.batch)
+
+    def _event(self, kind: str, /, **fields) -> None:
+        self.job.reporter.event(kind, unit=self.unit.key, **fields)
+
+    def _restore(self, announce: bool = False) -> bool:
+        """Load the unit's checkpoint into the solver, if there is a usable one."""
+        if not self.state_path.exists():
+            return False
+        tensors, meta = load_state(self.state_path)
+        if meta.get("settings") != self.job.settings or meta.get("unit") != self.unit.key:
+            self._event("warning", text=f"{self.state_path}: checkpoint is from other settings; restarting {self.unit.key}")
+            return False
+        self.solver.load_state_dict(tensors, meta["solver"])
+        self.elapsed_before = float(meta.get("seconds", 0.0))
+        if announce:
+            self._event("resume", text=f"{self.unit.key}: resuming at step {self.solver.step_count} from {self.state_path.name}")
+        return True
+
+    def save(self) -> None:
+        tensors, meta = self.solver.state_dict()
+        size = save_state(self.state_path, tensors, {"settings": self.job.settings, "unit": self.unit.key, "solver": meta,
+                                                     "seconds": self.seconds()})
+        self._event("checkpoint", step=self.solver.step_count, bytes=size,
+                    text=f"{self.unit.key}: checkpoint at step {self.solver.step_count} ({size / 2**20:.1f} MiB)")
+
+    def seconds(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.t0
+
+    def done(self) -> bool:
+        return self.solver.step_count >= self.job.opts.steps or self.solver.converged
+
+    def run(self) -> None:
+        """Fit to the step budget (or convergence). Raises StopRequested after checkpointing on Ctrl-C."""
+        o = self.job.opts
+        self._event("unit_start", kind="factorize", steps=o.steps, start_step=self.solver.step_count)
+        last_ckpt = time.monotonic()
+
+        def should_stop() -> bool:
+            s = self.solver
+            if faults.nan_at_step(s.step_count):
+                s.params["B"].view(-1)[0] = float("nan")
+            if faults.oom_at_step(s.step_count):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return self.job.stop_requested or time.monotonic() - last_ckpt >= o.checkpoint_every
+
+        def on_progress(step: int, loss: float, best: float) -> None:
+            self._event("solver", step=step, loss=loss, best_loss=best)
+
+        while not self.done():
+            try:
+                self.solver.run(o.steps - self.solver.step_count, callback=on_progress, should_stop=should_stop)
+            except torch.OutOfMemoryError:
+                self._shrink_batch()
+                continue
+            if not math.isfinite(self.solver.last_loss) or not self._params_finite():
+                self._roll_back()  # never checkpoint a poisoned state
+                continue
+            if self.job.stop_requested:
+                self.save()
+                raise StopRequested
+            if not self.done():
+                self.save()
+                last_ckpt = time.monotonic()
+
+    def _params_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.solver.params.values())
+
+    def _roll_back(self) -> None:
+        bad_step, lr = self.solver.step_count, self.solver.lr * 0.5
+        if lr < MIN_LR:
+            raise ResourceError(f"{self.unit.key}: loss stays non-finite even at lr {self.solver.lr:g}; "
+                                f"check the source weights for NaN/Inf")
+        self.solver = self._new_solver()
+        self._restore()
+        self.solver.lr = lr
+        self._event("warning", text=f"{self.unit.key}: non-finite loss at step {bad_step}; rolled back to step "
+                                    f"{self.solver.step_count}, learning rate lowered to {lr:g}", kind="nan_rollback")
+
+    def _shrink_batch(self) -> None:
+        old = self.solver.batch
+        if old <= 1:
+            raise ResourceError(f"{self.unit.key}: device out of memory even with one expert per batch; "
+                                f"lower --max-gpu-memory or use --device cpu")
+        lr = self.solver.lr
+        self.batch = max(1, old // 2)
+        del self.solver
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.solver = self._new_solver()
+        if not self._restore():
+            self.solver.lr = lr
+        self._event("warning", text=f"{self.unit.key}: device out of memory with {old} experts per batch; "
+                                    f"retrying with {self.batch} from step {self.solver.step_count}", kind="oom_retry")

@@ -1,0 +1,110 @@
+"""MoBE experts: gate/up weights rebuilt from shared bases, only for the experts a forward routes to.
+
+    M_e = act(sum_i softmax(alpha_e)_i B[g(e), i])      [r, d], in fp32
+    gate_e(x) = (x M_e^T) A_e^T                          never forms W_e = A_e M_e
+
+The reference code mixes bases for all E experts on every call; routing picks top_k of them, so
+building only the routed ones saves (E - routed) / E of that work. Mixed bases can be kept in a
+byte-bounded LRU (`--mobe-cache`) shared by all layers, for decode where the same experts recur.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from .moe import OriginalExperts
+from .ops import swiglu
+
+ACTS = {"silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": lambda t: t}
+PROJS = ("gate_proj", "up_proj")
+
+
+class MixedBasisCache:
+    """LRU of mixed bases M_e keyed by (layer, proj, expert), bounded in bytes (0 = off)."""
+
+    def __init__(self, max_bytes: int = 0):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[int, str, int]) -> torch.Tensor | None:
+        t = self._items.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return t
+
+    def put(self, key: tuple[int, str, int], t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = t
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def mix_bases(B: torch.Tensor, alpha: torch.Tensor, experts: torch.Tensor, groups_of: torch.Tensor,
+              act: str, dtype: torch.dtype) -> torch.Tensor:
+    """M for `experts` [n]: act(softmax(alpha[e]) . B[g(e)]) -> [n, r, d] in `dtype` (math in fp32)."""
+    mix = torch.softmax(alpha[experts].float(), dim=-1)                 # [n, m_g]
+    bases = B[groups_of[experts]].float()                               # [n, m_g, r, d]
+    return ACTS[act](torch.einsum("nm,nmrd->nrd", mix, bases)).to(dtype)
+
+
+class MobeExperts(OriginalExperts):
+    """gate/up from (A, B, alpha) of one layer; down_proj as stored (per expert or fused)."""
+
+    def __init__(self, w: dict[str, torch.Tensor], p: int, layer: int, act: str,
+                 cache: MixedBasisCache | None = None, materialize_all: bool = False):
+        super().__init__(w, p)
+        self.layer, self.act, self.cache, self.materialize_all = layer, act, cache, materialize_all
+        self.A = {pr: w[f"mlp.experts.{pr}.mobe_A"] for pr in PROJS}
+        self.B = {pr: w[f"mlp.experts.{pr}.mobe_B"] for pr in PROJS}
+        self.alpha = {pr: w[f"mlp.experts.{pr}.mobe_alpha"] for pr in PROJS}
+        E, G = self.A["gate_proj"].shape[0], self.B["gate_proj"].shape[0]
+        self.groups_of = torch.arange(E, device=self.A["gate_proj"].device) // (E // G)
+        self.M: dict[tuple[str, int], torch.Tensor] = {}
+        self.mixed = 0  # bases mixed so far (for benchmarks)
+
+    def prepare(self, experts: list[int]) -> None:
+        """Mix bases for the routed experts (all E when materialize_all, like the reference code)."""
+        self.M = {}
+        want = list(range(self.A["gate_proj"].shape[0])) if self.materialize_all else experts
+        dtype = self.A["gate_proj"].dtype
+        for pr in PROJS:
+            todo = []
+            for e in want:
+                hit = self.cache.get((self.layer, pr, e)) if self.cache is not None else None
+                if hit is None:
+                    todo.append(e)
+                else:
+                    self.M[pr, e] = hit
+            if not todo:
+                continue
+            ids = torch.tensor(todo, device=self.groups_of.device)
+            mixed = mix_bases(self.B[pr], self.alpha[pr], ids, self.groups_of, self.act, dtype)
+            self.mixed += len(todo)
+            for e, m in zip(todo, mixed):
+                self.M[pr, e] = m
+                if self.cache is not None:
+                    self.cache.put((self.layer, pr, e), m.clone() if len(todo) > 1 else m)
+
+    def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstructed W_e = A_e M_e (only used by tests and tools; the forward stays factored)."""
+        return tuple(self.A[pr][e] @ self.M[pr, e] for pr in PROJS)  # type: ignore[return-value]
+
+    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        g = F.linear(F.linear(x, self.M["gate_proj", e]), self.A["gate_proj"][e])
+        u = F.linear(F.linear(x, self.M["up_proj", e]), self.A["up_proj"][e])
+        return F.linear(F.silu(g) * u, self.down(e))
+
+
+__all__ = ["MixedBasisCache", "MobeExperts", "mix_bases", "swiglu"]
