@@ -1,0 +1,155 @@
+"""The decoder: embed -> layers (attention + dense MLP or MoE) -> norm -> lm_head, over a WeightStore.
+
+One class runs both families; the differences are the attention (GQA vs MLA), the router
+(softmax vs grouped sigmoid) and shared experts, all chosen from the config. Weights come from a
+WeightStore unit by unit, so the same code runs all-in-memory and offloaded plans.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint.reader import CheckpointReader
+from ..errors import ConfigError
+from .attention_gqa import gqa_attention
+from .attention_mla import mla_attention
+from .cache import KVCache, causal_mask
+from .config import RuntimeConfig, parse_config
+from .device_map import Device, parse_size, plan_device_map
+from .mobe_experts import MixedBasisCache, MobeExperts
+from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
+from .offload import WeightStore
+from .ops import rms_norm, swiglu
+from .rope import Rope, softmax_scale
+from .weights import unit_names, unit_nbytes
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class MoEModel:
+    def __init__(self, reader: CheckpointReader, store: WeightStore, cfg: RuntimeConfig, dtype: torch.dtype,
+                 mobe_cache: MixedBasisCache | None = None, materialize_all: bool = False):
+        self.reader, self.store, self.cfg, self.dtype = reader, store, cfg, dtype
+        self.mobe_cache, self.materialize_all = mobe_cache, materialize_all
+        self.mobe_act = (cfg.mobe or {}).get("activation", "silu")
+        self.mobe_mixed = 0
+        if cfg.is_deepseek:
+            self.rope = Rope(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_interleave)
+            self.scale = softmax_scale(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        else:
+            self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+            self.scale = cfg.head_dim ** -0.5
+        self.moe_layers = set(cfg.moe_layers)
+
+    @property
+    def plan(self) -> dict[str, Device]:
+        return self.store.plan
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.num_layers)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V] (fp32). With a cache, continues after its cached tokens."""
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        start = cache.length if cache is not None else 0
+        S = tokens.shape[1]
+        w = self.store.get("embed")
+        h = F.embedding(tokens.to(w["weight"].device), w["weight"])
+        per_device: dict[torch.device, tuple] = {}
+        for i in range(self.cfg.num_layers):
+            unit = f"layers.{i}"
+            w = self.store.get(unit)
+            dev = self.store.device_of(unit)
+            if dev not in per_device:
+                pos = torch.arange(start, start + S, device=dev)
+                cos, sin = self.rope.cos_sin(pos, self.dtype)
+                per_device[dev] = (cos, sin, causal_mask(S, start + S, dev, self.cfg.sliding_window))
+            h = self._layer(i, w, h.to(dev), *per_device[dev], cache)
+            del w
+        w = self.store.get("norm")
+        h = rms_norm(h.to(w["weight"].device), w["weight"], self.cfg.rms_norm_eps)
+        w = self.store.get("lm_head")
+        logits = F.linear(h.to(w["weight"].device), w["weight"]).float()
+        if cache is not None:
+            cache.length += S
+        return logits
+
+    __call__ = forward
+
+    def _layer(self, i: int, w: dict, h: torch.Tensor, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        cfg = self.cfg
+        x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        if cfg.is_deepseek:
+            a = mla_attention(w, x, cfg, self.rope, cos, sin, mask, cache, i, self.scale)
+        else:
+            a = gqa_attention(w, x, cfg, self.rope, cos, sin, mask, cache, i)
+        h = h + a
+        x = rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        if i in self.moe_layers:
+            return h + self._moe(i, w, x)
+        return h + swiglu(x, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+
+    def _moe(self, i: int, w: dict, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x2 = x.reshape(-1, x.shape[-1])
+        if cfg.is_deepseek:
+            weights, idx = route_sigmoid_grouped(x2, w["mlp.gate.weight"], w.get("mlp.gate.e_score_correction_bias"), cfg)
+        else:
+            weights, idx = route_softmax(x2, w["mlp.gate.weight"], cfg)
+        if "mlp.experts.gate_proj.mobe_A" in w:
+            bank = MobeExperts(w, cfg.moe_intermediate_size, i, self.mobe_act, self.mobe_cache, self.materialize_all)
+        else:
+            bank = OriginalExperts(w, cfg.moe_intermediate_size)
+        out = run_experts(x2, weights, idx, bank)
+        self.mobe_mixed += getattr(bank, "mixed", 0)
+        if "mlp.shared_experts.gate_proj.weight" in w:
+            out = out + swiglu(x2, w["mlp.shared_experts.gate_proj.weight"], w["mlp.shared_experts.up_proj.weight"],
+                               w["mlp.shared_experts.down_proj.weight"])
+        return out.view_as(x)
+
+    def close(self) -> None:
+        self.store.close()
+        self.reader.close()
+
+
+def unit_sizes(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype) -> dict[str, int]:
+    return {u: unit_nbytes(reader, cfg, u, dtype) for u in unit_names(cfg)}
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+               device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               offload_folder: str | Path | None = None, mobe_cache: int | str = 0,
+               materialize_all: bool = False, prefetch: bool = True, device: str | None = None) -> MoEModel:
+    """Open a checkpoint and place its units.
+
+    device_map None: everything on `device` (default cuda if available, else cpu). A strategy
+    ("auto", "balanced", "sequential", "cpu") plans with max_memory; a dict is used as given.
+    """
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r} (bf16, fp16, fp32)")
+        dtype = DTYPES[dtype.lower()]
+    reader = CheckpointReader(model_dir)
+    cfg = parse_config(reader.config, reader.config_path)
+    sizes = unit_sizes(reader, cfg, dtype)
+    if device_map is None:
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        d = torch.device(dev)
+        target: Device = "cpu" if d.type == "cpu" else (d.index or 0)
+        plan = {u: target for u in sizes}
+    elif isinstance(device_map, dict):
+        plan = {u: device_map[u] for u in sizes}
+    else:
+        plan = plan_device_map(sizes, max_memory, device_map)
+    store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
+    cache = MixedBasisCache(parse_size(mobe_cache)) if mobe_cache else None
+    model = MoEModel(reader, store, cfg, dtype, cache, materialize_all)
+    model.unit_sizes = sizes
+    return model
