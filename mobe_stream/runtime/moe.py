@@ -28,7 +28,7 @@ class OriginalExperts:
 
     def __init__(self, w: dict[str, torch.Tensor], p: int):
         self.w, self.p = w, p
-        self.fused = "mlp.experts.gate_up_proj" in w
+        self.fused = "mlp.experts.down_proj" in w  # MoBE checkpoints keep only the fused down_proj
 
     def prepare(self, experts: list[int]) -> None:
         pass
