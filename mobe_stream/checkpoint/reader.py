@@ -27,6 +27,13 @@ SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
 
 
+class _ShardSummary(NamedTuple):
+    file_size: int
+    data_start: int
+    raw_sha256: bytes
+    header_len: int
+
+
 class TensorInfo(NamedTuple):
     name: str
     shard: str  # shard filename, relative to the model dir
@@ -151,6 +158,11 @@ class CheckpointReader:
             header = self._headers[shard]
             e = header.tensors[name]
             self._infos[name] = TensorInfo(name, shard, e.dtype, e.shape, e.nbytes, header.data_start + e.begin)
+        # keep only what fingerprint() needs: per-tensor header objects would double the metadata
+        # (about 1 KB per tensor, i.e. ~70 MB for Kimi-K2's 69k tensors)
+        for shard, header in self._headers.items():
+            self._headers[shard] = _ShardSummary(header.file_size, header.data_start,
+                                                 hashlib.sha256(header.raw).digest(), len(header.raw))
 
     # ---- metadata ------------------------------------------------------------------------------
 
@@ -183,8 +195,8 @@ class CheckpointReader:
         h = hashlib.sha256()
         for shard in sorted(self._headers):
             header = self._headers[shard]
-            h.update(f"{shard}\0{header.file_size}\0{len(header.raw)}\0".encode())
-            h.update(header.raw)
+            h.update(f"{shard}\0{header.file_size}\0{header.header_len}\0".encode())
+            h.update(header.raw_sha256)
             start, end = header.data_start, header.file_size
             with open(self.model_dir / shard, "rb") as f:
                 for pos in (start, (start + end) // 2, max(start, end - sample_bytes)):
