@@ -18,9 +18,9 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 Device = int | str
 
 
-def parse_size(s: str | int) -> int:
-    """"20GiB" = 20 * 2**30, "5GB" = 5 * 10**9, plain numbers are bytes."""
-    if isinstance(s, int):
+def parse_size(s: str | int | float) -> int | float:
+    """"20GiB" = 20 * 2**30, "5GB" = 5 * 10**9, plain numbers are bytes (inf stays inf)."""
+    if isinstance(s, (int, float)):
         return s
     m = _SIZE.match(s)
     if not m or m.group(2).upper() not in UNITS:

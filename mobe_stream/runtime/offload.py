@@ -97,7 +97,7 @@ class WeightStore:
         for path, items in by_file.items():
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for rel, name in items:
-                    out[rel] = f.get_tensor(name)  # mmap-backed view
+                    out[rel] = _aligned(f.get_tensor(name))
         return out
 
     # ---- fetching ------------------------------------------------------------------------------
@@ -149,3 +149,10 @@ class WeightStore:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:
+    """mmap views start wherever the tensor sits in the file; CPU GEMM kernels pick different (and
+    differently rounding) code paths for unaligned data, so misaligned views are copied. Aligned
+    ones stay zero-copy views of the page cache."""
+    return t if t.data_ptr() % align == 0 else t.clone()
