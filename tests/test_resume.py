@@ -115,3 +115,37 @@ def test_corrupted_finished_shard_is_redone(tmp_path):
     assert "redoing" in proc.stderr
     again = all_tensors(out)
     assert all(torch.equal(ref[n].view(torch.uint8), again[n].view(torch.uint8)) for n in ref)
+
+
+@pytest.mark.slow
+def test_export_sigkill_then_resume_is_bit_identical(tmp_path):
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe", num_layers=10, num_experts=64, hidden_size=256,
+                        moe_intermediate_size=128)
+    mobe = tmp_path / "mobe"
+    run_cli("compress", str(src), "--out", str(mobe), "--num-bases", "4", "--rank", "32", "--steps", "1", "--quiet", check=True)
+    before = dir_digest(mobe)
+    ref = tmp_path / "ref"
+    export_args = ["--dtype", "fp32", "--max-shard-size", "1MB", "--quiet"]
+    t0 = time.monotonic()
+    run_cli("export", str(mobe), "--out", str(ref), *export_args, check=True)
+    duration = time.monotonic() - t0
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = tmp_path / "out"
+    rng = random.Random(99)
+    kills = 0
+    for attempt in range(10):
+        cmd = [sys.executable, "-m", "mobe_stream.cli", "export", str(mobe), "--out", str(out), *export_args]
+        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        if kills < 3:
+            time.sleep(rng.uniform(0.3, 0.7) * duration)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        _, stderr = proc.communicate(timeout=600)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, stderr
+    assert kills >= 1
+    _assert_same_tensors(ref, out)
+    assert dir_digest(mobe) == before

@@ -1,0 +1,118 @@
+"""`generate` and `eval` commands; cli.py calls register(app)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import MobeError
+
+
+def _friendly(fn):
+    """MobeError -> one line on stderr, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MobeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("error: aborted", file=sys.stderr)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _load(model: Path, dtype: str, device_map: str, max_memory: Optional[str], offload_folder: Optional[Path],
+          mobe_cache: Optional[str], print_map: bool):
+    from .runtime.device_map import format_plan
+    from .runtime.model import load_model
+    from .runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(model)  # fail on a missing tokenizer before loading weights
+    m = load_model(model, dtype=dtype, device_map=None if device_map == "none" else device_map,
+                   max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache or 0)
+    tok.eos_ids |= set(m.cfg.eos_token_ids)
+    if print_map:
+        print(format_plan(m.plan, m.unit_sizes), file=sys.stderr)
+    return m, tok
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.1f} MiB"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @_friendly
+    def generate(
+        model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+        max_new_tokens: int = typer.Option(32, help="Stop after this many new tokens (or at EOS)."),
+        temperature: float = typer.Option(0.0, help="0 = greedy."),
+        top_k: Optional[int] = typer.Option(None, help="Sample only from the k most likely tokens."),
+        top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
+        seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+        device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu."),
+        max_memory: Optional[str] = typer.Option(None, help='accelerate form, e.g. "0=20GiB,cpu=64GiB,disk".'),
+        offload_folder: Optional[Path] = typer.Option(None, help="Where converted (e.g. FP8-dequantized) disk-offloaded weights go."),
+        print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, bytes."),
+        dtype: str = typer.Option("bf16", help="bf16 or fp32."),
+        mobe_cache: Optional[str] = typer.Option(None, help="LRU cache of mixed MoBE bases, e.g. 2GiB."),
+        json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
+    ):
+        """Generate text, streaming tokens to stdout; speed and peak memory to stderr."""
+        from .runtime.generate import generate as run
+
+        m, tok = _load(model, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
+        try:
+            r = run(m, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, stream=None if json_out else sys.stdout)
+        finally:
+            m.close()
+        if json_out:
+            d = r.as_dict()
+            d["device_map"] = {u: str(v) for u, v in m.plan.items()}
+            print(json.dumps(d))
+        print(f"{r.new_tokens} tokens ({r.stop_reason}), prefill {r.prefill_s:.3f}s ({r.prompt_tokens} tokens), "
+              f"decode {r.tokens_per_s:.2f} tok/s, peak RSS {_mib(r.peak_rss_bytes)}, peak GPU {_mib(r.peak_gpu_bytes)}",
+              file=sys.stderr)
+
+    @app.command("eval")
+    @_friendly
+    def eval_cmd(
+        model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
+        text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
+        ctx: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
+        device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu."),
+        max_memory: Optional[str] = typer.Option(None, help='accelerate form, e.g. "0=20GiB,cpu=64GiB,disk".'),
+        offload_folder: Optional[Path] = typer.Option(None),
+        print_device_map: bool = typer.Option(False, "--print-device-map"),
+        dtype: str = typer.Option("bf16", help="bf16 or fp32."),
+        mobe_cache: Optional[str] = typer.Option(None),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
+    ):
+        """Perplexity of MODEL on a text file."""
+        from .errors import CheckpointError
+        from .runtime.eval import perplexity
+
+        try:
+            body = text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read text file ({e})", text) from None
+        m, tok = _load(model, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
+        try:
+            r = perplexity(m, tok, body, ctx)
+        finally:
+            m.close()
+        if json_out:
+            print(json.dumps(r))
+        else:
+            print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens ({r['windows']} windows of {ctx}), "
+                  f"{r['tokens_per_s']:.1f} tok/s")
