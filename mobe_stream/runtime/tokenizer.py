@@ -11,6 +11,8 @@ from ..errors import CheckpointError
 class Tokenizer:
     def __init__(self, model_dir: str | Path, config: dict | None = None):
         d = Path(model_dir)
+        if not d.is_dir():
+            raise CheckpointError("model directory does not exist or is not a directory", d)
         path = d / "tokenizer.json"
         if not path.is_file():
             if (d / "tiktoken.model").is_file():
