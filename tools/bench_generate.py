@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Generation speed and peak memory: in-memory / cpu-offload / disk-offload plans, original vs MoBE
+form, and (when accelerate is installed) transformers device_map="auto" with the same max_memory.
+
+Each configuration runs in its own subprocess so that peak RSS is its own. Also a micro-benchmark
+of MoBE basis mixing: routed experts only vs all experts (what the reference code does).
+
+    python tools/bench_generate.py [--family qwen3_moe] [--tokens 32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Experts of a layer"
+
+
+def make_mobe(src: Path, out: Path, bases: int = 8, rank: int | None = None, seed: int = 0) -> Path:
+    """A MoBE checkpoint with random factors (speed only: quality is irrelevant here)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = json.loads((src / "config.json").read_text())
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    E = cfg.get("n_routed_experts") or cfg.get("num_experts")
+    p, d = cfg["moe_intermediate_size"], cfg["hidden_size"]
+    r = rank or p
+    layers = sorted({int(k.split(".")[2]) for k in sd if ".mlp.experts." in k})
+    for i in layers:
+        pre = f"model.layers.{i}.mlp.experts."
+        for proj in ("gate_proj", "up_proj"):
+            for e in range(E):
+                sd.pop(f"{pre}{e}.{proj}.weight")
+            sd[pre + proj + ".mobe_A"] = (torch.randn(E, p, r, generator=g) * 0.05).to(torch.bfloat16)
+            sd[pre + proj + ".mobe_B"] = (torch.randn(1, bases, r, d, generator=g) * 0.05).to(torch.bfloat16)
+            sd[pre + proj + ".mobe_alpha"] = torch.randn(E, bases, generator=g)
+    cfg["mobe"] = {"format_version": 1, "method": "mobe", "num_bases": bases, "rank": r, "groups": 1,
+                   "activation": "silu", "projections": ["gate_proj", "up_proj"], "layers": layers,
+                   "layout": "per_expert", "dtype": "bfloat16", "source_family": cfg["model_type"]}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / f, out / f)
+    return out
+
+
+def run_one(args) -> dict:
+    """One configuration, in this (fresh) process."""
+    from mobe_stream.runtime.generate import peak_rss_bytes
+
+    if args.engine == "transformers":
+        import transformers
+
+        kw = {}
+        if args.plan != "memory":
+            kw = dict(device_map="auto", max_memory=_hf_max_memory(args.max_memory), offload_folder=args.offload)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+
+        def timed(n: int) -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t0
+
+        timed(2)  # warm-up
+        best = min(timed(args.tokens) for _ in range(3))  # end to end: prefill + N tokens
+        return {"tokens": args.tokens, "tok_s": args.tokens / best, "peak_rss": peak_rss_bytes()}
+    from mobe_stream.runtime.generate import generate
+    from mobe_stream.runtime.model import load_model
+    from mobe_stream.runtime.tokenizer import Tokenizer
+
+    kw = {} if args.plan == "memory" else dict(device_map="auto", max_memory=args.max_memory, offload_folder=args.offload)
+    m = load_model(args.model, dtype=torch.float32, materialize_all=args.materialize_all, **kw)
+    tok = Tokenizer(args.model)
+    tok.eos_ids = set()  # fixed length runs
+    generate(m, tok, PROMPT, 2, stream=None)  # warm-up
+    runs = [generate(m, tok, PROMPT, args.tokens, stream=None) for _ in range(3)]
+    r = min(runs, key=lambda x: x.prefill_s + x.decode_s)  # end to end, as for transformers
+    placed = {str(v) for v in m.plan.values()}
+    m.close()
+    return {"tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s), "peak_rss": r.peak_rss_bytes, "devices": sorted(placed),
+            "mixed_bases": m.mobe_mixed}
+
+
+def _hf_max_memory(s: str) -> dict:
+    from mobe_stream.runtime.device_map import parse_max_memory
+
+    return {k: ("1000GiB" if v == float("inf") else int(v)) for k, v in parse_max_memory(s).items() if k != "disk"}
+
+
+def bench_mixing(E: int = 64, m: int = 8, r: int = 128, d: int = 512, top_k: int = 8, reps: int = 3) -> dict:
+    """Cost of building mixed bases for one projection of one layer: routed experts vs all E."""
+    from mobe_stream.runtime.mobe_experts import mix_bases
+
+    B = torch.randn(1, m, r, d)
+    alpha = torch.randn(E, m)
+    groups = torch.zeros(E, dtype=torch.long)
+    out = {}
+    for name, n in (("routed_only", top_k), ("materialize_all", E)):
+        ids = torch.arange(n)
+        mix_bases(B, alpha, ids, groups, "silu", torch.float32)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            mix_bases(B, alpha, ids, groups, "silu", torch.float32)
+        out[name + "_ms"] = (time.perf_counter() - t0) / reps * 1e3
+    out.update(E=E, m=m, r=r, d=d, top_k=top_k, speedup=out["materialize_all_ms"] / out["routed_only_ms"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="qwen3_moe")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="mobe", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--plan", default="memory", help=argparse.SUPPRESS)
+    ap.add_argument("--max-memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--offload", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--materialize-all", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+
+    from mobe_stream.synth import make_tiny_moe
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    src = make_tiny_moe(work / "orig", args.family, dtype=torch.float32, num_layers=args.layers,
+                        num_experts=args.experts, hidden_size=args.hidden, moe_intermediate_size=args.hidden // 2,
+                        num_shards=2, vocab_size=512)
+    mobe = make_mobe(src, work / "mobe")
+    try:
+        import accelerate  # noqa: F401
+        have_accelerate = True
+    except ImportError:
+        have_accelerate = False
+    plans = {"memory": None, "cpu-offload": "cpu=64GiB", "disk-offload": "cpu=1,disk"}
+    rows = []
+    for form, path in (("original", src), ("mobe", mobe)):
+        for plan, mm in plans.items():
+            variants = [("mobe-stream", False)] + ([("mobe-stream all-E", True)] if form == "mobe" and plan == "memory" else [])
+            for engine, mat in variants:
+                rows.append(_sub(engine, form, plan, path, mm, work, args.tokens, mat))
+            if have_accelerate and form == "original":
+                rows.append(_sub("transformers+accelerate", form, plan, path, mm, work, args.tokens, False))
+    if not have_accelerate:
+        rows.append({"engine": "transformers+accelerate", "form": "original", "plan": "-", "note": "accelerate not installed"})
+    mixing = bench_mixing()
+    print(f"\n{'engine':<24} {'form':<9} {'plan':<13} {'tok/s':>8} {'peak RSS':>10}  devices")
+    for r in rows:
+        if "note" in r:
+            print(f"{r['engine']:<24} {r['form']:<9} {r['plan']:<13} {r['note']}")
+            continue
+        print(f"{r['engine']:<24} {r['form']:<9} {r['plan']:<13} {r['tok_s']:8.1f} {r['peak_rss'] / 2**20:8.1f}Mi  "
+              f"{','.join(r.get('devices', []))}")
+    print(f"\nMoBE basis mixing, one projection of one layer (E={mixing['E']}, m={mixing['m']}, r={mixing['r']}, "
+          f"d={mixing['d']}): routed-only (top-{mixing['top_k']}) {mixing['routed_only_ms']:.2f} ms vs "
+          f"materialise-all {mixing['materialize_all_ms']:.2f} ms ({mixing['speedup']:.1f}x)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "mixing": mixing}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _sub(engine, form, plan, path, mm, work, tokens, mat) -> dict:
+    cmd = [sys.executable, __file__, "--one", "--engine", "transformers" if engine.startswith("transformers") else "mobe",
+           "--model", str(path), "--plan", plan, "--tokens", str(tokens), "--offload", str(work / f"off-{form}-{plan}")]
+    if mm:
+        cmd += ["--max-memory", mm]
+    if mat:
+        cmd.append("--materialize-all")
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    row = {"engine": engine, "form": form, "plan": plan}
+    if res.returncode != 0:
+        row["note"] = "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:80]
+        return row
+    row.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    return row
+
+
+if __name__ == "__main__":
+    main()
