@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .cli_runtime import register as register_runtime
 from .errors import MobeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -201,15 +202,7 @@ def version():
     print(__version__)
 
 
-def _register_optional() -> None:
-    try:
-        from .cli_runtime import register
-    except ImportError:
-        return
-    register(app)
-
-
-_register_optional()
+register_runtime(app)  # generate, eval
 
 
 def main() -> None:

@@ -70,10 +70,17 @@ def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: in
 
 
 def _generate(model_dir: Path, console: Console) -> None:
+    import sys
+
+    from .runtime.generate import generate
+    from .runtime.model import load_model
+    from .runtime.tokenizer import Tokenizer
+
+    console.rule("4. generate from the compressed model (random tiny weights: expect gibberish)")
+    tok = Tokenizer(model_dir)
+    model = load_model(model_dir, dtype="fp32", device_map="auto")
     try:
-        from .runtime.generate import generate_text
-    except ImportError:
-        console.print("[dim](runtime not available: skipping generation)[/dim]")
-        return
-    console.rule("4. generate from the compressed model")
-    generate_text(model_dir, prompt="The experts share", max_new_tokens=16, stream=True)
+        r = generate(model, tok, "The experts share", max_new_tokens=16, stream=sys.stdout)
+    finally:
+        model.close()
+    console.print(f"{r.new_tokens} tokens, decode {r.tokens_per_s:.1f} tok/s, peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB")
