@@ -112,3 +112,35 @@ def test_verify_catches_nan_and_bad_shapes(tmp_path):
     cfg["mobe"]["rank"] += 1
     (mobe / "config.json").write_text(json.dumps(cfg))
     assert any("mobe_A" in p and "config implies" in p for p in verify(mobe, full=False))
+
+
+@pytest.mark.parametrize("family,kw", [("qwen3_moe", {}), ("qwen3_moe", {"layout": "fused"}), ("deepseek_v3", {}),
+                                       ("kimi_k2", {})], ids=["qwen3_moe", "qwen3_moe-fused", "deepseek_v3", "kimi_k2"])
+def test_transformers_loads_export_and_matches_runner_on_mobe(tmp_path, family, kw):
+    """Oracle: transformers on the exported checkpoint == our runner on the MoBE checkpoint (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    from mobe_stream.runtime.model import load_model
+
+    src = make_tiny_moe(tmp_path / "src", family=family, dtype=torch.float32, **kw)
+    mobe = tmp_path / "mobe"
+    compress(src, mobe, CompressOptions(**FAST, dtype="fp32"))
+    out = tmp_path / "exported"
+    export(mobe, out, ExportOptions(dtype="fp32"))
+    if family == "kimi_k2":  # transformers has no kimi_k2 model type; it is DeepSeek-V3's architecture
+        cfg = transformers.DeepseekV3Config.from_pretrained(out)
+        cfg.model_type = "deepseek_v3"
+        ref, info = transformers.AutoModelForCausalLM.from_pretrained(out, config=cfg, dtype=torch.float32,
+                                                                      output_loading_info=True)
+    else:
+        ref, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 61, 8, 250, 11]])
+    with torch.no_grad():
+        want = ref.eval()(ids).logits[0].float()
+    ours = load_model(mobe, dtype=torch.float32)
+    try:
+        got = ours(ids)[0]
+    finally:
+        ours.close()
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err < 1e-4, f"relative error {err:.2e}"
