@@ -67,10 +67,12 @@ def _run(path, **kw):
         m.close()
 
 
-@pytest.mark.parametrize("family,fp8,dtype", [("qwen3_moe", False, torch.float32), ("deepseek_v3", True, torch.bfloat16),
-                                              ("kimi_k2", False, torch.bfloat16)])
-def test_offloaded_runs_match_in_memory(tmp_path, family, fp8, dtype):
-    src = make_tiny_moe(tmp_path / "m", family, fp8=fp8, num_shards=2)
+@pytest.mark.parametrize("family,fp8,dtype,layout", [("qwen3_moe", False, torch.float32, "per_expert"),
+                                                     ("deepseek_v3", True, torch.bfloat16, "per_expert"),
+                                                     ("kimi_k2", True, torch.bfloat16, "fused"),
+                                                     ("kimi_k2", False, torch.bfloat16, "per_expert")])
+def test_offloaded_runs_match_in_memory(tmp_path, family, fp8, dtype, layout):
+    src = make_tiny_moe(tmp_path / "m", family, fp8=fp8, layout=layout, num_shards=2)
     ref, ref_inc, _ = _run(src, dtype=dtype)
     for max_memory in ("cpu=1GB", "cpu=1,disk"):
         folder = tmp_path / f"off{len(max_memory)}"

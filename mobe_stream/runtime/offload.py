@@ -41,6 +41,7 @@ class WeightStore:
         self.offloaded = [u for u in self.order if self._is_offloaded(u)]
         self.resident: dict[str, Weights] = {}
         self.disk_src: dict[str, dict[str, tuple[Path, str]]] = {}
+        self._handles: dict[Path, object] = {}  # mmapped shard / offload files (page cache, not private RAM)
         self._tmp = None
         self.folder = Path(offload_folder) if offload_folder else None
         self.offload_bytes_written = 0
@@ -95,9 +96,11 @@ class WeightStore:
             by_file.setdefault(path, []).append((rel, name))
         out = {}
         for path, items in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for rel, name in items:
-                    out[rel] = _aligned(f.get_tensor(name))
+            f = self._handles.get(path)
+            if f is None:  # kept open: a fresh mapping per read would page-fault every page again
+                f = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            for rel, name in items:
+                out[rel] = _aligned(f.get_tensor(name))
         return out
 
     # ---- fetching ------------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class WeightStore:
             self._pending.clear()
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._handles.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
