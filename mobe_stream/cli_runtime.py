@@ -37,11 +37,10 @@ def _load(model: Path, dtype: str, device_map: str, max_memory: Optional[str], o
     from .runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(model)  # fail on a missing tokenizer before loading weights
+    show = (lambda plan, sizes: print(format_plan(plan, sizes), file=sys.stderr, flush=True)) if print_map else None
     m = load_model(model, dtype=dtype, device_map=None if device_map == "none" else device_map,
-                   max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache or 0)
+                   max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache or 0, on_plan=show)
     tok.eos_ids |= set(m.cfg.eos_token_ids)
-    if print_map:
-        print(format_plan(m.plan, m.unit_sizes), file=sys.stderr)
     return m, tok
 
 

@@ -126,11 +126,13 @@ def unit_sizes(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype)
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
                offload_folder: str | Path | None = None, mobe_cache: int | str = 0,
-               materialize_all: bool = False, prefetch: bool = True, device: str | None = None) -> MoEModel:
+               materialize_all: bool = False, prefetch: bool = True, device: str | None = None,
+               on_plan=None) -> MoEModel:
     """Open a checkpoint and place its units.
 
     device_map None: everything on `device` (default cuda if available, else cpu). A strategy
     ("auto", "balanced", "sequential", "cpu") plans with max_memory; a dict is used as given.
+    on_plan(plan, sizes) is called before any weight is read (for --print-device-map).
     """
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
@@ -148,6 +150,8 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         plan = {u: device_map[u] for u in sizes}
     else:
         plan = plan_device_map(sizes, max_memory, device_map)
+    if on_plan is not None:
+        on_plan(plan, sizes)
     store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
     cache = MixedBasisCache(parse_size(mobe_cache)) if mobe_cache else None
     model = MoEModel(reader, store, cfg, dtype, cache, materialize_all)
