@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
 import sys
 from pathlib import Path
@@ -13,32 +11,11 @@ import typer
 
 from . import __version__
 from .cli_runtime import register as register_runtime
+from .cli_common import friendly
 from .errors import MobeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Streaming Mixture-of-Basis-Experts compression and offloaded inference for giant MoE models.")
-
-
-def friendly(fn):
-    """MobeError -> one line on stderr and its exit code (2, or 130 when interrupted)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MobeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(e.exit_code)
-        except KeyboardInterrupt:
-            print("error: aborted", file=sys.stderr)
-            raise typer.Exit(130)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                print(f"error: {e.filename or ''}: disk full ({e.strerror}); free space and rerun with --resume", file=sys.stderr)
-                raise typer.Exit(2)
-            raise
-
-    return wrapper
 
 
 def _reporter(quiet: bool, log_json: Optional[Path]):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -10,24 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import MobeError
-
-
-def _friendly(fn):
-    """MobeError -> one line on stderr, exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MobeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(e.exit_code)
-        except KeyboardInterrupt:
-            print("error: aborted", file=sys.stderr)
-            raise typer.Exit(130)
-
-    return wrapper
+from .cli_common import friendly
 
 
 def _load(model: Path, dtype: str, device_map: str, max_memory: Optional[str], offload_folder: Optional[Path],
@@ -50,7 +32,7 @@ def _mib(b: int) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    @_friendly
+    @friendly
     def generate(
         model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
@@ -84,7 +66,7 @@ def register(app: typer.Typer) -> None:
               file=sys.stderr)
 
     @app.command("eval")
-    @_friendly
+    @friendly
     def eval_cmd(
         model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
         text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint.families import get_family
 from .checkpoint.reader import CheckpointReader
-from .checkpoint.safetensors_io import sha256_file
+from .checkpoint.writer import verify_manifest
 from .errors import CheckpointError, MobeError
 
 PROJ = ("gate_proj", "up_proj")
@@ -36,26 +36,15 @@ def verify(model_dir: str | Path, full: bool = True) -> list[str]:
 
 
 def _check_manifest(d: Path, full: bool) -> list[str]:
-    path = d / "manifest.json"
-    if not path.exists():
-        return [f"{path}: missing (cannot check shard integrity)"]
+    problems = verify_manifest(d, full=full)
+    if problems and problems[0].endswith(": missing"):
+        return [problems[0] + " (cannot check shard integrity)"]
     try:
-        shards = json.loads(path.read_text())["shards"]
-    except (ValueError, KeyError) as e:
-        return [f"{path}: unreadable manifest ({e})"]
-    out = []
-    for name, rec in sorted(shards.items()):
-        p = d / name
-        if not p.is_file():
-            out.append(f"{p}: shard listed in manifest.json is missing")
-        elif p.stat().st_size != rec["size"]:
-            out.append(f"{p}: size {p.stat().st_size} differs from manifest.json ({rec['size']})")
-        elif full and sha256_file(p) != rec["sha256"]:
-            out.append(f"{p}: sha256 differs from manifest.json (corrupted)")
-    for p in sorted(d.glob("*.safetensors")):
-        if p.name not in shards:
-            out.append(f"{p}: shard not listed in manifest.json")
-    return out
+        listed = set(json.loads((d / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return problems
+    problems += [f"{p}: shard not listed in manifest.json" for p in sorted(d.glob("*.safetensors")) if p.name not in listed]
+    return problems
 
 
 def _expect(reader: CheckpointReader, name: str, shape: tuple, problems: list[str]) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from ..checkpoint.safetensors_io import atomic_write_json, sha256_file
+from ..checkpoint.safetensors_io import atomic_write_bytes, atomic_write_json, sha256_file
 from ..checkpoint.writer import ShardWriter, write_index_and_manifest
 from ..errors import ConfigError, ResourceError
 from .journal import JOURNAL_NAME, Journal
@@ -151,11 +150,7 @@ def copy_side_files(src: Path, out: Path) -> list[str]:
         real = e.resolve()
         if src not in real.parents:  # a symlink leaving the model dir is not followed
             continue
-        tmp = out / f"{e.name}.tmp-{os.getpid()}"
-        shutil.copyfile(real, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / e.name)
+        atomic_write_bytes(out / e.name, real.read_bytes())  # tokenizer/config-sized files
         copied.append(e.name)
     return copied
 

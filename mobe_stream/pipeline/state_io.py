@@ -6,7 +6,6 @@ No pickle anywhere: a checkpoint is data only, so a tampered file cannot run cod
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import safetensors.torch
 import torch
 import zstandard
 
+from ..checkpoint.safetensors_io import atomic_write_bytes
 from ..errors import CheckpointError
 
 MAGIC = b"MOBESTATE1\n"
@@ -26,19 +26,8 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict, level: 
         metadata={"meta": json.dumps(meta, sort_keys=True)},
     )
     blob = MAGIC + zstandard.ZstdCompressor(level=level, threads=-1).compress(raw)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, blob)
     return len(blob)
 
 

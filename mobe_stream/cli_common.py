@@ -1,0 +1,33 @@
+"""What every command shares: turning expected failures into one line and an exit code."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import sys
+
+import typer
+
+from .errors import MobeError
+
+
+def friendly(fn):
+    """MobeError -> one line on stderr and its exit code (2, or 130 when interrupted)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MobeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("error: aborted", file=sys.stderr)
+            raise typer.Exit(130)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                print(f"error: {e.filename or ''}: disk full ({e.strerror}); free space and rerun with --resume", file=sys.stderr)
+                raise typer.Exit(2)
+            raise
+
+    return wrapper
