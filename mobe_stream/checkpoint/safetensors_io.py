@@ -246,8 +246,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = 2) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode("utf-8"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = READ_CHUNK) -> str:

@@ -82,4 +82,4 @@ class Journal:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        atomic_write_json(self.path, self.data, indent=None)  # rewritten after every unit: keep it compact

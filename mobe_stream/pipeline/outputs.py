@@ -12,6 +12,7 @@ import torch
 from ..checkpoint.safetensors_io import atomic_write_bytes, atomic_write_json, sha256_file
 from ..checkpoint.writer import ShardWriter, write_index_and_manifest
 from ..errors import ConfigError, ResourceError
+from ..memory import release_freed_memory
 from .journal import JOURNAL_NAME, Journal
 from .lock import LOCK_NAME
 from .plan import PROJECTIONS
@@ -105,6 +106,8 @@ def write_unit(out: Path, journal: Journal, key: str, items, max_shard_bytes: in
         raise
     info = {**info, "seconds": seconds_before + time.monotonic() - t0}
     journal.commit(key, records, info, writer.next_index)
+    del writer, items
+    release_freed_memory()  # RSS must not creep with depth
     reporter.event("unit_done", unit=key, **info)
 
 
