@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,29 +198,16 @@ def _header_bytes(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str
     return struct.pack("<Q", len(body)) + body
 
 
-def write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]],
-                      metadata: dict[str, str] | None = None) -> tuple[str, int]:
-    """Write a shard atomically, streaming tensor bytes; returns (sha256 hex, size in bytes)."""
+@contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Open `path.tmp-<pid>` for writing; on success fsync it, rename it over `path` and fsync the
+    directory, so readers see the old file or the new one, never a mix. On failure the temporary
+    file is removed (a disk-full error leaves nothing under a final name)."""
     path = Path(path)
     tmp = _tmp_path(path)
-    sha = hashlib.sha256()
-    header = _header_bytes(items, metadata)
-    size = 0
     try:
         with open(tmp, "wb") as f:
-            f.write(header)
-            sha.update(header)
-            size += len(header)
-            faults.on_bytes_written(len(header), str(tmp))
-            for _, t in items:
-                mv = _tensor_bytes(t)
-                for i in range(0, len(mv), WRITE_CHUNK):
-                    chunk = mv[i:i + WRITE_CHUNK]
-                    f.write(chunk)
-                    sha.update(chunk)
-                    faults.on_bytes_written(len(chunk), str(tmp))  # test-only ENOSPC injection
-                size += len(mv)
-                del mv
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -227,23 +215,35 @@ def write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tens
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]],
+                      metadata: dict[str, str] | None = None) -> tuple[str, int]:
+    """Write a shard atomically, streaming tensor bytes; returns (sha256 hex, size in bytes)."""
+    sha = hashlib.sha256()
+    header = _header_bytes(items, metadata)
+    size = 0
+    with atomic_file(path) as f:
+        f.write(header)
+        sha.update(header)
+        size += len(header)
+        faults.on_bytes_written(len(header), f.name)
+        for _, t in items:
+            mv = _tensor_bytes(t)
+            for i in range(0, len(mv), WRITE_CHUNK):
+                chunk = mv[i:i + WRITE_CHUNK]
+                f.write(chunk)
+                sha.update(chunk)
+                faults.on_bytes_written(len(chunk), f.name)  # test-only ENOSPC injection
+            size += len(mv)
+            del mv
     return sha.hexdigest(), size
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` so readers see either the old or the new file, never a mix."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Replace `path` with `data` atomically (see atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = 2) -> None:

@@ -85,8 +85,6 @@ class RichSink(Sink):
             self.progress.update(self.current, completed=fields["done"])
         elif kind == "unit_done":
             if self.current is not None:
-                info = f"rel.err {fields['rel_error']:.4f}" if fields.get("rel_error") is not None else ""
-                self.progress.update(self.current, completed=self.progress.tasks[-1].total, info=info)
                 self.progress.remove_task(self.current)
                 self.current = None
             if self.overall is not None:
