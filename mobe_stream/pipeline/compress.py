@@ -98,6 +98,9 @@ def _make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRea
             raise ValueError(f"unknown --activation {opts.activation!r}; use silu or tanh")
         if opts.groups < 1 or E % opts.groups or m % opts.groups:
             raise ValueError(f"--groups {opts.groups} must divide the number of experts ({E}) and of bases ({m})")
+        device = opts.resolved_device()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available (use --device cpu or auto)")
         if opts.steps < 0 or opts.lr <= 0:
             raise ValueError("--steps must be >= 0 and --lr > 0")
         spec = MoBESpec(num_bases=m, rank=r, activation=opts.activation, groups=opts.groups)
