@@ -32,6 +32,7 @@ def _reporter(quiet: bool, log_json: Optional[Path]):
 def compress(
     src: Path = typer.Argument(..., help="Source model directory (safetensors)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the MoBE checkpoint."),
+    method: str = typer.Option("mobe", help="mobe, or a baseline at the same parameter budget: svd, molae, delta."),
     num_bases: Optional[int] = typer.Option(None, help="Bases per MoE layer (m), over all groups."),
     rank: Optional[int] = typer.Option(None, help="Rank r of each basis (default: moe_intermediate_size)."),
     reduction: Optional[float] = typer.Option(None, help="Target cut of expert parameters, e.g. 0.25 (default when m/r not given)."),
@@ -58,7 +59,7 @@ def compress(
     from .pipeline.compress import compress as run
     from .pipeline.options import CompressOptions
 
-    opts = CompressOptions(num_bases=num_bases, rank=rank, reduction=reduction, activation=activation, groups=groups,
+    opts = CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, activation=activation, groups=groups,
                            solver=solver, steps=steps, lr=lr, tol=tol, layers=layers, device=device, seed=seed,
                            dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force)

@@ -16,6 +16,7 @@ from .checkpoint.families import get_family
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.writer import verify_manifest
 from .errors import CheckpointError, MobeError
+from .factorize import METHODS, MethodPlan
 
 PROJ = ("gate_proj", "up_proj")
 
@@ -76,13 +77,17 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
                 for e in range(E):
                     _expect(reader, f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight", shape, problems)
     if mobe:
-        m, r, g = mobe["num_bases"], mobe["rank"], mobe["groups"]
+        try:
+            plan = MethodPlan.from_config(mobe)
+        except (KeyError, TypeError, ValueError) as e:
+            return problems + [f"{d / 'config.json'}: malformed 'mobe' block ({e!r})"]
+        if plan.method not in METHODS:
+            return problems + [f"{d / 'config.json'}: unknown mobe method {plan.method!r}"]
+        shapes = plan.shapes(E, p, hid)
         for layer in mobe["layers"]:
             for proj in mobe.get("projections", PROJ):
-                pre = f"model.layers.{layer}.mlp.experts.{proj}."
-                _expect(reader, pre + "mobe_A", (E, p, r), problems)
-                _expect(reader, pre + "mobe_B", (g, m // g, r, hid), problems)
-                _expect(reader, pre + "mobe_alpha", (E, m // g), problems)
+                for suffix, shape in shapes.items():
+                    _expect(reader, f"model.layers.{layer}.mlp.experts.{proj}.{suffix}", shape, problems)
     return problems
 
 
@@ -108,6 +113,6 @@ def check_source(reader: CheckpointReader, fam) -> None:
 def _check_finite(reader: CheckpointReader) -> list[str]:
     bad = []
     for name in reader.names():
-        if ".mobe_" in name and not torch.isfinite(reader.get(name, torch.float32)).all():
+        if (".mobe_" in name or ".lowrank_" in name) and not torch.isfinite(reader.get(name, torch.float32)).all():
             bad.append(f"{reader.model_dir}: tensor {name} contains NaN or Inf")
     return bad

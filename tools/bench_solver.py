@@ -16,10 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mobe_stream.factorize import (AdamSolver, AlternatingSolver, MoBESpec, expert_cut, prepare_targets,  # noqa: E402
+from mobe_stream.factorize import (MoBESpec, expert_cut, fit_baseline, plan_method, prepare_targets,  # noqa: E402
                                    relative_error)
-
-SOLVERS = {"adam": AdamSolver, "als": AlternatingSolver}
+from mobe_stream.pipeline.solvers import SOLVERS  # noqa: E402
 
 
 def synthetic(E: int, p: int, d: int, clusters: int = 8, seed: int = 0) -> torch.Tensor:
@@ -84,7 +83,8 @@ def main() -> None:
     ap.add_argument("--activation", default="silu")
     ap.add_argument("--steps", default="100,500,2000")
     ap.add_argument("--seconds", default="10,30,60")
-    ap.add_argument("--solvers", default="adam,als")
+    ap.add_argument("--solvers", default=",".join(SOLVERS))
+    ap.add_argument("--methods", default="svd,molae,delta", help="closed-form baselines at the same budget ('' for none)")
     ap.add_argument("--lr", type=float, default=0.07)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--checkpoint", default=None, help="use a layer of this checkpoint instead of synthetic experts")
@@ -101,6 +101,15 @@ def main() -> None:
     secs = [float(x) for x in args.seconds.split(",")]
     print(f"experts {E} x {p}x{d}, m={args.num_bases}, r={r}, {args.activation}, device {args.device}, "
           f"expert-parameter cut {100 * expert_cut(E, p, d, args.num_bases, r):.1f}%, threads {torch.get_num_threads()}")
+    budget = plan_method("mobe", E, p, d, spec).params(E, p, d)
+    for method in filter(None, args.methods.split(",")):
+        plan = plan_method(method, E, p, d, spec)
+        t0 = time.perf_counter()
+        f = fit_baseline(W, plan, args.device)
+        dt = time.perf_counter() - t0
+        cut = 1 - (E * p * d + 2 * plan.params(E, p, d)) / (3 * E * p * d)
+        print(f"{method:>6}: rank {plan.rank}, {plan.params(E, p, d) / budget:.3f} of the MoBE budget, "
+              f"expert-parameter cut {100 * cut:.1f}%, rel.err {relative_error(W, f):.4f} in {dt:.2f}s (closed form)")
     trs = {}
     for name in args.solvers.split(","):
         tr, solver = trajectory(name, W, spec, max(steps), max(secs), args.device, args.lr)
@@ -115,16 +124,19 @@ def main() -> None:
         for sec in secs:
             t, k, e = at_time(tr, sec)
             print(f"  {str(sec) + ' s':>12} {e:8.4f} {t:8.1f} {k:6d}")
-    if "adam" in trs and "als" in trs:
+    if "adam" in trs:
         ta, ka, ea = at_step(trs["adam"], max(steps))
-        hit = next((x for x in trs["als"] if x[2] <= ea), None)
         print(f"\nadam after {ka} steps: rel.err {ea:.4f} in {ta:.1f}s")
-        if hit:
-            print(f"als reaches it after {hit[1]} steps, {hit[0]:.1f}s = {hit[0] / ta:.3f} of adam's time")
-        else:
-            print(f"als does not reach it within {trs['als'][-1][0]:.1f}s")
-        _, _, eq = at_time(trs["als"], ta)
-        print(f"at adam's wall time ({ta:.1f}s) als: rel.err {eq:.4f} ({100 * (1 - eq / ea):.1f}% lower)")
+        for name, tr in trs.items():
+            if name == "adam":
+                continue
+            hit = next((x for x in tr if x[2] <= ea), None)
+            if hit:
+                print(f"{name} reaches it after {hit[1]} steps, {hit[0]:.1f}s = {hit[0] / ta:.3f} of adam's time")
+            else:
+                print(f"{name} does not reach it within {tr[-1][0]:.1f}s")
+            _, _, eq = at_time(tr, ta)
+            print(f"at adam's wall time ({ta:.1f}s) {name}: rel.err {eq:.4f} ({100 * (1 - eq / ea):.1f}% lower)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """MoBE factorization: pure tensor code (no file I/O), device-agnostic."""
 
 from .adam import AdamSolver
+from .baselines import METHODS, LowRankFactors, MethodPlan, factors_from_tensors, fit_baseline, fit_lowrank, plan_method
 from .als import AlternatingSolver, solve_A
 from .init import init_grouped_svd
 from .metrics import choose_bases_rank, expert_cut, param_fraction, relative_error, working_set_bytes
 from .model import ACTIVATIONS, MoBEFactors, MoBESpec, mixed_bases, prepare_targets
 
-__all__ = ["AdamSolver", "AlternatingSolver", "solve_A", "init_grouped_svd", "choose_bases_rank", "expert_cut",
+__all__ = ["METHODS", "LowRankFactors", "MethodPlan", "factors_from_tensors", "fit_baseline", "fit_lowrank",
+           "plan_method", "AdamSolver", "AlternatingSolver", "solve_A", "init_grouped_svd", "choose_bases_rank", "expert_cut",
            "param_fraction", "relative_error", "working_set_bytes", "ACTIVATIONS", "MoBEFactors", "MoBESpec",
            "mixed_bases", "prepare_targets"]

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh}
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# identity: MoLAE (one basis per group, no activation) shares MoBE's storage and code
+ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "identity": _identity}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import parse_size
 from ..errors import ConfigError, MobeError
 from ..verify import check_source
-from ..factorize import MoBESpec, choose_bases_rank, prepare_targets, relative_error
+from ..factorize import METHODS, MethodPlan, MoBESpec, choose_bases_rank, fit_baseline, plan_method, prepare_targets, relative_error
 from . import outputs, preflight
 from .events import Reporter
 from .journal import Journal
@@ -42,6 +42,7 @@ class Job:
     reader: CheckpointReader
     family: object
     spec: MoBESpec
+    plan: MethodPlan  # what is stored per projection (mobe, or a baseline at the same budget)
     layers: list[int]
     settings: dict
     reporter: Reporter
@@ -104,11 +105,14 @@ def _make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRea
         if opts.steps < 0 or opts.lr <= 0:
             raise ValueError("--steps must be >= 0 and --lr > 0")
         spec = MoBESpec(num_bases=m, rank=r, activation=opts.activation, groups=opts.groups)
+        if opts.method not in METHODS:
+            raise ValueError(f"unknown --method {opts.method!r}; choose one of: {', '.join(METHODS)}")
+        plan = plan_method(opts.method, E, p, d, spec)
         max_shard = parse_size(opts.max_shard_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     settings = settings_for_journal(opts, m, r, layers)
-    return Job(src, out, opts, reader, family, spec, layers, settings, reporter, out_dtype, max_shard)
+    return Job(src, out, opts, reader, family, spec, plan, layers, settings, reporter, out_dtype, max_shard)
 
 
 def _open_journal(job: Job) -> Journal:
@@ -138,6 +142,9 @@ def _state_path(job: Job, unit: Unit) -> Path:
 def _run_factorize(job: Job, journal: Journal, unit: Unit) -> None:
     W = job.family.expert_stack(job.reader, unit.layer, unit.proj, torch.float32)
     W_scaled, std = prepare_targets(W)  # in place: one copy of the layer's targets
+    if job.plan.method != "mobe":
+        _run_baseline(job, journal, unit, W_scaled, std)
+        return
     state_path = _state_path(job, unit)
     fit = ProjectionFit(job, unit, W_scaled, state_path)
     try:
@@ -146,12 +153,25 @@ def _run_factorize(job: Job, journal: Journal, unit: Unit) -> None:
         raise Interrupted(f"interrupted at {unit.key} step {fit.solver.step_count}; progress saved, rerun with --resume") from None
     factors = fit.solver.best_factors()
     rel = relative_error(W_scaled, factors)
-    tensors = outputs.mobe_tensors(job, unit, factors, std)
+    tensors = outputs.factor_tensors(job, unit, factors, std)
     info = {"kind": "factorize", "rel_error": rel, "steps": fit.solver.step_count, "best_loss": float(fit.solver.best_loss),
             "lr_final": fit.solver.lr}
     outputs.write_unit(job.out, journal, unit.key, tensors.items(), job.max_shard_bytes, job.reporter, info,
                        seconds_before=fit.seconds(), announce=False)
     state_path.unlink(missing_ok=True)
+
+
+def _run_baseline(job: Job, journal: Journal, unit: Unit, W_scaled: torch.Tensor, std: float) -> None:
+    """Closed-form baselines (svd, delta, molae): no solver state; the unit is the resume granule."""
+    import time
+
+    t0 = time.monotonic()
+    job.reporter.event("unit_start", unit=unit.key, kind="factorize", steps=0, start_step=0)
+    factors = fit_baseline(W_scaled, job.plan, job.opts.resolved_device())
+    rel = relative_error(W_scaled, factors)
+    info = {"kind": "factorize", "method": job.plan.method, "rel_error": rel, "steps": 0}
+    outputs.write_unit(job.out, journal, unit.key, outputs.factor_tensors(job, unit, factors, std).items(),
+                       job.max_shard_bytes, job.reporter, info, seconds_before=time.monotonic() - t0, announce=False)
 
 
 @contextmanager

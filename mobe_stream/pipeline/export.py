@@ -17,14 +17,14 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..checkpoint.writer import parse_size, write_index_and_manifest
 from ..errors import ConfigError
-from ..factorize import MoBEFactors
+from ..factorize import MethodPlan, factors_from_tensors
 from . import outputs
 from .events import Reporter
 from .lock import OutputLock
 from .plan import PROJECTIONS, layer_of
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
-MOBE_SUFFIXES = (".mobe_A", ".mobe_B", ".mobe_alpha")
+MOBE_SUFFIXES = (".mobe_A", ".mobe_B", ".mobe_alpha", ".lowrank_U", ".lowrank_V", ".lowrank_mean")
 
 
 @dataclass
@@ -154,10 +154,10 @@ def _emit(name: str, w: torch.Tensor, target: str, block):
 
 
 def _rebuilt(reader, mobe: dict, layer: int, proj: str, chunk: int):
-    """Rebuilt expert weights [k, p, d] in fp32, `chunk` experts at a time."""
+    """Rebuilt expert weights [k, p, d] in fp32, `chunk` experts at a time (any method)."""
     pre = f"model.layers.{layer}.mlp.experts.{proj}."
-    f = MoBEFactors(A=reader.get(pre + "mobe_A", torch.float32), B=reader.get(pre + "mobe_B", torch.float32),
-                    alpha=reader.get(pre + "mobe_alpha", torch.float32), scale=1.0)
-    E = f.A.shape[0]
+    plan = MethodPlan.from_config(mobe)
+    f = factors_from_tensors(plan, {s: reader.get(pre + s, torch.float32) for s in plan.shapes(1, 1, 1)})
+    E = f.num_experts
     for e0 in range(0, E, chunk):
-        yield f.reconstruct(torch.arange(e0, min(E, e0 + chunk)), activation=mobe["activation"])
+        yield f.reconstruct(torch.arange(e0, min(E, e0 + chunk)))

@@ -12,6 +12,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 @dataclass
 class CompressOptions:
+    method: str = "mobe"
     num_bases: int | None = None
     rank: int | None = None
     reduction: float | None = None
@@ -47,7 +48,7 @@ class CompressOptions:
 def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layers: list[int]) -> dict:
     """What determines the output tensors. Device, checkpoint cadence and memory caps do not."""
     return {
-        "method": "mobe",
+        "method": opts.method,
         "solver": opts.solver,
         "num_bases": num_bases,
         "rank": rank,

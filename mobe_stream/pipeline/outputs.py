@@ -12,6 +12,7 @@ import torch
 from ..checkpoint.safetensors_io import atomic_write_bytes, atomic_write_json, sha256_file
 from ..checkpoint.writer import ShardWriter, write_index_and_manifest
 from ..errors import ConfigError, ResourceError
+from ..factorize import LowRankFactors
 from ..memory import release_freed_memory
 from .journal import JOURNAL_NAME, Journal
 from .lock import LOCK_NAME
@@ -134,10 +135,16 @@ def verify_units(journal) -> list[tuple[str, str]]:
     return bad
 
 
-def mobe_tensors(job, unit, factors, std: float) -> dict[str, torch.Tensor]:
-    """The three stored tensors of one projection (FORMAT.md); the target std is folded into A."""
+def factor_tensors(job, unit, factors, std: float) -> dict[str, torch.Tensor]:
+    """The stored tensors of one projection (FORMAT.md); the target std is folded into A (or U and the mean)."""
     prefix = f"model.layers.{unit.layer}.mlp.experts.{unit.proj}."
     scale = float(std) * float(getattr(factors, "scale", 1.0))
+    if isinstance(factors, LowRankFactors):
+        out = {prefix + "lowrank_U": (factors.U.float() * scale).to(job.out_dtype).contiguous(),
+               prefix + "lowrank_V": factors.V.to(job.out_dtype).contiguous()}
+        if factors.mean is not None:
+            out[prefix + "lowrank_mean"] = (factors.mean.float() * scale).to(job.out_dtype).contiguous()
+        return out
     return {
         prefix + "mobe_A": (factors.A.float() * scale).to(job.out_dtype).contiguous(),
         prefix + "mobe_B": factors.B.to(job.out_dtype).contiguous(),
@@ -173,12 +180,8 @@ def _mobe_block(job, journal) -> dict:
             errors.setdefault(layer, {})[proj] = u["info"]["rel_error"]
     return {
         "format_version": FORMAT_VERSION,
-        "method": "mobe",
-        "solver": job.opts.solver,
-        "num_bases": job.spec.num_bases,
-        "rank": job.spec.rank,
-        "groups": job.spec.groups,
-        "activation": job.spec.activation,
+        **job.plan.config(),
+        "solver": job.opts.solver if job.plan.method == "mobe" else None,
         "projections": list(PROJECTIONS),
         "layers": job.layers,
         "layout": job.family.layout,
@@ -190,11 +193,10 @@ def _mobe_block(job, journal) -> dict:
 
 
 def summarize(job, journal) -> dict:
-    fam, spec = job.family, job.spec
+    fam = job.family
     E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
-    mg = spec.num_bases // spec.groups
     before_layer = 3 * E * p * d
-    after_layer = E * p * d + 2 * (E * p * spec.rank + spec.num_bases * spec.rank * d + E * mg)
+    after_layer = E * p * d + 2 * job.plan.params(E, p, d)
     rows = []
     for layer in job.layers:
         units = {proj: journal.units.get(f"layer.{layer}.{proj}", {}).get("info", {}) for proj in PROJECTIONS}
@@ -213,8 +215,9 @@ def summarize(job, journal) -> dict:
     return {
         "source": str(job.src),
         "output": str(job.out),
-        "num_bases": spec.num_bases,
-        "rank": spec.rank,
+        "method": job.plan.method,
+        "num_bases": job.plan.num_bases,
+        "rank": job.plan.rank,
         "layers": rows,
         "expert_params_before": before_layer * n_moe,
         "expert_params_after": before_layer * n_moe - saved,

@@ -13,11 +13,9 @@ from ..factorize import working_set_bytes
 
 def projected_output_bytes(job, units) -> int:
     """Bytes the remaining units will write: copied tensors as stored + MoBE factors in the output dtype."""
-    fam, spec, reader = job.family, job.spec, job.reader
-    item = job.out_dtype.itemsize
+    fam, reader = job.family, job.reader
     E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
-    mg = spec.num_bases // spec.groups
-    per_proj = (E * p * spec.rank + spec.num_bases * spec.rank * d) * item + E * mg * 4
+    per_proj = job.plan.params(E, p, d) * 4  # an upper bound: α is fp32, the rest the output dtype
     total = 0
     for u in units:
         if u.kind == "copy":

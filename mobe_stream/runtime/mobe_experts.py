@@ -107,4 +107,33 @@ class MobeExperts(OriginalExperts):
         return F.linear(F.silu(g) * u, self.down(e))
 
 
-__all__ = ["MixedBasisCache", "MobeExperts", "mix_bases", "swiglu"]
+class LowRankExperts(OriginalExperts):
+    """Baseline checkpoints (`--method svd|delta`): gate/up = [W̄_g(e) +] U_e V_e, applied factored."""
+
+    def __init__(self, w: dict[str, torch.Tensor], p: int):
+        super().__init__(w, p)
+        self.U = {pr: w[f"mlp.experts.{pr}.lowrank_U"] for pr in PROJS}
+        self.V = {pr: w[f"mlp.experts.{pr}.lowrank_V"] for pr in PROJS}
+        self.mean = {pr: w.get(f"mlp.experts.{pr}.lowrank_mean") for pr in PROJS}
+        E = self.U["gate_proj"].shape[0]
+        G = 1 if self.mean["gate_proj"] is None else self.mean["gate_proj"].shape[0]
+        self.per_group = E // G
+
+    def _proj(self, pr: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(F.linear(x, self.V[pr][e]), self.U[pr][e])
+        if self.mean[pr] is not None:
+            y = y + F.linear(x, self.mean[pr][e // self.per_group])
+        return y
+
+    def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for pr in PROJS:
+            W = self.U[pr][e] @ self.V[pr][e]
+            out.append(W if self.mean[pr] is None else W + self.mean[pr][e // self.per_group])
+        return out[0], out[1]
+
+    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(self._proj("gate_proj", e, x)) * self._proj("up_proj", e, x), self.down(e))
+
+
+__all__ = ["LowRankExperts", "MixedBasisCache", "MobeExperts", "mix_bases", "swiglu"]

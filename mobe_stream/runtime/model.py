@@ -20,7 +20,7 @@ from .attention_mla import mla_attention
 from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
 from .device_map import Device, parse_size, plan_device_map
-from .mobe_experts import MixedBasisCache, MobeExperts
+from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
 from .offload import WeightStore
 from .ops import rms_norm, swiglu
@@ -105,6 +105,8 @@ class MoEModel:
             weights, idx = route_softmax(x2, w["mlp.gate.weight"], cfg)
         if "mlp.experts.gate_proj.mobe_A" in w:
             bank = MobeExperts(w, cfg.moe_intermediate_size, i, self.mobe_act, self.mobe_cache, self.materialize_all)
+        elif "mlp.experts.gate_proj.lowrank_U" in w:
+            bank = LowRankExperts(w, cfg.moe_intermediate_size)
         else:
             bank = OriginalExperts(w, cfg.moe_intermediate_size)
         out = run_experts(x2, weights, idx, bank)
