@@ -39,6 +39,7 @@ def compress(
     activation: str = typer.Option("silu", help="silu or tanh."),
     groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
     solver: str = typer.Option("adam", help="adam (paper) or als (closed-form A, faster)."),
+    init: str = typer.Option("paper", help="paper (grouped SVD, one-hot logits) or fitted (same bases, least-squares A: closer start)."),
     steps: int = typer.Option(1000, help="Optimisation steps per projection (one step = pass over all experts)."),
     lr: float = typer.Option(0.07, help="Adam learning rate."),
     tol: Optional[float] = typer.Option(None, help="Stop a projection early when the loss stops improving by this relative amount."),
@@ -60,7 +61,7 @@ def compress(
     from .pipeline.options import CompressOptions
 
     opts = CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, activation=activation, groups=groups,
-                           solver=solver, steps=steps, lr=lr, tol=tol, layers=layers, device=device, seed=seed,
+                           solver=solver, init=init, steps=steps, lr=lr, tol=tol, layers=layers, device=device, seed=seed,
                            dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force)
     reporter = _reporter(quiet, log_json)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mobe_stream.factorize import (AdamSolver, AlternatingSolver, MoBEFactors, MoBESpec, choose_bases_rank,
-                                   expert_cut, init_grouped_svd, param_fraction, prepare_targets, relative_error,
+                                   expert_cut, init_fitted, init_grouped_svd, mixed_bases, param_fraction, prepare_targets, relative_error,
                                    solve_A, working_set_bytes)
 
 SOLVERS = [AdamSolver, AlternatingSolver]
@@ -87,25 +87,40 @@ def test_max_device_bytes_chooses_batches():
     assert 1 <= s.batch < 16
 
 
-@pytest.mark.parametrize("cls", SOLVERS)
-def test_stop_save_load_continue_is_bit_identical(cls):
+@pytest.mark.parametrize("cls,init", [(AdamSolver, "paper"), (AlternatingSolver, "paper"), (AdamSolver, "fitted")])
+def test_stop_save_load_continue_is_bit_identical(cls, init):
     W, _ = prepare_targets(_experts())
     spec = MoBESpec(4, 16)
-    ref = cls(W, spec, expert_batch=5)
+    ref = cls(W, spec, expert_batch=5, init=init)
     ref.run(30)
-    first = cls(W, spec, expert_batch=5)
+    first = cls(W, spec, expert_batch=5, init=init)
     first.run(30, should_stop=lambda: first.step_count >= 11)
     assert first.step_count == 11
     tensors, meta = first.state_dict()
     import json
 
     meta = json.loads(json.dumps(meta))  # what the checkpoint file stores
-    second = cls(W, spec, expert_batch=5)
+    second = cls(W, spec, expert_batch=5, init=init)
     second.load_state_dict({k: v.clone() for k, v in tensors.items()}, meta)
     second.run(30 - second.step_count)
     fa, fb = ref.best_factors(), second.best_factors()
     assert torch.equal(fa.A, fb.A) and torch.equal(fa.B, fb.B) and torch.equal(fa.alpha, fb.alpha)
     assert ref.best_loss == second.best_loss
+
+
+@pytest.mark.parametrize("act", ["silu", "tanh"])
+def test_fitted_init_is_closer_and_its_A_is_least_squares(act):
+    W, _ = prepare_targets(_experts())
+    spec = MoBESpec(4, 16, act)
+    paper, fitted = init_grouped_svd(W, spec), init_fitted(W, spec)
+    assert torch.equal(fitted.B, paper.B / (0.5 if act == "silu" else 1.0))
+    assert relative_error(W, fitted) < 0.8 * relative_error(W, paper)
+    A = fitted.A.clone().requires_grad_(True)
+    M = mixed_bases(fitted.alpha, fitted.B, range(16), 16, act)
+    ((W - A @ M) ** 2).sum().backward()
+    assert A.grad.abs().max() < 1e-3 * (W.abs().max() * M.abs().max() * W.shape[-1])
+    with pytest.raises(ValueError, match="unknown init"):
+        AdamSolver(W, spec, init="random")
 
 
 def test_tol_stops_early():

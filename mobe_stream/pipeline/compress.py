@@ -16,7 +16,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import parse_size
 from ..errors import ConfigError, MobeError
 from ..verify import check_source
-from ..factorize import METHODS, MethodPlan, MoBESpec, choose_bases_rank, fit_baseline, plan_method, prepare_targets, relative_error
+from ..factorize import INITS, METHODS, MethodPlan, MoBESpec, choose_bases_rank, fit_baseline, plan_method, prepare_targets, relative_error
 from . import outputs, preflight
 from .events import Reporter
 from .journal import Journal
@@ -105,6 +105,8 @@ def _make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRea
         if opts.steps < 0 or opts.lr <= 0:
             raise ValueError("--steps must be >= 0 and --lr > 0")
         spec = MoBESpec(num_bases=m, rank=r, activation=opts.activation, groups=opts.groups)
+        if opts.init not in INITS:
+            raise ValueError(f"unknown --init {opts.init!r}; choose one of: {', '.join(INITS)}")
         if opts.method not in METHODS:
             raise ValueError(f"unknown --method {opts.method!r}; choose one of: {', '.join(METHODS)}")
         plan = plan_method(opts.method, E, p, d, spec)

@@ -42,7 +42,7 @@ class ProjectionFit:
     def _new_solver(self):
         o = self.job.opts
         return make_solver(o.solver, self.W, self.job.spec, lr=o.lr, device=self.device, max_device_bytes=self.max_dev,
-                           seed=o.seed, tol=o.tol, expert_batch=self.batch)
+                           seed=o.seed, tol=o.tol, expert_batch=self.batch, init=o.init)
 
     def _event(self, kind: str, /, **fields) -> None:
         self.job.reporter.event(kind, unit=self.unit.key, **fields)

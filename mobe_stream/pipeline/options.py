@@ -19,6 +19,7 @@ class CompressOptions:
     activation: str = "silu"
     groups: int = 1
     solver: str = "adam"
+    init: str = "paper"
     steps: int = 1000
     lr: float = 0.07
     tol: float | None = None
@@ -50,6 +51,7 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
     return {
         "method": opts.method,
         "solver": opts.solver,
+        "init": opts.init,
         "num_bases": num_bases,
         "rank": rank,
         "activation": opts.activation,
