@@ -119,5 +119,10 @@ def test_cli_method_on_fp8_deepseek(tmp_path):
     assert json.loads((out / "config.json").read_text())["mobe"]["method"] == "delta"
     proc = run_cli("generate", str(out), "--prompt", "hello", "--max-new-tokens", "3")
     assert proc.returncode == 0, proc.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 8)
+    proc = run_cli("eval", str(out), "--text", str(text), "--ctx", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["perplexity"] > 1
     bad = run_cli("compress", str(src), "--out", str(tmp_path / "x"), "--method", "pca")
     assert bad.returncode == 2 and "unknown --method 'pca'" in bad.stderr

@@ -47,7 +47,8 @@ def trajectory(name: str, W: torch.Tensor, spec: MoBESpec, max_steps: int, max_s
                lr: float) -> tuple[list[tuple[float, int, float]], object]:
     """(seconds, step, relative error of the best iterate) after every step, until both budgets are
     spent. The error comes from best_loss (targets are z-scored, so rel = sqrt(best / mean W²))."""
-    s = SOLVERS[name](W, spec, lr=lr, device=device)
+    solver, _, init = name.partition(":")
+    s = SOLVERS[solver](W, spec, lr=lr, device=device, init=init or "paper")
     ms = float((W.double() ** 2).mean())
     out = []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -83,7 +84,7 @@ def main() -> None:
     ap.add_argument("--activation", default="silu")
     ap.add_argument("--steps", default="100,500,2000")
     ap.add_argument("--seconds", default="10,30,60")
-    ap.add_argument("--solvers", default=",".join(SOLVERS))
+    ap.add_argument("--solvers", default="adam,adam:fitted,als", help="solver[:init] list; init paper (default) or fitted")
     ap.add_argument("--methods", default="svd,molae,delta", help="closed-form baselines at the same budget ('' for none)")
     ap.add_argument("--lr", type=float, default=0.07)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
