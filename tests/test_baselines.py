@@ -126,3 +126,14 @@ def test_cli_method_on_fp8_deepseek(tmp_path):
     assert json.loads(proc.stdout)["perplexity"] > 1
     bad = run_cli("compress", str(src), "--out", str(tmp_path / "x"), "--method", "pca")
     assert bad.returncode == 2 and "unknown --method 'pca'" in bad.stderr
+
+
+def test_resume_refuses_another_method_and_finishes_the_same_one(tmp_path):
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    out = tmp_path / "out"
+    opts = dict(num_bases=4, rank=16, checkpoint_every=1e9)
+    compress(src, out, CompressOptions(method="svd", **opts))
+    with pytest.raises(Exception, match="method"):
+        compress(src, out, CompressOptions(method="delta", resume=True, **opts))
+    summary = compress(src, out, CompressOptions(method="svd", resume=True, **opts))
+    assert summary["method"] == "svd" and verify(out) == []
