@@ -39,7 +39,7 @@ def compress(
     activation: str = typer.Option("silu", help="silu or tanh."),
     groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
     solver: str = typer.Option("adam", help="adam (paper) or als (closed-form A, faster)."),
-    init: str = typer.Option("paper", help="paper (grouped SVD, one-hot logits) or fitted (same bases, least-squares A: lower error early, paper ends lower on long runs)."),
+    init: str = typer.Option("clustered", help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous expert-id runs, as published), or fitted (paper bases, least-squares A)."),
     steps: int = typer.Option(1000, help="Optimisation steps per projection (one step = pass over all experts)."),
     lr: float = typer.Option(0.07, help="Adam learning rate."),
     tol: Optional[float] = typer.Option(None, help="Stop a projection early when the loss stops improving by this relative amount."),

@@ -87,7 +87,8 @@ def test_max_device_bytes_chooses_batches():
     assert 1 <= s.batch < 16
 
 
-@pytest.mark.parametrize("cls,init", [(AdamSolver, "paper"), (AlternatingSolver, "paper"), (AdamSolver, "fitted")])
+@pytest.mark.parametrize("cls,init", [(AdamSolver, "paper"), (AlternatingSolver, "paper"), (AdamSolver, "fitted"),
+                                      (AlternatingSolver, "clustered")])
 def test_stop_save_load_continue_is_bit_identical(cls, init):
     W, _ = prepare_targets(_experts())
     spec = MoBESpec(4, 16)

@@ -21,8 +21,9 @@ from mobe_stream.factorize import (MoBESpec, expert_cut, fit_baseline, plan_meth
 from mobe_stream.pipeline.solvers import SOLVERS  # noqa: E402
 
 
-def synthetic(E: int, p: int, d: int, clusters: int = 8, seed: int = 0) -> torch.Tensor:
-    """W_e = C_cluster + low-rank + noise, scaled like trained weights."""
+def synthetic(E: int, p: int, d: int, clusters: int = 8, seed: int = 0, shuffle: bool = False) -> torch.Tensor:
+    """W_e = C_cluster + low-rank + noise, scaled like trained weights. Clusters are contiguous runs of
+    expert ids unless `shuffle` (a trained checkpoint's expert numbering carries no similarity)."""
     g = torch.Generator().manual_seed(seed)
     C = torch.randn(clusters, p, d, generator=g) * 0.015
     k = max(1, p // 8)
@@ -30,6 +31,8 @@ def synthetic(E: int, p: int, d: int, clusters: int = 8, seed: int = 0) -> torch
     for e in range(E):
         low = torch.randn(p, k, generator=g) @ torch.randn(k, d, generator=g) * (0.012 / k**0.5)
         out[e] = C[e * clusters // E] + low + torch.randn(p, d, generator=g) * 0.003
+    if shuffle:
+        out = out[torch.randperm(E, generator=torch.Generator().manual_seed(seed + 1))].contiguous()
     return out
 
 
@@ -84,23 +87,28 @@ def main() -> None:
     ap.add_argument("--activation", default="silu")
     ap.add_argument("--steps", default="100,500,2000")
     ap.add_argument("--seconds", default="10,30,60")
-    ap.add_argument("--solvers", default="adam,adam:fitted,als", help="solver[:init] list; init paper (default) or fitted")
+    ap.add_argument("--solvers", default="adam,adam:clustered,als:clustered",
+                    help="solver[:init] list; init paper (default), clustered or fitted")
     ap.add_argument("--methods", default="svd,molae,delta", help="closed-form baselines at the same budget ('' for none)")
     ap.add_argument("--lr", type=float, default=0.07)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--order", choices=("shuffled", "contiguous"), default="shuffled",
+                    help="synthetic experts: similar experts at random ids (as in trained models) or in contiguous runs")
     ap.add_argument("--checkpoint", default=None, help="use a layer of this checkpoint instead of synthetic experts")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--proj", default="gate_proj")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    W = from_checkpoint(args.checkpoint, args.layer, args.proj) if args.checkpoint else synthetic(args.experts, args.p, args.d)
+    W = from_checkpoint(args.checkpoint, args.layer, args.proj) if args.checkpoint else synthetic(args.experts, args.p, args.d,
+                                                                                        shuffle=args.order == "shuffled")
     E, p, d = W.shape
     W, _ = prepare_targets(W)
     r = args.rank or p
     spec = MoBESpec(args.num_bases, r, args.activation)
     steps = [int(x) for x in args.steps.split(",")]
     secs = [float(x) for x in args.seconds.split(",")]
-    print(f"experts {E} x {p}x{d}, m={args.num_bases}, r={r}, {args.activation}, device {args.device}, "
+    order = "" if args.checkpoint else f", {args.order} synthetic clusters"
+    print(f"experts {E} x {p}x{d}{order}, m={args.num_bases}, r={r}, {args.activation}, device {args.device}, "
           f"expert-parameter cut {100 * expert_cut(E, p, d, args.num_bases, r):.1f}%, threads {torch.get_num_threads()}")
     budget = plan_method("mobe", E, p, d, spec).params(E, p, d)
     for method in filter(None, args.methods.split(",")):

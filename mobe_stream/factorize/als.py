@@ -21,10 +21,13 @@ def solve_A(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     lam = RIDGE * G.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
     G = G + lam[:, None, None] * torch.eye(r, dtype=G.dtype, device=G.device)
     rhs = torch.bmm(M, W.transpose(1, 2))  # [k, r, p]
-    # LU with pivoting instead of Cholesky + an info check: the check would be a host sync per
-    # batch on CUDA, and LU copes with the (ridge-shifted) near-singular Gram of padded bases.
-    X, _ = torch.linalg.solve_ex(G, rhs)
-    return X.transpose(1, 2)
+    # Cholesky: the ridge makes G positive definite and it is ~1.7x faster than LU for small
+    # batched systems on CPU. Reading `info` would be a host sync on CUDA, so there a failed
+    # factorisation shows up as NaN (the fit rolls back on NaN); on CPU it falls back to LU.
+    L, info = torch.linalg.cholesky_ex(G)
+    if G.device.type == "cpu" and bool(info.any()):
+        return torch.linalg.solve_ex(G, rhs)[0].transpose(1, 2)
+    return torch.cholesky_solve(rhs, L).transpose(1, 2)
 
 
 class AlternatingSolver(Solver):

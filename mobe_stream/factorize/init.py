@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import torch
 
+from .cluster import balanced_clusters, similarity
 from .model import MoBEFactors, MoBESpec, mixed_bases
 
-INITS = ("paper", "fitted")
+INITS = ("paper", "clustered", "fitted")
 SLOPE_AT_ZERO = {"silu": 0.5, "tanh": 1.0, "identity": 1.0}
 
 
-def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "cpu") -> MoBEFactors:
+def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "cpu",
+                     cluster: bool = False) -> MoBEFactors:
+    """Each basis from the SVD of one sub-group of experts: contiguous index runs (the paper), or
+    with `cluster` balanced sets of similar experts (cluster.py), same sizes either way."""
     E, p, d = W.shape
     G, mg, r = spec.groups, spec.bases_per_group, spec.rank
     if E % G:
@@ -35,7 +39,11 @@ def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device
     alpha = torch.zeros((E, mg), dtype=torch.float32)
     for g in range(G):
         experts = torch.arange(g * per_group, (g + 1) * per_group)
-        for i, sub in enumerate(torch.tensor_split(experts, mg)):
+        subs = torch.tensor_split(experts, mg)
+        if cluster and mg > 1:
+            sim = similarity(W[experts[0]:experts[-1] + 1], device)
+            subs = [experts[c] for c in balanced_clusters(sim, [len(s) for s in subs])]
+        for i, sub in enumerate(subs):
             stacked = W[sub].to(device, torch.float32).reshape(-1, d)  # [k*p, d]
             U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
             k = min(r, S.numel())
@@ -66,6 +74,8 @@ def init_fitted(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "c
 def initial_factors(W: torch.Tensor, spec: MoBESpec, method: str = "paper", device: str | torch.device = "cpu") -> MoBEFactors:
     if method == "paper":
         return init_grouped_svd(W, spec, device)
+    if method == "clustered":
+        return init_grouped_svd(W, spec, device, cluster=True)
     if method == "fitted":
         return init_fitted(W, spec, device)
     raise ValueError(f"unknown init {method!r}; use one of {', '.join(INITS)}")

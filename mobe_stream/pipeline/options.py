@@ -19,7 +19,7 @@ class CompressOptions:
     activation: str = "silu"
     groups: int = 1
     solver: str = "adam"
-    init: str = "paper"
+    init: str = "clustered"
     steps: int = 1000
     lr: float = 0.07
     tol: float | None = None
