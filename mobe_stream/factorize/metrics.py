@@ -71,5 +71,6 @@ def working_set_bytes(E: int, p: int, d: int, m: int, r: int, groups: int = 1, d
     A = 4 * E * p * r
     shared = 5 * 4 * m * r * d
     state = W + 5 * A + shared  # targets, A (+2 moments, best, scratch), bases state
-    host = state + (CPU_BATCH_BYTES if device == "cpu" else 0)
+    sketch = 4 * E * min(64, p) * d  # clustered init's row sketches (cluster.py), freed before the fit
+    host = max(state + (CPU_BATCH_BYTES if device == "cpu" else 0), W + A + sketch)
     return {"host": int(host), "device": int(state)}  # device: all resident; less is streamed in batches
