@@ -15,6 +15,7 @@ from ..checkpoint.families import get_family
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import parse_size
 from ..errors import ConfigError, MobeError
+from ..memory import pin_mmap_threshold
 from ..verify import check_source
 from ..factorize import INITS, METHODS, MethodPlan, MoBESpec, choose_bases_rank, fit_baseline, plan_method, prepare_targets, relative_error
 from . import outputs, preflight
@@ -56,6 +57,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
     reporter = reporter or Reporter()
     src, out = Path(src).resolve(), Path(out).resolve()
     outputs.check_not_overlapping(src, out)
+    pin_mmap_threshold()  # layer-sized buffers never fragment the heap: peak RSS stays flat with depth
     reader = CheckpointReader(src)
     try:
         job = _make_job(src, out, opts, reader, reporter)

@@ -17,6 +17,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..checkpoint.writer import parse_size, write_index_and_manifest
 from ..errors import ConfigError
+from ..memory import pin_mmap_threshold
 from ..factorize import MethodPlan, factors_from_tensors
 from . import outputs
 from .events import Reporter
@@ -52,6 +53,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Repo
     reporter = reporter or Reporter()
     src, out = Path(src).resolve(), Path(out).resolve()
     outputs.check_not_overlapping(src, out)
+    pin_mmap_threshold()
     reader = CheckpointReader(src)
     try:
         cfg = reader.config
