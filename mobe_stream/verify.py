@@ -16,7 +16,7 @@ from .checkpoint.families import get_family
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.writer import verify_manifest
 from .errors import CheckpointError, MobeError
-from .factorize import METHODS, MethodPlan
+from .factorize import FACTOR_SUFFIXES, METHODS, MethodPlan
 
 PROJ = ("gate_proj", "up_proj")
 
@@ -113,6 +113,6 @@ def check_source(reader: CheckpointReader, fam) -> None:
 def _check_finite(reader: CheckpointReader) -> list[str]:
     bad = []
     for name in reader.names():
-        if (".mobe_" in name or ".lowrank_" in name) and not torch.isfinite(reader.get(name, torch.float32)).all():
+        if name.rsplit(".", 1)[-1] in FACTOR_SUFFIXES and not torch.isfinite(reader.get(name, torch.float32)).all():
             bad.append(f"{reader.model_dir}: tensor {name} contains NaN or Inf")
     return bad

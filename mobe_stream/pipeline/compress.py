@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -167,8 +168,6 @@ def _run_factorize(job: Job, journal: Journal, unit: Unit) -> None:
 
 def _run_baseline(job: Job, journal: Journal, unit: Unit, W_scaled: torch.Tensor, std: float) -> None:
     """Closed-form baselines (svd, delta, molae): no solver state; the unit is the resume granule."""
-    import time
-
     t0 = time.monotonic()
     job.reporter.event("unit_start", unit=unit.key, kind="factorize", steps=0, start_step=0)
     factors = fit_baseline(W_scaled, job.plan, job.opts.resolved_device())

@@ -18,14 +18,14 @@ from ..checkpoint.safetensors_io import atomic_write_json
 from ..checkpoint.writer import parse_size, write_index_and_manifest
 from ..errors import ConfigError
 from ..memory import pin_mmap_threshold
-from ..factorize import MethodPlan, factors_from_tensors
+from ..factorize import FACTOR_SUFFIXES, MethodPlan, factors_from_tensors
 from . import outputs
 from .events import Reporter
 from .lock import OutputLock
 from .plan import PROJECTIONS, layer_of
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
-MOBE_SUFFIXES = (".mobe_A", ".mobe_B", ".mobe_alpha", ".lowrank_U", ".lowrank_V", ".lowrank_mean")
+MOBE_SUFFIXES = tuple("." + s for s in FACTOR_SUFFIXES)
 
 
 @dataclass
