@@ -90,6 +90,7 @@ def test_baseline_checkpoint_verifies_exports_and_generates(tmp_path, method):
                                                  checkpoint_every=1e9))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mobe"]["method"] == method == summary["method"]
+    assert cfg["mobe"]["solver"] is None and cfg["mobe"]["init"] is None
     assert verify(out) == []
     plan = MethodPlan.from_config(cfg["mobe"])
     layer = cfg["mobe"]["layers"][0]

@@ -85,6 +85,7 @@ def test_reconstruction_matches_reported_error(tmp_path):
     compress(src, out, CompressOptions(**{**FAST, "dtype": "fp32"}))
     cfg = json.loads((out / "config.json").read_text())
     layer = cfg["mobe"]["layers"][0]
+    assert cfg["mobe"]["method"] == "mobe" and cfg["mobe"]["init"] == "clustered" and cfg["mobe"]["solver"] == "adam"
     with CheckpointReader(src) as rs, CheckpointReader(out) as ro:
         from mobe_stream.checkpoint.families import get_family
 

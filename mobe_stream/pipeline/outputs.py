@@ -182,6 +182,7 @@ def _mobe_block(job, journal) -> dict:
         "format_version": FORMAT_VERSION,
         **job.plan.config(),
         "solver": job.opts.solver if job.plan.method == "mobe" else None,
+        "init": job.opts.init if job.plan.method == "mobe" else None,
         "projections": list(PROJECTIONS),
         "layers": job.layers,
         "layout": job.family.layout,
