@@ -83,13 +83,15 @@ def inspect_cmd(
     reduction: Optional[float] = typer.Option(None, help="Target cut of expert parameters (default 0.25)."),
     groups: int = typer.Option(1),
     dtype: str = typer.Option("bf16", help="Output dtype to project sizes for."),
+    method: str = typer.Option("mobe", help="mobe, or a baseline at the same budget: svd, molae, delta."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Family, layers, dims, dtypes, parameter counts, and what compress will produce and need."""
     from .model_info import describe
 
     try:
-        info = describe(model, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups, dtype=dtype)
+        info = describe(model, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups, dtype=dtype,
+                        method=method)
     except ValueError as e:
         raise MobeError(str(e)) from None
     if as_json:
@@ -108,7 +110,7 @@ def inspect_cmd(
     t.add_row("size on disk", _gb(info["size_bytes"]))
     pr = info.get("projection")
     if pr:
-        t.add_row("MoBE setting", f"m={pr['num_bases']} bases, r={pr['rank']}, groups={pr['groups']}, {pr['dtype']}")
+        t.add_row("setting", f"{pr['method']}: m={pr['num_bases']} bases, r={pr['rank']}, groups={pr['groups']}, {pr['dtype']}")
         t.add_row("parameters after", f"{pr['params_after']:,} (-{100 * pr['reduction_total']:.1f}% model, "
                                       f"-{100 * pr['reduction_experts']:.1f}% experts)")
         t.add_row("output size", _gb(pr["output_bytes"]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .checkpoint.families import get_family
 from .checkpoint.reader import CheckpointReader
-from .factorize import choose_bases_rank, working_set_bytes
+from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
 
 _OUT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -20,7 +20,7 @@ def _numel(shape) -> int:
 
 
 def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | None = None,
-             reduction: float | None = None, groups: int = 1, dtype: str = "bf16") -> dict:
+             reduction: float | None = None, groups: int = 1, dtype: str = "bf16", method: str = "mobe") -> dict:
     with CheckpointReader(model_dir) as reader:
         fam = get_family(reader.config, reader)
         E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
@@ -58,18 +58,20 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
         if moe:
             m, r = (num_bases, rank) if num_bases and rank else choose_bases_rank(
                 E, p, d, reduction if reduction is not None else 0.25, groups=groups, rank=rank, num_bases=num_bases)
-            mg = m // groups
+            plan = plan_method(method, E, p, d, MoBESpec(m, r, "silu", groups))
             before = 2 * E * p * d  # gate + up per layer
-            after = 2 * (E * p * r + m * r * d + E * mg)
+            after = 2 * plan.params(E, p, d)
             saved = (before - after) * len(moe)
             ob = _OUT_BYTES.get(dtype, 2)
             # gate/up bytes as stored now vs as MoBE tensors in the output dtype
             gate_up_names = {n for layer in moe for proj in ("gate_proj", "up_proj") for n in fam.expert_tensor_names(layer, proj)}
             stored_gate_up = sum(reader.info(n).nbytes for n in gate_up_names)
-            mobe_bytes = len(moe) * (2 * (E * p * r + m * r * d) * ob + 2 * E * mg * 4)
+            mobe_bytes = len(moe) * 2 * sum(_numel(shape) * (4 if suffix == "mobe_alpha" else ob)
+                                            for suffix, shape in plan.shapes(E, p, d).items())
             ws = working_set_bytes(E, p, d, m, r, groups)
             out["projection"] = {
-                "num_bases": m, "rank": r, "groups": groups, "dtype": dtype,
+                "method": plan.method, "num_bases": plan.num_bases, "rank": plan.rank, "groups": plan.groups,
+                "dtype": dtype,
                 "params_after": total - saved,
                 "expert_params_after": expert - saved,
                 "reduction_total": saved / max(1, total),

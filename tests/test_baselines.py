@@ -17,6 +17,7 @@ from mobe_stream.pipeline.export import ExportOptions, export
 from mobe_stream.pipeline.options import CompressOptions
 from mobe_stream.runtime.model import load_model
 from mobe_stream.synth import make_tiny_moe
+from mobe_stream.model_info import describe
 from mobe_stream.verify import verify
 
 from .helpers import run_cli
@@ -91,6 +92,9 @@ def test_baseline_checkpoint_verifies_exports_and_generates(tmp_path, method):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mobe"]["method"] == method == summary["method"]
     assert cfg["mobe"]["solver"] is None and cfg["mobe"]["init"] is None
+    projected = describe(src, num_bases=4, rank=16, groups=2, dtype="fp32", method=method)["projection"]
+    assert (projected["method"], projected["rank"]) == (method, cfg["mobe"]["rank"])
+    assert projected["expert_params_after"] == summary["expert_params_after"]
     assert verify(out) == []
     plan = MethodPlan.from_config(cfg["mobe"])
     layer = cfg["mobe"]["layers"][0]
