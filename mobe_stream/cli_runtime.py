@@ -50,8 +50,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
     ):
         """Generate text, streaming tokens to stdout; speed and peak memory to stderr."""
-        from .runtime.generate import generate as run
+        from .runtime.generate import check_sampling, generate as run
 
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         m, tok = _load(model, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
         try:
             r = run(m, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, stream=None if json_out else sys.stdout)
@@ -80,8 +81,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
     ):
         """Perplexity of MODEL on a text file."""
-        from .errors import CheckpointError
+        from .errors import CheckpointError, ConfigError
         from .runtime.eval import perplexity
+
+        if ctx < 2:
+            raise ConfigError(f"--ctx: must be at least 2 tokens, got {ctx}")
 
         try:
             body = text.read_text(encoding="utf-8")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint.families import get_family
+from .checkpoint.families import PROJS as EXPERT_PROJS, get_family
+from .checkpoint.mobe_format import ALPHA, PROJECTIONS
 from .checkpoint.reader import CheckpointReader
+from .pipeline.options import CompressOptions
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
 
 _OUT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -21,11 +23,14 @@ def _numel(shape) -> int:
 
 def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | None = None,
              reduction: float | None = None, groups: int = 1, dtype: str = "bf16", method: str = "mobe") -> dict:
+    # the same option checks as compress (one place): a bad value is exit 2 before any header is read
+    CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups,
+                    dtype=dtype).validate()
     with CheckpointReader(model_dir) as reader:
         fam = get_family(reader.config, reader)
         E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
         moe = fam.moe_layers()
-        expert_names = {n for layer in moe for proj in ("gate_proj", "up_proj", "down_proj")
+        expert_names = {n for layer in moe for proj in EXPERT_PROJS
                         for n in fam.expert_tensor_names(layer, proj)}
         dtypes: Counter = Counter()
         total = expert = size = 0
@@ -56,17 +61,16 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             "size_bytes": size,
         }
         if moe:
-            m, r = (num_bases, rank) if num_bases and rank else choose_bases_rank(
-                E, p, d, reduction if reduction is not None else 0.25, groups=groups, rank=rank, num_bases=num_bases)
+            m, r = choose_bases_rank(E, p, d, reduction, groups=groups, rank=rank, num_bases=num_bases)
             plan = plan_method(method, E, p, d, MoBESpec(m, r, "silu", groups))
             before = 2 * E * p * d  # gate + up per layer
             after = 2 * plan.params(E, p, d)
             saved = (before - after) * len(moe)
             ob = _OUT_BYTES.get(dtype, 2)
             # gate/up bytes as stored now vs as MoBE tensors in the output dtype
-            gate_up_names = {n for layer in moe for proj in ("gate_proj", "up_proj") for n in fam.expert_tensor_names(layer, proj)}
+            gate_up_names = {n for layer in moe for proj in PROJECTIONS for n in fam.expert_tensor_names(layer, proj)}
             stored_gate_up = sum(reader.info(n).nbytes for n in gate_up_names)
-            mobe_bytes = len(moe) * 2 * sum(_numel(shape) * (4 if suffix == "mobe_alpha" else ob)
+            mobe_bytes = len(moe) * 2 * sum(_numel(shape) * (4 if suffix == ALPHA else ob)
                                             for suffix, shape in plan.shapes(E, p, d).items())
             ws = working_set_bytes(E, p, d, m, r, groups)
             out["projection"] = {

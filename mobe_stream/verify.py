@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.families import get_family
+from .checkpoint import mobe_format
+from .checkpoint.families import PROJS as EXPERT_PROJS, FUSED, fused_name, get_family, per_expert_name
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.writer import verify_manifest
 from .errors import CheckpointError, MobeError
-from .factorize import FACTOR_SUFFIXES, METHODS, MethodPlan
-
-PROJ = ("gate_proj", "up_proj")
+from .factorize import METHODS, MethodPlan
 
 
 def verify(model_dir: str | Path, full: bool = True) -> list[str]:
@@ -65,17 +64,18 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
     mobe = reader.config.get("mobe")
     mobe_layers = set(mobe["layers"]) if mobe else set()
     for layer in fam.moe_layers():
-        _expect(reader, f"model.layers.{layer}.mlp.gate.weight", (E, hid), problems)
-        projs = ("down_proj",) if layer in mobe_layers else ("gate_proj", "up_proj", "down_proj")
-        if fam.layout == "fused":
+        _expect(reader, fam.router_weight_name(layer), (E, hid), problems)
+        pre = fam.experts_prefix(layer)
+        projs = ("down_proj",) if layer in mobe_layers else EXPERT_PROJS
+        if fam.layout == FUSED:
             if "gate_proj" in projs:
-                _expect(reader, f"model.layers.{layer}.mlp.experts.gate_up_proj", (E, 2 * p, hid), problems)
-            _expect(reader, f"model.layers.{layer}.mlp.experts.down_proj", (E, hid, p), problems)
+                _expect(reader, fused_name(pre, "gate_proj"), (E, 2 * p, hid), problems)
+            _expect(reader, fused_name(pre, "down_proj"), (E, hid, p), problems)
         else:
             for proj in projs:
                 shape = (hid, p) if proj == "down_proj" else (p, hid)
                 for e in range(E):
-                    _expect(reader, f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight", shape, problems)
+                    _expect(reader, per_expert_name(pre, e, proj), shape, problems)
     if mobe:
         try:
             plan = MethodPlan.from_config(mobe)
@@ -85,9 +85,9 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
             return problems + [f"{d / 'config.json'}: unknown mobe method {plan.method!r}"]
         shapes = plan.shapes(E, p, hid)
         for layer in mobe["layers"]:
-            for proj in mobe.get("projections", PROJ):
+            for proj in mobe.get("projections", mobe_format.PROJECTIONS):
                 for suffix, shape in shapes.items():
-                    _expect(reader, f"model.layers.{layer}.mlp.experts.{proj}.{suffix}", shape, problems)
+                    _expect(reader, mobe_format.factor_name(fam.experts_prefix(layer), proj, suffix), shape, problems)
     return problems
 
 
@@ -101,7 +101,7 @@ def check_source(reader: CheckpointReader, fam) -> None:
         raise CheckpointError(problems[0].split(": ", 1)[1] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
                               reader.model_dir)
     for layer in fam.moe_layers():
-        for proj in ("gate_proj", "up_proj", "down_proj"):
+        for proj in EXPERT_PROJS:
             for name in fam.expert_tensor_names(layer, proj):
                 dt = reader.info(name).dtype
                 if not name.endswith("_scale_inv") and dt not in SUPPORTED_WEIGHT_DTYPES:
@@ -113,6 +113,6 @@ def check_source(reader: CheckpointReader, fam) -> None:
 def _check_finite(reader: CheckpointReader) -> list[str]:
     bad = []
     for name in reader.names():
-        if name.rsplit(".", 1)[-1] in FACTOR_SUFFIXES and not torch.isfinite(reader.get(name, torch.float32)).all():
+        if mobe_format.is_factor(name) and not torch.isfinite(reader.get(name, torch.float32)).all():
             bad.append(f"{reader.model_dir}: tensor {name} contains NaN or Inf")
     return bad

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mobe_stream.errors import ConfigError, ResourceError
-from mobe_stream.runtime.device_map import parse_max_memory, parse_size, plan_device_map
+from mobe_stream.runtime.device_map import parse_max_memory, plan_device_map
+from mobe_stream.sizes import parse_size
 from mobe_stream.runtime.model import load_model
 from mobe_stream.synth import make_tiny_moe
 

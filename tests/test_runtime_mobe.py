@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mobe_stream.runtime.mobe_experts import ACTS
+from mobe_stream.factorize.model import ACTIVATIONS as ACTS
 from mobe_stream.runtime.model import load_model
 from mobe_stream.synth import make_tiny_moe
 

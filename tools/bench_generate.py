@@ -107,18 +107,17 @@ def _hf_max_memory(s: str) -> dict:
 
 def bench_mixing(E: int = 64, m: int = 8, r: int = 128, d: int = 512, top_k: int = 8, reps: int = 3) -> dict:
     """Cost of building mixed bases for one projection of one layer: routed experts vs all E."""
-    from mobe_stream.runtime.mobe_experts import mix_bases
+    from mobe_stream.factorize.model import mixed_bases
 
     B = torch.randn(1, m, r, d)
     alpha = torch.randn(E, m)
-    groups = torch.zeros(E, dtype=torch.long)
     out = {}
     for name, n in (("routed_only", top_k), ("materialize_all", E)):
         ids = torch.arange(n)
-        mix_bases(B, alpha, ids, groups, "silu", torch.float32)
+        mixed_bases(alpha[ids], B, ids, E, "silu")
         t0 = time.perf_counter()
         for _ in range(reps):
-            mix_bases(B, alpha, ids, groups, "silu", torch.float32)
+            mixed_bases(alpha[ids], B, ids, E, "silu")
         out[name + "_ms"] = (time.perf_counter() - t0) / reps * 1e3
     out.update(E=E, m=m, r=r, d=d, top_k=top_k, speedup=out["materialize_all_ms"] / out["routed_only_ms"])
     return out

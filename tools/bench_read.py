@@ -30,7 +30,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from mobe_stream.checkpoint.reader import CheckpointReader  # noqa: E402
-from mobe_stream.checkpoint.writer import ShardWriter, parse_size, write_index_and_manifest  # noqa: E402
+from mobe_stream.checkpoint.writer import ShardWriter, write_index_and_manifest  # noqa: E402
+from mobe_stream.sizes import parse_size  # noqa: E402
 
 GB = 10**9
 

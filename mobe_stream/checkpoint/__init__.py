@@ -3,11 +3,11 @@
 from .families import FAMILIES, Family, FamilySpec, get_family
 from .reader import CheckpointReader, TensorInfo
 from .safetensors_io import atomic_write_json, read_header, sha256_file, write_safetensors
-from .writer import ShardRecord, ShardWriter, parse_size, verify_manifest, write_index_and_manifest
+from .writer import ShardRecord, ShardWriter, verify_manifest, write_index_and_manifest
 
 __all__ = [
     "FAMILIES", "Family", "FamilySpec", "get_family",
     "CheckpointReader", "TensorInfo",
     "atomic_write_json", "read_header", "sha256_file", "write_safetensors",
-    "ShardRecord", "ShardWriter", "parse_size", "verify_manifest", "write_index_and_manifest",
+    "ShardRecord", "ShardWriter", "verify_manifest", "write_index_and_manifest",
 ]

@@ -32,8 +32,16 @@ if TYPE_CHECKING:
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 PER_EXPERT, FUSED = "per_expert", "fused"
+EXPERTS_MODULE = "mlp.experts."  # routed experts, relative to a decoder layer's prefix
 _PER_EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 _FUSED_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_proj$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder layer a tensor belongs to (None for embeddings, final norm, lm_head)."""
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _first(config: dict, keys: tuple[str, ...], default=None):
@@ -155,31 +163,35 @@ class Family:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
     def layer_prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}."
+        return f"model.layers.{layer}."  # _LAYER_RE reads it back
 
     def experts_prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.experts."
+        return self.layer_prefix(layer) + EXPERTS_MODULE
 
     def layer_tensor_names(self, reader: "CheckpointReader", layer: int) -> list[str]:
         pre = self.layer_prefix(layer)
         return [n for n in reader.names() if n.startswith(pre)]
 
+    def router_weight_name(self, layer: int) -> str:
+        """The router's [E, d] weight (the first router tensor of the family)."""
+        return f"{self.layer_prefix(layer)}mlp.{self.spec.router_tensors[0]}"
+
     def router_names(self, layer: int) -> list[str]:
         """Router tensors of an MoE layer (those present, when bound to a reader)."""
-        names = [f"model.layers.{layer}.mlp.{t}" for t in self.spec.router_tensors]
+        names = [f"{self.layer_prefix(layer)}mlp.{t}" for t in self.spec.router_tensors]
         return [n for n in names if self.reader is None or n in self.reader]
 
     def shared_expert_prefix(self, layer: int) -> str | None:
         m = self.spec.shared_expert_module
-        return None if m is None else f"model.layers.{layer}.mlp.{m}."
+        return None if m is None else f"{self.layer_prefix(layer)}mlp.{m}."
 
     # -- expert storage
     def _weight_names(self, layer: int, proj: str) -> list[str]:
         _check_proj(proj)
         pre = self.experts_prefix(layer)
         if self.layout == FUSED:
-            return [pre + ("down_proj" if proj == "down_proj" else "gate_up_proj")]
-        return [f"{pre}{e}.{proj}.weight" for e in range(self.num_experts)]
+            return [fused_name(pre, proj)]
+        return [per_expert_name(pre, e, proj) for e in range(self.num_experts)]
 
     def expert_tensor_names(self, layer: int, proj: str) -> list[str]:
         """Stored tensors holding `proj` of all experts of `layer`, with FP8 scale companions.
@@ -201,11 +213,12 @@ class Family:
         if not 0 <= expert < self.num_experts:
             raise CheckpointError(f"layer {layer} has no expert {expert} (num_experts {self.num_experts})",
                                   reader.model_dir)
+        pre = self.experts_prefix(layer)
         if self.layout == PER_EXPERT:
-            return reader.get(f"{self.experts_prefix(layer)}{expert}.{proj}.weight", dtype)
+            return reader.get(per_expert_name(pre, expert, proj), dtype)
         if proj == "down_proj":
-            return reader.get_expert(self.experts_prefix(layer) + "down_proj", expert, dtype)
-        name = self.experts_prefix(layer) + "gate_up_proj"
+            return reader.get_expert(fused_name(pre, proj), expert, dtype)
+        name = fused_name(pre, proj)
         p = self.moe_intermediate_size
         shape = reader.info(name).shape
         if len(shape) != 3 or shape[1] != 2 * p:
@@ -225,6 +238,16 @@ class Family:
         for e in range(1, self.num_experts):
             out[e] = self.expert_weight(reader, layer, e, proj, dtype)
         return out
+
+
+def per_expert_name(experts_prefix: str, expert: int, proj: str) -> str:
+    """Hub per-expert layout: `<prefix>E.<proj>.weight`, [out, in]."""
+    return f"{experts_prefix}{expert}.{proj}.weight"
+
+
+def fused_name(experts_prefix: str, proj: str) -> str:
+    """Fused layout: gate_proj and up_proj share `<prefix>gate_up_proj` [E, 2p, d]; `<prefix>down_proj` [E, d, p]."""
+    return experts_prefix + ("down_proj" if proj == "down_proj" else "gate_up_proj")
 
 
 def _check_proj(proj: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
 
@@ -153,21 +152,3 @@ def verify_manifest(out_dir: str | os.PathLike, full: bool = True) -> list[str]:
     return problems
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(s: str | int) -> int:
-    """accelerate-style sizes: "5GB" = 5*10**9, "20GiB" = 20*2**30, plain numbers are bytes."""
-    if isinstance(s, int) and not isinstance(s, bool):
-        if s <= 0:
-            raise ConfigError(f"size must be positive, got {s}")
-        return s
-    m = _SIZE_RE.match(str(s))
-    if not m:
-        raise ConfigError(f"cannot parse size {s!r} (use e.g. 5GB, 500MB, 20GiB or a number of bytes)")
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()]
-    if value < 1:
-        raise ConfigError(f"size {s!r} must be at least 1 byte")
-    return int(value)

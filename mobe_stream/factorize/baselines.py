@@ -21,8 +21,6 @@ from .init import init_grouped_svd
 from .model import MoBEFactors, MoBESpec
 
 METHODS = ("mobe", "svd", "molae", "delta")
-# every name suffix a compressed projection may store (FORMAT.md), whatever the method
-FACTOR_SUFFIXES = ("mobe_A", "mobe_B", "mobe_alpha", "lowrank_U", "lowrank_V", "lowrank_mean")
 
 
 @dataclass(frozen=True)

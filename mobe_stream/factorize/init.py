@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .cluster import balanced_clusters, similarity
+from .lstsq import solve_A
 from .model import MoBEFactors, MoBESpec, mixed_bases
 
 INITS = ("paper", "clustered", "fitted")
@@ -24,9 +25,10 @@ SLOPE_AT_ZERO = {"silu": 0.5, "tanh": 1.0, "identity": 1.0}
 
 
 def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "cpu",
-                     cluster: bool = False) -> MoBEFactors:
+                     cluster: bool = False, seed: int = 0) -> MoBEFactors:
     """Each basis from the SVD of one sub-group of experts: contiguous index runs (the paper), or
-    with `cluster` balanced sets of similar experts (cluster.py), same sizes either way."""
+    with `cluster` balanced sets of similar experts (cluster.py), same sizes either way. `seed`
+    draws the clustering's random row sketch (the only random choice of any init)."""
     E, p, d = W.shape
     G, mg, r = spec.groups, spec.bases_per_group, spec.rank
     if E % G:
@@ -41,7 +43,7 @@ def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device
         experts = torch.arange(g * per_group, (g + 1) * per_group)
         subs = torch.tensor_split(experts, mg)
         if cluster and mg > 1:
-            sim = similarity(W[experts[0]:experts[-1] + 1], device)
+            sim = similarity(W[experts[0]:experts[-1] + 1], device, seed=seed)
             subs = [experts[c] for c in balanced_clusters(sim, [len(s) for s in subs])]
         for i, sub in enumerate(subs):
             stacked = W[sub].to(device, torch.float32).reshape(-1, d)  # [k*p, d]
@@ -56,8 +58,6 @@ def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device
 def init_fitted(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "cpu", logit: float = 8.0,
                 expert_batch: int = 16) -> MoBEFactors:
     """Grouped-SVD bases through the activation's inverse slope, near one-hot α, least-squares A."""
-    from .als import solve_A
-
     f = init_grouped_svd(W, spec, device)
     B = f.B / SLOPE_AT_ZERO[spec.activation]
     alpha = f.alpha * logit
@@ -71,11 +71,12 @@ def init_fitted(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "c
     return MoBEFactors(A, B, alpha, 1.0, spec.activation)
 
 
-def initial_factors(W: torch.Tensor, spec: MoBESpec, method: str = "paper", device: str | torch.device = "cpu") -> MoBEFactors:
+def initial_factors(W: torch.Tensor, spec: MoBESpec, method: str = "paper", device: str | torch.device = "cpu",
+                    seed: int = 0) -> MoBEFactors:
     if method == "paper":
         return init_grouped_svd(W, spec, device)
     if method == "clustered":
-        return init_grouped_svd(W, spec, device, cluster=True)
+        return init_grouped_svd(W, spec, device, cluster=True, seed=seed)
     if method == "fitted":
         return init_fitted(W, spec, device)
     raise ValueError(f"unknown init {method!r}; use one of {', '.join(INITS)}")

@@ -34,29 +34,52 @@ def expert_cut(E: int, p: int, d: int, m: int, r: int) -> float:
     return 1 - after / before
 
 
-def choose_bases_rank(E: int, p: int, d: int, reduction: float, groups: int = 1, rank: int | None = None,
-                      num_bases: int | None = None) -> tuple[int, int]:
-    """(m, r) that removes at least `reduction` of the expert parameters.
+DEFAULT_REDUCTION = 0.25  # the paper's Qwen3/Kimi-K2 operating point
 
-    Prefers the paper's r = p and the most bases that still meet the target (more bases = lower
-    error); lowers r only when even m = groups cannot meet it.
+
+def choose_bases_rank(E: int, p: int, d: int, reduction: float | None = None, groups: int = 1,
+                      rank: int | None = None, num_bases: int | None = None) -> tuple[int, int]:
+    """(m, r) for a layer of E experts of p x d; the one place the setting is decided.
+
+    - m and r given: taken as they are (checked).
+    - m given, no reduction: r = p, as in the paper (the cut is whatever m gives).
+    - otherwise the target cut (`reduction`, default 0.25) decides: the paper's r = p (or the given
+      r) with the most bases that still meet it (more bases = lower error); r is lowered only when
+      even m = groups cannot meet it.
+    Always terminates: m grows by `groups` (>= 1) up to E; a setting that adds parameters is refused.
     """
-    if not 0 < reduction < 1:
-        raise ValueError(f"reduction must be between 0 and 1, got {reduction}")
+    if groups < 1 or E % groups:
+        raise ValueError(f"--groups {groups} must be >= 1 and divide the number of experts ({E})")
+    for name, value in (("num_bases", num_bases), ("rank", rank)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if num_bases is not None and num_bases % groups:
+        raise ValueError(f"--num-bases {num_bases} must be a multiple of --groups {groups}")
+    if num_bases is not None and num_bases > E:
+        raise ValueError(f"--num-bases {num_bases} is more than the {E} experts per layer")
+    if num_bases is not None and (rank is not None or reduction is None):
+        r = rank if rank is not None else p
+        if expert_cut(E, p, d, num_bases, r) <= 0:
+            raise ValueError(f"{num_bases} bases of rank {r} would not remove any expert parameters "
+                             f"(E={E}, p={p}, d={d}); use fewer bases or a lower --rank")
+        return num_bases, r
+    target = DEFAULT_REDUCTION if reduction is None else reduction
+    if not 0 < target < 1:
+        raise ValueError(f"reduction must be between 0 and 1, got {target}")
     ranks = [rank] if rank else [p] + [x for x in (p * 3 // 4, p // 2, p // 4, p // 8) if x >= 1]
     for r in ranks:
         if num_bases:
-            if num_bases % groups == 0 and expert_cut(E, p, d, num_bases, r) >= reduction - 1e-12:
+            if expert_cut(E, p, d, num_bases, r) >= target - 1e-12:
                 return num_bases, r
             continue
         best = None
         m = groups
-        while m <= E and expert_cut(E, p, d, m, r) >= reduction - 1e-12:
+        while m <= E and expert_cut(E, p, d, m, r) >= target - 1e-12:
             best = m
             m += groups
         if best is not None:
             return best, r
-    raise ValueError(f"cannot cut {reduction:.0%} of expert parameters with "
+    raise ValueError(f"cannot cut {target:.0%} of expert parameters with "
                      f"{'rank ' + str(rank) if rank else 'any rank'}"
                      f"{' and ' + str(num_bases) + ' bases' if num_bases else ''} "
                      f"(E={E}, p={p}, d={d}, groups={groups}); lower --reduction or --rank")

@@ -15,7 +15,7 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 # identity: MoLAE (one basis per group, no activation) shares MoBE's storage and code
-ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "identity": _identity}
+ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": _identity}
 
 
 @dataclass(frozen=True)
@@ -43,26 +43,41 @@ def group_of(num_experts: int, groups: int) -> torch.Tensor:
     return torch.arange(num_experts) // (num_experts // groups)
 
 
+MIX_CHUNK = 1 << 22  # basis elements converted to fp32 at a time when B is stored in a narrower dtype
+
+
+def _mix_group(weights: torch.Tensor, Bg: torch.Tensor) -> torch.Tensor:
+    """weights [k, m_g] (fp32) @ Bg [m_g, n] in fp32; a narrower Bg is widened a column chunk at a
+    time, so mixing a bf16/FP8-sized basis bank never holds an fp32 copy of all of it."""
+    if Bg.dtype == weights.dtype:
+        return weights @ Bg
+    out = torch.empty((weights.shape[0], Bg.shape[1]), dtype=weights.dtype, device=Bg.device)
+    for c0 in range(0, Bg.shape[1], MIX_CHUNK):
+        out[:, c0:c0 + MIX_CHUNK] = weights @ Bg[:, c0:c0 + MIX_CHUNK].to(weights.dtype)
+    return out
+
+
 def mixed_bases(alpha: torch.Tensor, B: torch.Tensor, experts: torch.Tensor | range, num_experts: int,
                 activation: str) -> torch.Tensor:
-    """act(Σ_i softmax(α_e)_i B_{g(e), i}) for the given experts: [k, r, d].
+    """act(Σ_i softmax(α_e)_i B_{g(e), i}) for the given experts: [k, r, d], math in fp32.
 
-    `experts` are expert ids (a range or a tensor on any device; group ids are worked out on the
-    host so a CUDA step never waits on the device). One matmul per group present (softmax weights
-    [k_g, m_g] @ bases [m_g, r*d]); never builds a [k, m, r, d] gather.
+    The one mixing function: the solvers, the init, reconstruction and the runtime all call it.
+    `alpha` holds the given experts' logit rows [k, m_g]; `experts` are their ids (a range or a
+    tensor on any device; group ids are worked out on the host so a CUDA step never waits on the
+    device). One matmul per group present; never builds a [k, m, r, d] gather.
     """
     G, mg, r, d = B.shape
-    weights = torch.softmax(alpha, dim=-1)
+    weights = torch.softmax(alpha.float(), dim=-1).to(B.device)
     ids = torch.as_tensor(list(experts)) if isinstance(experts, range) else experts.reshape(-1).cpu()
     groups = ids // (num_experts // G)
     present = torch.unique(groups).tolist()
     if len(present) == 1:  # the usual case: a batch inside one group, no index juggling
-        out = weights @ B[present[0]].reshape(mg, r * d)
+        out = _mix_group(weights, B[present[0]].reshape(mg, r * d))
     else:
-        out = torch.empty((ids.numel(), r * d), dtype=B.dtype, device=B.device)
+        out = torch.empty((ids.numel(), r * d), dtype=weights.dtype, device=B.device)
         for g in present:
-            sel = (groups == g).nonzero(as_tuple=True)[0]
-            out[sel.to(B.device)] = weights[sel.to(weights.device)] @ B[g].reshape(mg, r * d)
+            sel = (groups == g).nonzero(as_tuple=True)[0].to(B.device)
+            out[sel] = _mix_group(weights[sel], B[g].reshape(mg, r * d))
     return ACTIVATIONS[activation](out.view(-1, r, d))
 
 

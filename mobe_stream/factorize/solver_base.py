@@ -68,7 +68,7 @@ class Solver:
     def __init__(self, W: torch.Tensor, spec: MoBESpec, *, lr: float = 0.07, device: str | torch.device = "cpu",
                  expert_batch: int | None = None, max_device_bytes: int | None = None, init: MoBEFactors | str = "paper",
                  seed: int = 0, tol: float | None = None, patience: int = 20):
-        # seed: kept for the state dict; nothing here draws random numbers (init is a deterministic SVD)
+        # seed: the clustered init's row sketch (the only random draw); kept in the state dict
         self.spec, self.lr, self.tol, self.patience, self.seed = spec, float(lr), tol, patience, seed
         self.device = torch.device(device)
         E, p, d = W.shape
@@ -77,7 +77,7 @@ class Solver:
         self.home = self.device if self.batch >= E else torch.device("cpu")
         self.streaming = self.home != self.device
         self.W = W.to(self.home, torch.float32)
-        factors = initial_factors(W, spec, init, self.device) if isinstance(init, str) else init
+        factors = initial_factors(W, spec, init, self.device, seed) if isinstance(init, str) else init
         self.params = self._params_from(factors)
         self.m = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.v = {k: torch.zeros_like(v) for k, v in self.params.items()}

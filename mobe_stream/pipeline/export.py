@@ -12,20 +12,21 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import fp8
+from ..checkpoint import fp8, mobe_format
+from ..checkpoint.families import Family, fused_name, get_family, layer_of, per_expert_name
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.safetensors_io import atomic_write_json
-from ..checkpoint.writer import parse_size, write_index_and_manifest
+from ..checkpoint.writer import write_index_and_manifest
 from ..errors import ConfigError
+from ..factorize import MethodPlan, factors_from_tensors
 from ..memory import pin_mmap_threshold
-from ..factorize import FACTOR_SUFFIXES, MethodPlan, factors_from_tensors
-from . import outputs
+from ..sizes import parse_size
+from ..verify import verify
+from . import outdir
 from .events import Reporter
 from .lock import OutputLock
-from .plan import PROJECTIONS, layer_of
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
-MOBE_SUFFIXES = tuple("." + s for s in FACTOR_SUFFIXES)
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _target_dtype(cfg: dict, opts: ExportOptions) -> str:
 def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter()
     src, out = Path(src).resolve(), Path(out).resolve()
-    outputs.check_not_overlapping(src, out)
+    outdir.check_not_overlapping(src, out)
     pin_mmap_threshold()
     reader = CheckpointReader(src)
     try:
@@ -63,24 +64,26 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Repo
         if mobe.get("format_version") != 1:
             raise ConfigError(f"{src / 'config.json'}: unsupported MoBE format_version {mobe.get('format_version')!r}")
         target = _target_dtype(cfg, opts)
-        max_shard = parse_size(opts.max_shard_size)
-        settings = {"method": "export", "dtype": target, "max_shard_size": opts.max_shard_size}
-        out.mkdir(parents=True, exist_ok=True)
+        max_shard = parse_size(opts.max_shard_size, "--max-shard-size")
+        family = get_family(cfg, reader)
+        settings = {"method": "export", "dtype": target, "max_shard_size": max_shard}
+        outdir.prepare(out)
         with OutputLock(out, warn=lambda t: reporter.event("warning", text=t)):
-            journal = outputs.open_journal(out, settings, reader.fingerprint(), resume=opts.resume,
-                                           overwrite=opts.overwrite, reporter=reporter)
+            journal = outdir.open_journal(out, settings, reader.fingerprint(), resume=opts.resume,
+                                          overwrite=opts.overwrite, reporter=reporter,
+                                          side_files=[e.name for e in outdir.side_files(src)])
             units = _plan(reader)
             todo = [u for u in units if not journal.done(u[0])]
             reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src))
             block = tuple(reader.fp8_block or fp8.DEFAULT_BLOCK)
             for key, layer, names in todo:
-                items = _unit_items(reader, mobe, layer, names, target, block, opts.expert_chunk)
-                outputs.write_unit(out, journal, key, items, max_shard, reporter, {"kind": "export", "tensors": len(names)})
+                items = _unit_items(reader, family, mobe, layer, names, target, block, opts.expert_chunk)
+                outdir.write_unit(out, journal, key, items, max_shard, reporter, {"kind": "export", "tensors": len(names)})
             records = [rec for key, _, _ in units for rec in journal.units[key]["shards"]]
             write_index_and_manifest(out, records, {"exported_from": "mobe"})
             atomic_write_json(out / "config.json", _export_config(cfg, target))
-            outputs.copy_side_files(src, out)
-            outputs.self_check(out)
+            outdir.copy_side_files(src, out)
+            outdir.self_check(out, lambda d: verify(d, full=False))
             journal.mark_complete()
         summary = {"source": str(src), "output": str(out), "dtype": target, "layers": mobe["layers"]}
         reporter.event("message", text=f"exported {src} -> {out} ({target})")
@@ -117,27 +120,29 @@ def _convert(reader: CheckpointReader, name: str, target: str):
     return reader.get(name)
 
 
-def _unit_items(reader, mobe: dict, layer, names: list[str], target: str, block, chunk: int):
+def _unit_items(reader: CheckpointReader, family: Family, mobe: dict, layer: int | None, names: list[str],
+               target: str, block, chunk: int):
     for name in names:
-        if name.endswith(MOBE_SUFFIXES):
+        if mobe_format.is_factor(name):
             continue
         t = _convert(reader, name, target)
         if t is not None:
             yield name, t
     if layer is None or layer not in mobe["layers"]:
         return
+    pre = family.experts_prefix(layer)
     if mobe["layout"] == "fused":
-        gate = torch.cat(list(_rebuilt(reader, mobe, layer, "gate_proj", chunk)))
-        up = torch.cat(list(_rebuilt(reader, mobe, layer, "up_proj", chunk)))
+        gate = torch.cat(list(_rebuilt(reader, mobe, pre, "gate_proj", chunk)))
+        up = torch.cat(list(_rebuilt(reader, mobe, pre, "up_proj", chunk)))
         fused = torch.cat([gate, up], dim=1)  # [E, 2p, d], gate rows first
         del gate, up
-        yield from _emit(f"model.layers.{layer}.mlp.experts.gate_up_proj", fused, target, block)
+        yield from _emit(fused_name(pre, "gate_proj"), fused, target, block)
         return
-    for proj in PROJECTIONS:
+    for proj in mobe_format.PROJECTIONS:
         e0 = 0
-        for W in _rebuilt(reader, mobe, layer, proj, chunk):
+        for W in _rebuilt(reader, mobe, pre, proj, chunk):
             for i in range(W.shape[0]):
-                yield from _emit(f"model.layers.{layer}.mlp.experts.{e0 + i}.{proj}.weight", W[i].clone(), target, block)
+                yield from _emit(per_expert_name(pre, e0 + i, proj), W[i].clone(), target, block)
             e0 += W.shape[0]
 
 
@@ -155,11 +160,11 @@ def _emit(name: str, w: torch.Tensor, target: str, block):
         yield name, w.to(EXPORT_DTYPES[target]).contiguous()
 
 
-def _rebuilt(reader, mobe: dict, layer: int, proj: str, chunk: int):
+def _rebuilt(reader: CheckpointReader, mobe: dict, experts_prefix: str, proj: str, chunk: int):
     """Rebuilt expert weights [k, p, d] in fp32, `chunk` experts at a time (any method)."""
-    pre = f"model.layers.{layer}.mlp.experts.{proj}."
     plan = MethodPlan.from_config(mobe)
-    f = factors_from_tensors(plan, {s: reader.get(pre + s, torch.float32) for s in plan.shapes(1, 1, 1)})
+    names = mobe_format.factor_names(experts_prefix, proj, plan.shapes(1, 1, 1))
+    f = factors_from_tensors(plan, {s: reader.get(n, torch.float32) for s, n in names.items()})
     E = f.num_experts
     for e0 in range(0, E, chunk):
         yield f.reconstruct(torch.arange(e0, min(E, e0 + chunk)))

@@ -15,10 +15,14 @@ import torch
 
 from .. import faults
 from ..errors import ResourceError
+from ..factorize import MoBESpec
+from .events import Reporter
+from .job import FitSettings, StopFlag
 from .solvers import make_solver
 from .state_io import load_state, save_state
 
 MIN_LR = 1e-6
+MAX_ROLLBACKS = 40  # halvings from any sane lr reach MIN_LR well before this; a bound, never a hang
 
 
 class StopRequested(Exception):
@@ -26,58 +30,61 @@ class StopRequested(Exception):
 
 
 class ProjectionFit:
-    def __init__(self, job, unit, W_scaled: torch.Tensor, state_path: Path):
-        self.job, self.unit, self.W, self.state_path = job, unit, W_scaled, state_path
-        o = job.opts
-        self.device = o.resolved_device()
-        from ..checkpoint.writer import parse_size
+    """One projection (`key`, e.g. layer.3.gate_proj) of z-scored targets W, fitted per `fit`.
 
-        self.max_dev = parse_size(o.max_gpu_memory) if o.max_gpu_memory else None
+    `run_settings` identify the run: a checkpoint written under other settings is not resumed.
+    """
+
+    def __init__(self, W_scaled: torch.Tensor, key: str, spec: MoBESpec, fit: FitSettings, run_settings: dict,
+                 state_path: Path, stop: StopFlag, reporter: Reporter):
+        self.W, self.key, self.spec, self.fit, self.run_settings = W_scaled, key, spec, fit, run_settings
+        self.state_path, self.stop, self.reporter = state_path, stop, reporter
         self.batch: int | None = None
+        self.rollbacks = 0
         self.elapsed_before = 0.0
         self.t0 = time.monotonic()
         self.solver = self._new_solver()
         self._restore(announce=True)
 
     def _new_solver(self):
-        o = self.job.opts
-        return make_solver(o.solver, self.W, self.job.spec, lr=o.lr, device=self.device, max_device_bytes=self.max_dev,
-                           seed=o.seed, tol=o.tol, expert_batch=self.batch, init=o.init)
+        f = self.fit
+        return make_solver(f.solver, self.W, self.spec, lr=f.lr, device=f.device, max_device_bytes=f.max_device_bytes,
+                           seed=f.seed, tol=f.tol, expert_batch=self.batch, init=f.init)
 
     def _event(self, kind: str, /, **fields) -> None:
-        self.job.reporter.event(kind, unit=self.unit.key, **fields)
+        self.reporter.event(kind, unit=self.key, **fields)
 
     def _restore(self, announce: bool = False) -> bool:
         """Load the unit's checkpoint into the solver, if there is a usable one."""
         if not self.state_path.exists():
             return False
         tensors, meta = load_state(self.state_path)
-        if meta.get("settings") != self.job.settings or meta.get("unit") != self.unit.key:
-            self._event("warning", text=f"{self.state_path}: checkpoint is from other settings; restarting {self.unit.key}")
+        if meta.get("settings") != self.run_settings or meta.get("unit") != self.key:
+            self._event("warning", text=f"{self.state_path}: checkpoint is from other settings; restarting {self.key}")
             return False
         self.solver.load_state_dict(tensors, meta["solver"])
         self.elapsed_before = float(meta.get("seconds", 0.0))
         if announce:
-            self._event("resume", text=f"{self.unit.key}: resuming at step {self.solver.step_count} from {self.state_path.name}")
+            self._event("resume", text=f"{self.key}: resuming at step {self.solver.step_count} from {self.state_path.name}")
         return True
 
     def save(self) -> None:
         tensors, meta = self.solver.state_dict()
-        size = save_state(self.state_path, tensors, {"settings": self.job.settings, "unit": self.unit.key, "solver": meta,
+        size = save_state(self.state_path, tensors, {"settings": self.run_settings, "unit": self.key, "solver": meta,
                                                      "seconds": self.seconds()})
         self._event("checkpoint", step=self.solver.step_count, bytes=size,
-                    text=f"{self.unit.key}: checkpoint at step {self.solver.step_count} ({size / 2**20:.1f} MiB)")
+                    text=f"{self.key}: checkpoint at step {self.solver.step_count} ({size / 2**20:.1f} MiB)")
 
     def seconds(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0
 
     def done(self) -> bool:
-        return self.solver.step_count >= self.job.opts.steps or self.solver.converged
+        return self.solver.step_count >= self.fit.steps or self.solver.converged
 
     def run(self) -> None:
         """Fit to the step budget (or convergence). Raises StopRequested after checkpointing on Ctrl-C."""
-        o = self.job.opts
-        self._event("unit_start", kind="factorize", steps=o.steps, start_step=self.solver.step_count)
+        f = self.fit
+        self._event("unit_start", kind="factorize", steps=f.steps, start_step=self.solver.step_count)
         last_ckpt = time.monotonic()
 
         def should_stop() -> bool:
@@ -86,21 +93,24 @@ class ProjectionFit:
                 s.params["B"].view(-1)[0] = float("nan")
             if faults.oom_at_step(s.step_count):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return self.job.stop_requested or time.monotonic() - last_ckpt >= o.checkpoint_every
+            return self.stop.requested or time.monotonic() - last_ckpt >= f.checkpoint_every
 
         def on_progress(step: int, loss: float, best: float) -> None:
             self._event("solver", step=step, loss=loss, best_loss=best)
 
         while not self.done():
+            if self.stop.requested:  # also between NaN rollbacks and OOM retries, not only after good steps
+                self.save()
+                raise StopRequested
             try:
-                self.solver.run(o.steps - self.solver.step_count, callback=on_progress, should_stop=should_stop)
+                self.solver.run(f.steps - self.solver.step_count, callback=on_progress, should_stop=should_stop)
             except torch.OutOfMemoryError:
                 self._shrink_batch()
                 continue
             if not math.isfinite(self.solver.last_loss) or not self._params_finite():
                 self._roll_back()  # never checkpoint a poisoned state
                 continue
-            if self.job.stop_requested:
+            if self.stop.requested:
                 self.save()
                 raise StopRequested
             if not self.done():
@@ -112,19 +122,20 @@ class ProjectionFit:
 
     def _roll_back(self) -> None:
         bad_step, lr = self.solver.step_count, self.solver.lr * 0.5
-        if lr < MIN_LR:
-            raise ResourceError(f"{self.unit.key}: loss stays non-finite even at lr {self.solver.lr:g}; "
+        self.rollbacks += 1
+        if not math.isfinite(lr) or lr < MIN_LR or self.rollbacks > MAX_ROLLBACKS:
+            raise ResourceError(f"{self.key}: loss stays non-finite even at lr {self.solver.lr:g}; "
                                 f"check the source weights for NaN/Inf")
         self.solver = self._new_solver()
         self._restore()
         self.solver.lr = lr
-        self._event("warning", text=f"{self.unit.key}: non-finite loss at step {bad_step}; rolled back to step "
+        self._event("warning", text=f"{self.key}: non-finite loss at step {bad_step}; rolled back to step "
                                     f"{self.solver.step_count}, learning rate lowered to {lr:g}", kind="nan_rollback")
 
     def _shrink_batch(self) -> None:
         old = self.solver.batch
         if old <= 1:
-            raise ResourceError(f"{self.unit.key}: device out of memory even with one expert per batch; "
+            raise ResourceError(f"{self.key}: device out of memory even with one expert per batch; "
                                 f"lower --max-gpu-memory or use --device cpu")
         lr = self.solver.lr
         self.batch = max(1, old // 2)
@@ -134,5 +145,5 @@ class ProjectionFit:
         self.solver = self._new_solver()
         if not self._restore():
             self.solver.lr = lr
-        self._event("warning", text=f"{self.unit.key}: device out of memory with {old} experts per batch; "
+        self._event("warning", text=f"{self.key}: device out of memory with {old} experts per batch; "
                                     f"retrying with {self.batch} from step {self.solver.step_count}", kind="oom_retry")

@@ -13,6 +13,7 @@ from ..checkpoint.safetensors_io import atomic_write_json
 from ..errors import CheckpointError
 
 JOURNAL_NAME = "mobe-journal.json"
+STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
 FORMAT = "mobe-stream-journal/1"
 
 

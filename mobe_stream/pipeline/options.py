@@ -1,13 +1,70 @@
-"""Compress options, and the subset of them that decides the output (checked on resume)."""
+"""Compress options: every value checked once, before anything is read or written.
+
+`CompressOptions.validate()` is the one place an option is judged; it needs no model, so a typo
+fails in milliseconds with exit 2 and the option's name, never after hours of work or after a
+journal has recorded the bad value. Checks that need the model (groups dividing the experts,
+layers that exist) run in `pipeline.job.make_job`, still before the first byte is written.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+from ..factorize import INITS, METHODS
+from ..sizes import parse_size
+from .solvers import SOLVERS
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+ACTIVATIONS = ("silu", "tanh")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_LAYERS = re.compile(r"^\s*(all|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)\s*$")
+
+
+def _choice(option: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {option} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _number(option: str, value: float | None, *, low: float, strict: bool = False) -> None:
+    """A finite number >= low (> low when strict); None passes (the option was not given)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise ConfigError(f"{option}: must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def check_layers_syntax(spec: str | None) -> None:
+    """`1-3,7` or `all`: ranges ascending, at least one layer; which layers exist is the model's business."""
+    if spec is None:
+        return
+    if not _LAYERS.match(spec):
+        raise ConfigError(f"--layers: cannot parse {spec!r} (use e.g. 1-3,7 or all)")
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = (int(x) for x in part.split("-"))
+            if a > b:
+                raise ConfigError(f"--layers: range {part.strip()!r} runs backwards (write {b}-{a})")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; a CUDA device that is not there is a one-line error."""
+    if not _DEVICE.match(device):
+        raise ConfigError(f"--device: unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available (use --device cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
 
 
 @dataclass
@@ -34,20 +91,46 @@ class CompressOptions:
     overwrite: bool = False
     force: bool = False
 
+    def validate(self) -> None:
+        """Raise ConfigError (exit 2) naming the first bad option; touches no file."""
+        _choice("--method", self.method, METHODS)
+        _choice("--solver", self.solver, SOLVERS)
+        _choice("--init", self.init, INITS)
+        _choice("--activation", self.activation, ACTIVATIONS)
+        _choice("--dtype", self.dtype, DTYPES)
+        for option, value in (("--num-bases", self.num_bases), ("--rank", self.rank)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option}: must be at least 1, got {value}")
+        if self.groups < 1:
+            raise ConfigError(f"--groups: must be at least 1, got {self.groups}")
+        if self.reduction is not None and not (math.isfinite(self.reduction) and 0 < self.reduction < 1):
+            raise ConfigError(f"--reduction: must lie strictly between 0 and 1 (e.g. 0.25), got {self.reduction!r}")
+        if self.steps < 0:
+            raise ConfigError(f"--steps: must be >= 0, got {self.steps}")
+        _number("--lr", self.lr, low=0, strict=True)
+        _number("--tol", self.tol, low=0)
+        _number("--checkpoint-every", self.checkpoint_every, low=0, strict=True)
+        if self.seed < 0:
+            raise ConfigError(f"--seed: must be >= 0, got {self.seed}")
+        check_layers_syntax(self.layers)
+        parse_size(self.max_shard_size, "--max-shard-size")
+        if self.max_gpu_memory is not None:
+            parse_size(self.max_gpu_memory, "--max-gpu-memory")
+        resolve_device(self.device)
+
     def output_dtype(self) -> torch.dtype:
-        try:
-            return DTYPES[self.dtype]
-        except KeyError:
-            raise ValueError(f"unknown --dtype {self.dtype!r}; use bf16, fp16 or fp32") from None
+        _choice("--dtype", self.dtype, DTYPES)
+        return DTYPES[self.dtype]
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
 
 def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layers: list[int]) -> dict:
-    """What determines the output tensors. Device, checkpoint cadence and memory caps do not."""
+    """What determines the output tensors. Device, checkpoint cadence and memory caps do not.
+
+    Sizes are stored parsed (bytes), so `5000MB` and `5GB` are the same setting on resume.
+    """
     return {
         "method": opts.method,
         "solver": opts.solver,
@@ -62,5 +145,5 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
         "seed": opts.seed,
         "dtype": str(opts.output_dtype()).replace("torch.", ""),
         "layers": layers,
-        "max_shard_size": opts.max_shard_size,
+        "max_shard_size": parse_size(opts.max_shard_size, "--max-shard-size"),
     }

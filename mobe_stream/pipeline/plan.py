@@ -5,11 +5,12 @@ A unit is the resume granularity: it is either finished (its shards are in the j
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-PROJECTIONS = ("gate_proj", "up_proj")
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+from ..checkpoint.families import layer_of
+from ..checkpoint.mobe_format import PROJECTIONS
+
+__all__ = ["PROJECTIONS", "Unit", "parse_layers", "plan_units"]
 
 
 @dataclass
@@ -19,11 +20,6 @@ class Unit:
     layer: int | None = None
     proj: str | None = None
     tensors: list[str] = field(default_factory=list)  # for copy units
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 def parse_layers(spec: str | None, available: list[int]) -> list[int]:
@@ -37,12 +33,16 @@ def parse_layers(spec: str | None, available: list[int]) -> list[int]:
             continue
         try:
             if "-" in part:
-                a, b = part.split("-", 1)
-                chosen.update(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-", 1))
+                if a > b:
+                    raise ValueError(f"--layers range {part!r} runs backwards (write {b}-{a})")
+                chosen.update(range(a, b + 1))
             else:
                 chosen.add(int(part))
         except ValueError:
             raise ValueError(f"bad --layers entry {part!r} (use e.g. 1-3,7)") from None
+    if not chosen:
+        raise ValueError(f"--layers {spec!r} names no layer (use e.g. 1-3,7)")
     missing = sorted(chosen - set(available))
     if missing:
         raise ValueError(f"--layers names layers that are not MoE layers: {missing} (MoE layers: {available[0]}..{available[-1]})" if available else "model has no MoE layers")

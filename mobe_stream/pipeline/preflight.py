@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Callable
 
 import psutil
 
+from ..checkpoint.families import Family
+from ..checkpoint.reader import CheckpointReader
 from ..errors import ResourceError
-from ..factorize import working_set_bytes
+from ..factorize import MethodPlan, MoBESpec, working_set_bytes
+from .plan import Unit
 
 
-def projected_output_bytes(job, units) -> int:
-    """Bytes the remaining units will write: copied tensors as stored + MoBE factors in the output dtype."""
-    fam, reader = job.family, job.reader
-    E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
-    per_proj = job.plan.params(E, p, d) * 4  # an upper bound: α is fp32, the rest the output dtype
-    total = 0
+def projected_output_bytes(reader: CheckpointReader, family: Family, plan: MethodPlan, units: list[Unit],
+                           extra_bytes: int = 0) -> int:
+    """Bytes the remaining units will write: copied tensors as stored + factors (an upper bound:
+    4 bytes a parameter) + `extra_bytes` (side files copied at the end)."""
+    E, p, d = family.num_experts, family.moe_intermediate_size, family.hidden_size
+    per_proj = plan.params(E, p, d) * 4
+    total = extra_bytes
     for u in units:
         if u.kind == "copy":
             total += sum(reader.info(n).nbytes for n in u.tensors)
@@ -25,23 +30,24 @@ def projected_output_bytes(job, units) -> int:
     return total
 
 
-def layer_ram_bytes(job) -> int:
-    fam, spec = job.family, job.spec
-    ws = working_set_bytes(fam.num_experts, fam.moe_intermediate_size, fam.hidden_size, spec.num_bases, spec.rank, spec.groups)
-    return int(ws["host"] if isinstance(ws, dict) else ws)
+def layer_ram_bytes(family: Family, spec: MoBESpec) -> int:
+    ws = working_set_bytes(family.num_experts, family.moe_intermediate_size, family.hidden_size, spec.num_bases,
+                           spec.rank, spec.groups)
+    return int(ws["host"])
 
 
-def check(job, units, force: bool, warn: Callable[[str], None]) -> None:
-    need_disk = projected_output_bytes(job, units)
-    free_disk = shutil.disk_usage(job.out).free
+def check(out: Path, need_disk: int, need_ram: int | None, force: bool, warn: Callable[[str], None]) -> None:
+    """Refuse (or with `force` warn) when `need_disk` bytes will not fit in `out` or `need_ram`
+    (None: nothing to fit) exceeds the RAM available now."""
+    free_disk = shutil.disk_usage(out).free
     problems = []
     if need_disk > free_disk:
-        problems.append(f"{job.out}: output needs about {need_disk / 1e9:.2f} GB more but only {free_disk / 1e9:.2f} GB is free")
-    if any(u.kind == "factorize" for u in units):
-        need_ram = layer_ram_bytes(job)
+        problems.append(f"{out}: output needs about {need_disk / 1e9:.2f} GB more but only {free_disk / 1e9:.2f} GB is free")
+    if need_ram is not None:
         avail = psutil.virtual_memory().available
         if need_ram > avail:
-            problems.append(f"one layer's working set needs about {need_ram / 2**30:.2f} GiB of RAM but only {avail / 2**30:.2f} GiB is available")
+            problems.append(f"one layer's working set needs about {need_ram / 2**30:.2f} GiB of RAM but only "
+                            f"{avail / 2**30:.2f} GiB is available")
     for p in problems:
         if force:
             warn(p + " (continuing: --force)")

@@ -1,10 +1,11 @@
-"""Solver registry: `--solver` name -> factorize solver class (pipeline-side, so factorize stays pure)."""
+"""Solver registry: `--solver` name -> factorize solver class (pipeline-side, so factorize stays pure).
+
+Names are validated with the other options (options.py) before any work starts."""
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from ..factorize import AdamSolver, AlternatingSolver, MoBESpec
 
 SOLVERS = {"adam": AdamSolver, "als": AlternatingSolver}
@@ -13,9 +14,5 @@ SOLVERS = {"adam": AdamSolver, "als": AlternatingSolver}
 def make_solver(name: str, W_scaled: torch.Tensor, spec: MoBESpec, *, lr: float, device: str,
                 max_device_bytes: int | None, seed: int, tol: float | None, expert_batch: int | None = None,
                 init: str = "paper"):
-    try:
-        cls = SOLVERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown --solver {name!r}; choose one of: {', '.join(SOLVERS)}") from None
-    return cls(W_scaled, spec, lr=lr, device=device, max_device_bytes=max_device_bytes, seed=seed, tol=tol,
+    return SOLVERS[name](W_scaled, spec, lr=lr, device=device, max_device_bytes=max_device_bytes, seed=seed, tol=tol,
                expert_batch=expert_batch, init=init)

@@ -8,24 +8,11 @@ GPUs (ints) first, then "cpu", then "disk" (always the last resort in "auto"/"ba
 from __future__ import annotations
 
 import math
-import re
 
 from ..errors import ConfigError, ResourceError
+from ..sizes import parse_size
 
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 Device = int | str
-
-
-def parse_size(s: str | int | float) -> int | float:
-    """"20GiB" = 20 * 2**30, "5GB" = 5 * 10**9, plain numbers are bytes (inf stays inf)."""
-    if isinstance(s, (int, float)):
-        return s
-    m = _SIZE.match(s)
-    if not m or m.group(2).upper() not in UNITS:
-        raise ConfigError(f"cannot parse size {s!r} (use e.g. 20GiB, 500MB, 2GB or bytes)")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 def _device_key(k: str) -> Device:
@@ -51,7 +38,7 @@ def parse_max_memory(spec: str | dict | None) -> dict[Device, float]:
             items.append((k, v or None))
     out: dict[Device, float] = {}
     for k, v in items:
-        out[_device_key(k)] = math.inf if v is None or v == "" else parse_size(v)
+        out[_device_key(k)] = math.inf if v is None or v == "" or v == math.inf else parse_size(v, f"max_memory[{k}]", allow_zero=True)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -10,6 +11,7 @@ from typing import TextIO
 
 import torch
 
+from ..errors import ConfigError
 from .model import MoEModel
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -47,6 +49,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int | None = None) -> None:
+    """All sampling options judged before a weight is read; ConfigError (exit 2) names the option."""
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature: must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k: must be at least 1, got {top_k}")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ConfigError(f"--top-p: must lie in (0, 1], got {top_p!r}")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--seed: must be >= 0, got {seed}")
 
 
 def peak_rss_bytes() -> int:

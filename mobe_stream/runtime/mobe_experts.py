@@ -15,11 +15,12 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.families import EXPERTS_MODULE as EXPERTS
+from ..checkpoint.mobe_format import PROJECTIONS as PROJS, factor_name
+from ..factorize.model import mixed_bases
 from .moe import OriginalExperts
 from .ops import swiglu
 
-ACTS = {"silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": lambda t: t}
-PROJS = ("gate_proj", "up_proj")
 
 
 class MixedBasisCache:
@@ -51,33 +52,24 @@ class MixedBasisCache:
             self.bytes -= old.numel() * old.element_size()
 
 
-def mix_bases(B: torch.Tensor, alpha: torch.Tensor, experts: torch.Tensor, groups_of: torch.Tensor,
-              act: str, dtype: torch.dtype) -> torch.Tensor:
-    """M for `experts` [n]: act(softmax(alpha[e]) . B[g(e)]) -> [n, r, d] in `dtype` (math in fp32)."""
-    mix = torch.softmax(alpha[experts].float(), dim=-1)                 # [n, m_g]
-    bases = B[groups_of[experts]].float()                               # [n, m_g, r, d]
-    return ACTS[act](torch.einsum("nm,nmrd->nrd", mix, bases)).to(dtype)
-
-
 class MobeExperts(OriginalExperts):
     """gate/up from (A, B, alpha) of one layer; down_proj as stored (per expert or fused)."""
 
-    def __init__(self, w: dict[str, torch.Tensor], p: int, layer: int, act: str,
+    def __init__(self, w: dict[str, torch.Tensor], p: int, layout: str, layer: int, act: str,
                  cache: MixedBasisCache | None = None, materialize_all: bool = False):
-        super().__init__(w, p)
+        super().__init__(w, p, layout)
         self.layer, self.act, self.cache, self.materialize_all = layer, act, cache, materialize_all
-        self.A = {pr: w[f"mlp.experts.{pr}.mobe_A"] for pr in PROJS}
-        self.B = {pr: w[f"mlp.experts.{pr}.mobe_B"] for pr in PROJS}
-        self.alpha = {pr: w[f"mlp.experts.{pr}.mobe_alpha"] for pr in PROJS}
-        E, G = self.A["gate_proj"].shape[0], self.B["gate_proj"].shape[0]
-        self.groups_of = torch.arange(E, device=self.A["gate_proj"].device) // (E // G)
+        self.A = {pr: w[factor_name(EXPERTS, pr, "mobe_A")] for pr in PROJS}
+        self.B = {pr: w[factor_name(EXPERTS, pr, "mobe_B")] for pr in PROJS}
+        self.alpha = {pr: w[factor_name(EXPERTS, pr, "mobe_alpha")] for pr in PROJS}
+        self.num_experts = self.A["gate_proj"].shape[0]
         self.M: dict[tuple[str, int], torch.Tensor] = {}
         self.mixed = 0  # bases mixed so far (for benchmarks)
 
     def prepare(self, experts: list[int]) -> None:
         """Mix bases for the routed experts (all E when materialize_all, like the reference code)."""
         self.M = {}
-        want = list(range(self.A["gate_proj"].shape[0])) if self.materialize_all else experts
+        want = list(range(self.num_experts)) if self.materialize_all else experts
         dtype = self.A["gate_proj"].dtype
         for pr in PROJS:
             todo = []
@@ -89,8 +81,9 @@ class MobeExperts(OriginalExperts):
                     self.M[pr, e] = hit
             if not todo:
                 continue
-            ids = torch.tensor(todo, device=self.groups_of.device)
-            mixed = mix_bases(self.B[pr], self.alpha[pr], ids, self.groups_of, self.act, dtype)
+            ids = torch.tensor(todo)
+            mixed = mixed_bases(self.alpha[pr][ids.to(self.alpha[pr].device)], self.B[pr], ids, self.num_experts,
+                                self.act).to(dtype)
             self.mixed += len(todo)
             for e, m in zip(todo, mixed):
                 self.M[pr, e] = m
@@ -110,11 +103,11 @@ class MobeExperts(OriginalExperts):
 class LowRankExperts(OriginalExperts):
     """Baseline checkpoints (`--method svd|delta`): gate/up = [W̄_g(e) +] U_e V_e, applied factored."""
 
-    def __init__(self, w: dict[str, torch.Tensor], p: int):
-        super().__init__(w, p)
-        self.U = {pr: w[f"mlp.experts.{pr}.lowrank_U"] for pr in PROJS}
-        self.V = {pr: w[f"mlp.experts.{pr}.lowrank_V"] for pr in PROJS}
-        self.mean = {pr: w.get(f"mlp.experts.{pr}.lowrank_mean") for pr in PROJS}
+    def __init__(self, w: dict[str, torch.Tensor], p: int, layout: str):
+        super().__init__(w, p, layout)
+        self.U = {pr: w[factor_name(EXPERTS, pr, "lowrank_U")] for pr in PROJS}
+        self.V = {pr: w[factor_name(EXPERTS, pr, "lowrank_V")] for pr in PROJS}
+        self.mean = {pr: w.get(factor_name(EXPERTS, pr, "lowrank_mean")) for pr in PROJS}
         E = self.U["gate_proj"].shape[0]
         G = 1 if self.mean["gate_proj"] is None else self.mean["gate_proj"].shape[0]
         self.per_group = E // G
@@ -136,4 +129,4 @@ class LowRankExperts(OriginalExperts):
         return F.linear(F.silu(self._proj("gate_proj", e, x)) * self._proj("up_proj", e, x), self.down(e))
 
 
-__all__ = ["LowRankExperts", "MixedBasisCache", "MobeExperts", "mix_bases", "swiglu"]
+__all__ = ["LowRankExperts", "MixedBasisCache", "MobeExperts", "swiglu"]

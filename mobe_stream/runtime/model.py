@@ -13,13 +13,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.families import EXPERTS_MODULE, detect_layout
+from ..checkpoint.mobe_format import factor_name
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ConfigError
 from .attention_gqa import gqa_attention
 from .attention_mla import mla_attention
 from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
-from .device_map import Device, parse_size, plan_device_map
+from ..sizes import parse_size
+from .device_map import Device, plan_device_map
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
 from .offload import WeightStore
@@ -45,6 +48,7 @@ class MoEModel:
             self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
             self.scale = cfg.head_dim ** -0.5
         self.moe_layers = set(cfg.moe_layers)
+        self.layout = detect_layout(reader.names(), reader.model_dir)
 
     @property
     def plan(self) -> dict[str, Device]:
@@ -103,12 +107,14 @@ class MoEModel:
             weights, idx = route_sigmoid_grouped(x2, w["mlp.gate.weight"], w.get("mlp.gate.e_score_correction_bias"), cfg)
         else:
             weights, idx = route_softmax(x2, w["mlp.gate.weight"], cfg)
-        if "mlp.experts.gate_proj.mobe_A" in w:
-            bank = MobeExperts(w, cfg.moe_intermediate_size, i, self.mobe_act, self.mobe_cache, self.materialize_all)
-        elif "mlp.experts.gate_proj.lowrank_U" in w:
-            bank = LowRankExperts(w, cfg.moe_intermediate_size)
+        p = cfg.moe_intermediate_size
+        bank: OriginalExperts
+        if factor_name(EXPERTS_MODULE, "gate_proj", "mobe_A") in w:
+            bank = MobeExperts(w, p, self.layout, i, self.mobe_act, self.mobe_cache, self.materialize_all)
+        elif factor_name(EXPERTS_MODULE, "gate_proj", "lowrank_U") in w:
+            bank = LowRankExperts(w, p, self.layout)
         else:
-            bank = OriginalExperts(w, cfg.moe_intermediate_size)
+            bank = OriginalExperts(w, p, self.layout)
         out = run_experts(x2, weights, idx, bank)
         self.mobe_mixed += getattr(bank, "mixed", 0)
         if "mlp.shared_experts.gate_proj.weight" in w:

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.families import EXPERTS_MODULE, FUSED, fused_name, per_expert_name
 from .config import RuntimeConfig
 from .ops import swiglu
 
@@ -26,23 +27,24 @@ class ExpertBank(Protocol):
 class OriginalExperts:
     """Expert weights as stored: `experts.E.{gate,up,down}_proj.weight` or fused `gate_up_proj`/`down_proj`."""
 
-    def __init__(self, w: dict[str, torch.Tensor], p: int):
+    def __init__(self, w: dict[str, torch.Tensor], p: int, layout: str):
         self.w, self.p = w, p
-        self.fused = "mlp.experts.down_proj" in w  # MoBE checkpoints keep only the fused down_proj
+        self.fused = layout == FUSED  # the checkpoint's layout, detected once by the family adapter
 
     def prepare(self, experts: list[int]) -> None:
         pass
 
     def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
-            gu = self.w["mlp.experts.gate_up_proj"][e]
+            gu = self.w[fused_name(EXPERTS_MODULE, "gate_proj")][e]
             return gu[: self.p], gu[self.p:]
-        return self.w[f"mlp.experts.{e}.gate_proj.weight"], self.w[f"mlp.experts.{e}.up_proj.weight"]
+        return (self.w[per_expert_name(EXPERTS_MODULE, e, "gate_proj")],
+                self.w[per_expert_name(EXPERTS_MODULE, e, "up_proj")])
 
     def down(self, e: int) -> torch.Tensor:
         if self.fused:
-            return self.w["mlp.experts.down_proj"][e]
-        return self.w[f"mlp.experts.{e}.down_proj.weight"]
+            return self.w[fused_name(EXPERTS_MODULE, "down_proj")][e]
+        return self.w[per_expert_name(EXPERTS_MODULE, e, "down_proj")]
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(e)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import fp8
+from ..checkpoint import fp8, mobe_format
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
 from .config import RuntimeConfig
@@ -18,7 +18,7 @@ from .config import RuntimeConfig
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32}
 # kept in their stored float dtype: the runtime upcasts them to fp32 itself
-KEEP_STORED = ("mlp.gate.e_score_correction_bias", "mobe_alpha")
+KEEP_STORED = ("mlp.gate.e_score_correction_bias", mobe_format.ALPHA)
 
 
 def unit_names(cfg: RuntimeConfig) -> list[str]:

@@ -1,0 +1,30 @@
+"""Names of the MoBE checkpoint format (docs/FORMAT.md): the one owner of factor tensor names.
+
+A compressed projection of layer N is stored under the family's experts prefix
+(`model.layers.N.mlp.experts.` for every family so far) as `<prefix><proj>.<suffix>`, e.g.
+`model.layers.3.mlp.experts.gate_proj.mobe_A`. Which suffixes a method stores and their shapes
+are the method plan's business (factorize/baselines.py); this module only spells names.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+PROJECTIONS = ("gate_proj", "up_proj")  # the expert projections MoBE rewrites; down_proj is kept
+MOBE_SUFFIXES = ("mobe_A", "mobe_B", "mobe_alpha")
+LOWRANK_SUFFIXES = ("lowrank_U", "lowrank_V", "lowrank_mean")
+FACTOR_SUFFIXES = MOBE_SUFFIXES + LOWRANK_SUFFIXES  # every suffix a compressed projection may store
+ALPHA = "mobe_alpha"  # stored fp32 whatever the output dtype (mixing logits are tiny and sensitive)
+
+
+def factor_name(experts_prefix: str, proj: str, suffix: str) -> str:
+    """`<experts_prefix><proj>.<suffix>`; experts_prefix ends with a dot (absolute or layer-relative)."""
+    return f"{experts_prefix}{proj}.{suffix}"
+
+
+def factor_names(experts_prefix: str, proj: str, suffixes) -> dict[str, str]:
+    """suffix -> tensor name for one projection."""
+    return {s: factor_name(experts_prefix, proj, s) for s in suffixes}
+
+
+def is_factor(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in FACTOR_SUFFIXES

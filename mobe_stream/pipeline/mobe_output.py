@@ -1,0 +1,123 @@
+"""What `compress` stores (docs/FORMAT.md): factor tensors under the format's names, the config's
+`mobe` block, and the run's summary. The directory mechanics are outdir.py's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import mobe_format
+from ..checkpoint.safetensors_io import atomic_write_json
+from ..checkpoint.writer import write_index_and_manifest
+from ..errors import ConfigError
+from ..factorize import LowRankFactors, MoBEFactors
+from . import outdir
+from .job import CompressJob
+from .journal import Journal
+from .plan import Unit
+
+
+def factor_tensors(experts_prefix: str, proj: str, factors: MoBEFactors | LowRankFactors, std: float,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The stored tensors of one projection; the target std is folded into A (or U and the mean).
+
+    α (mixing logits) stays fp32 whatever `dtype` is: it is tiny and softmax is sensitive to it.
+    """
+    name = lambda suffix: mobe_format.factor_name(experts_prefix, proj, suffix)  # noqa: E731
+    scale = float(std) * float(getattr(factors, "scale", 1.0))
+    if isinstance(factors, LowRankFactors):
+        out = {name("lowrank_U"): (factors.U.float() * scale).to(dtype).contiguous(),
+               name("lowrank_V"): factors.V.to(dtype).contiguous()}
+        if factors.mean is not None:
+            out[name("lowrank_mean")] = (factors.mean.float() * scale).to(dtype).contiguous()
+        return out
+    return {
+        name("mobe_A"): (factors.A.float() * scale).to(dtype).contiguous(),
+        name("mobe_B"): factors.B.to(dtype).contiguous(),
+        name(mobe_format.ALPHA): factors.alpha.float().contiguous(),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def mobe_block(job: CompressJob, journal: Journal) -> dict:
+    errors: dict[str, dict[str, float]] = {}
+    for key, u in journal.units.items():
+        if u["info"].get("kind") == "factorize":
+            _, layer, proj = key.split(".")
+            errors.setdefault(layer, {})[proj] = u["info"]["rel_error"]
+    mobe = job.plan.method == "mobe"
+    return {
+        "format_version": mobe_format.FORMAT_VERSION,
+        **job.plan.config(),
+        "solver": job.fit.solver if mobe else None,
+        "init": job.fit.init if mobe else None,
+        "seed": job.fit.seed if mobe else None,
+        "projections": list(mobe_format.PROJECTIONS),
+        "layers": job.layers,
+        "layout": job.family.layout,
+        "dtype": str(job.output.dtype).replace("torch.", ""),
+        "errors": errors,
+        "source_family": job.family.name,
+        "steps": job.fit.steps,
+    }
+
+
+def summarize(job: CompressJob, journal: Journal) -> dict:
+    fam = job.family
+    E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
+    before_layer = 3 * E * p * d
+    after_layer = E * p * d + 2 * job.plan.params(E, p, d)
+    rows = []
+    for layer in job.layers:
+        units = {proj: journal.units.get(f"layer.{layer}.{proj}", {}).get("info", {}) for proj in mobe_format.PROJECTIONS}
+        copy = journal.units.get(f"layer.{layer}.copy", {}).get("info", {})
+        rows.append({
+            "layer": layer,
+            **{proj: units[proj].get("rel_error") for proj in mobe_format.PROJECTIONS},
+            "seconds": sum(u.get("seconds", 0.0) for u in (*units.values(), copy)),
+            "params_before": before_layer,
+            "params_after": after_layer,
+        })
+    total_before = sum(_numel(job.reader.info(n).shape) for n in job.reader.names()
+                       if not n.endswith(("_scale_inv", "rotary_emb.inv_freq")))
+    saved = (before_layer - after_layer) * len(job.layers)
+    n_moe = len(fam.moe_layers())
+    return {
+        "source": str(job.src),
+        "output": str(job.out),
+        "method": job.plan.method,
+        "num_bases": job.plan.num_bases,
+        "rank": job.plan.rank,
+        "layers": rows,
+        "expert_params_before": before_layer * n_moe,
+        "expert_params_after": before_layer * n_moe - saved,
+        "expert_reduction": saved / max(1, before_layer * n_moe),
+        "total_params_before": total_before,
+        "total_params_after": total_before - saved,
+        "total_reduction": saved / max(1, total_before),
+        "seconds": sum(u["info"].get("seconds", 0.0) for u in journal.units.values()),
+    }
+
+
+def finalize(job: CompressJob, journal: Journal, units: list[Unit]) -> dict:
+    """Index + manifest (from the journal's shard records), config with the `mobe` block, side files.
+
+    Idempotent: a resumed run that finds everything done just rewrites these small files.
+    """
+    records = [rec for u in units for rec in journal.units[u.key]["shards"]]
+    for rec in records:  # cheap verification of our own output (the full sha256 check is `verify`)
+        path = job.out / rec["filename"]
+        if not path.is_file() or path.stat().st_size != rec["size"]:
+            raise ConfigError(f"{path}: shard missing or of the wrong size after writing; rerun with --resume")
+    write_index_and_manifest(job.out, records, {"mobe_format_version": str(mobe_format.FORMAT_VERSION)})
+    config = dict(job.reader.config)
+    config["mobe"] = mobe_block(job, journal)
+    atomic_write_json(job.out / "config.json", config)
+    outdir.copy_side_files(job.src, job.out)
+    return summarize(job, journal)

@@ -1,0 +1,249 @@
+"""An output directory's lifecycle, shared by `compress` and `export`: made safe, opened (new,
+resumed or overwritten), filled unit by unit, finished, checked.
+
+Nothing here knows what the tensors mean (that is mobe_output.py for compress, export.py for
+export). What it guarantees: the source is never reached through the output (compared by device
+and inode, so a bind mount or a symlink is caught, not only an equal path); nothing we did not
+write is ever deleted; every unit is journaled only after its shards are on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..checkpoint.safetensors_io import atomic_file, sha256_file
+from ..checkpoint.writer import ShardWriter
+from ..errors import ConfigError, ResourceError
+from ..memory import release_freed_memory
+from .events import Reporter
+from .journal import JOURNAL_NAME, STATE_DIR, Journal
+from .lock import LOCK_NAME
+
+# What a run of ours writes at the top of an output dir; --overwrite deletes these and nothing else.
+_SHARD = re.compile(r"^model-\d{5}\.safetensors$")
+_OWN_NAMES = {"model.safetensors.index.json", "manifest.json", "config.json", JOURNAL_NAME, STATE_DIR}
+# Files of the source that are weights or that we write ourselves; every other regular file is copied.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+_NOT_COPIED_NAMES = {"model.safetensors.index.json", "config.json", "manifest.json", JOURNAL_NAME, LOCK_NAME}
+_COPY_CHUNK = 16 * 2**20
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _chain(path: Path) -> list[tuple[int, int]]:
+    """(device, inode) of `path` and every existing ancestor."""
+    ids = []
+    for p in (path, *path.parents):
+        ident = _identity(p)
+        if ident is not None:
+            ids.append(ident)
+    return ids
+
+
+def check_not_overlapping(src: Path, out: Path) -> None:
+    """Refuse an output that is, contains or lies inside the source, however it is reached.
+
+    Paths are compared resolved *and* by (device, inode) of every existing ancestor: a bind mount
+    or a second mount of the same filesystem gives the source another path but not another inode.
+    """
+    src_id = _identity(src)
+    overlap = out == src or src in out.parents or out in src.parents
+    if not overlap and src_id is not None:
+        overlap = src_id in _chain(out)  # out is the source or lies inside it
+        out_id = _identity(out)
+        overlap = overlap or (out_id is not None and out_id in _chain(src))  # out contains the source
+    if overlap:
+        raise ConfigError(f"{out}: output directory must not be, contain or lie inside the source {src}")
+
+
+def prepare(out: Path) -> None:
+    """Create `out` (and parents); a file in its place or an unwritable location is a one-line error."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot write to the output directory ({e.strerror or e})") from None
+
+
+def foreign_entries(out: Path) -> list[str]:
+    return sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME) if out.exists() else []
+
+
+def _ours(name: str, side_files: set[str]) -> bool:
+    return name in _OWN_NAMES or name in side_files or bool(_SHARD.match(name)) or ".tmp-" in name
+
+
+def clear(out: Path, side_files: Iterable[str] = ()) -> list[str]:
+    """Delete what an earlier run of ours wrote (shards, index, manifest, config, journal, solver
+    state, copied side files, temporaries) and nothing else; returns the entries left alone."""
+    side = set(side_files)
+    kept = []
+    for e in out.iterdir():
+        if e.name == LOCK_NAME:
+            continue
+        if not _ours(e.name, side):
+            kept.append(e.name)
+        elif e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+    return sorted(kept)
+
+
+def remove_temporaries(out: Path) -> None:
+    for d in (out, out / STATE_DIR):
+        if d.is_dir():
+            for e in d.iterdir():
+                if ".tmp-" in e.name:
+                    e.unlink(missing_ok=True)
+
+
+def open_journal(out: Path, settings: dict, fingerprint, *, resume: bool, overwrite: bool, reporter: Reporter,
+                 side_files: Iterable[str] = ()) -> Journal:
+    """Start a run in `out` or pick up the journaled one, refusing anything that could lose work.
+
+    A directory with files but no journal of ours is never cleared, --overwrite or not: it may be
+    anything (another model, a git checkout) and we did not write it.
+    """
+    journal = Journal.load(out)
+    if journal is None:
+        leftovers = foreign_entries(out)
+        if leftovers:
+            raise ConfigError(f"{out}: output directory is not empty ({leftovers[0]} ...) and holds no mobe-stream "
+                              f"journal; refusing to touch files this tool did not write (choose a new or empty --out)")
+        return Journal.create(out, settings, fingerprint)
+    if not resume:
+        if not overwrite:
+            raise ConfigError(f"{out}: output directory holds an earlier run; pass --resume to continue it "
+                              f"or --overwrite to start over")
+        kept = clear(out, side_files)
+        if kept:
+            reporter.event("warning", text=f"{out}: --overwrite kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} "
+                                           f"this tool did not write ({kept[0]} ...)")
+        return Journal.create(out, settings, fingerprint)
+    diffs = journal.differences(settings, fingerprint)
+    if diffs:
+        raise ConfigError(f"{journal.path}: cannot resume, settings differ from the run being resumed: " + "; ".join(diffs))
+    remove_temporaries(out)
+    for key, problem in verify_units(journal):
+        reporter.event("warning", text=f"{key}: {problem}; redoing it")
+        journal.forget(key)
+    remove_orphan_shards(out, journal)
+    done = len(journal.units)
+    reporter.event("resume", text=f"resuming: {done} finished unit(s) verified against their sha256", done_units=done)
+    return journal
+
+
+def write_unit(out: Path, journal: Journal, key: str, items: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int,
+               reporter: Reporter, info: dict, seconds_before: float = 0.0, announce: bool = True) -> None:
+    """Stream (name, tensor) items into shards capped at max_shard_bytes, then journal the unit.
+
+    At most one shard's worth of tensors is pending in RAM at a time.
+    """
+    t0 = time.monotonic()
+    if announce:
+        reporter.event("unit_start", unit=key, kind=info.get("kind", "copy"), tensors=info.get("tensors"))
+    writer = ShardWriter(out, max_shard_size=max_shard_bytes, start_index=journal.allocate_shard_index())
+    records: list = []
+    try:
+        last = 0.0
+        for i, (name, tensor) in enumerate(items):
+            writer.add(name, tensor)
+            if writer.pending_bytes >= max_shard_bytes:
+                records.extend(writer.flush())
+            if announce and time.monotonic() - last >= 0.5:  # progress, not one event per tensor
+                reporter.event("copy", unit=key, done=i + 1)
+                last = time.monotonic()
+        records.extend(writer.flush())
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(f"disk full while writing {key} ({e.strerror}); free space and rerun with --resume",
+                                e.filename or out) from None
+        raise
+    info = {**info, "seconds": seconds_before + time.monotonic() - t0}
+    journal.commit(key, records, info, writer.next_index)
+    del writer, items
+    release_freed_memory()  # RSS must not creep with depth
+    reporter.event("unit_done", unit=key, **info)
+
+
+def remove_orphan_shards(out: Path, journal: Journal) -> None:
+    """Shards not recorded by the journal come from a unit that was killed before it was journaled."""
+    known = {rec["filename"] for u in journal.units.values() for rec in u["shards"]}
+    for e in out.glob("model-*.safetensors"):
+        if e.name not in known and _SHARD.match(e.name):
+            e.unlink()
+
+
+def verify_units(journal: Journal) -> list[tuple[str, str]]:
+    """Finished units whose shards are missing or differ from the sha256 recorded when written."""
+    bad = []
+    for key, unit in journal.units.items():
+        for rec in unit["shards"]:
+            path = journal.path.parent / rec["filename"]
+            if not path.is_file():
+                bad.append((key, f"shard {rec['filename']} is missing"))
+                break
+            if path.stat().st_size != rec["size"] or sha256_file(path) != rec["sha256"]:
+                bad.append((key, f"shard {rec['filename']} does not match its recorded sha256"))
+                break
+    return bad
+
+
+def side_files(src: Path) -> list[Path]:
+    """The source's small non-weight files that travel with the model (tokenizer, generation config,
+    license...), symlinks leaving the model dir excluded."""
+    out = []
+    for e in sorted(src.iterdir()):
+        if e.name in _NOT_COPIED_NAMES or e.name.endswith(_NOT_COPIED_SUFFIXES) or not e.is_file():
+            continue
+        if src not in e.resolve().parents:
+            continue
+        out.append(e)
+    return out
+
+
+def side_files_bytes(src: Path) -> int:
+    return sum(e.stat().st_size for e in side_files(src))
+
+
+def copy_side_files(src: Path, out: Path) -> list[str]:
+    """Stream each side file to a temporary name, fsync, rename (never read whole into RAM)."""
+    copied = []
+    for e in side_files(src):
+        try:
+            with open(e.resolve(), "rb") as fin, atomic_file(out / e.name) as fout:
+                while chunk := fin.read(_COPY_CHUNK):
+                    fout.write(chunk)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceError(f"disk full while copying {e.name} ({err.strerror}); free space and rerun with "
+                                    f"--resume", out / e.name) from None
+            raise
+        copied.append(e.name)
+    return copied
+
+
+def self_check(out: Path, verify: Callable[[Path], list[str]]) -> None:
+    """The cheap part of `verify` on our own output: a failure here is a bug or a disk problem."""
+    problems = verify(out)
+    if problems:
+        raise ConfigError(f"{out}: output failed verification: " + "; ".join(problems[:5]))
