@@ -2,7 +2,7 @@
 
 Driven by the environment variable MOBE_STREAM_FAULT, e.g. `enospc_after_bytes=100000` (the shard
 writer raises ENOSPC once that many bytes were written in this process) `nan_at_step=5` (a solver
-parameter turns NaN once after that step) or `oom_at_step=5` (a device OOM is raised once). Unset in normal use: every hook is then a no-op.
+parameter turns NaN once after that step), `nan_from_step=5` (... after every step from then on) or `oom_at_step=5` (a device OOM is raised once). Unset in normal use: every hook is then a no-op.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def _once(name: str, step: int) -> bool:
 def nan_at_step(step: int) -> bool:
     """True once, at the configured solver step (the pipeline then poisons a parameter with NaN)."""
     return _once("nan_at_step", step)
+
+
+def nan_from_step(step: int) -> bool:
+    """True at every solver step from the configured one on (a fit that can never recover)."""
+    at = _get("nan_from_step")
+    return at is not None and step >= at
 
 
 def oom_at_step(step: int) -> bool:

@@ -89,7 +89,7 @@ class ProjectionFit:
 
         def should_stop() -> bool:
             s = self.solver
-            if faults.nan_at_step(s.step_count):
+            if faults.nan_at_step(s.step_count) or faults.nan_from_step(s.step_count):
                 s.params["B"].view(-1)[0] = float("nan")
             if faults.oom_at_step(s.step_count):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")

@@ -109,7 +109,7 @@ class CompressOptions:
             raise ConfigError(f"--steps: must be >= 0, got {self.steps}")
         _number("--lr", self.lr, low=0, strict=True)
         _number("--tol", self.tol, low=0)
-        _number("--checkpoint-every", self.checkpoint_every, low=0, strict=True)
+        _number("--checkpoint-every", self.checkpoint_every, low=0)  # 0: after every step
         if self.seed < 0:
             raise ConfigError(f"--seed: must be >= 0, got {self.seed}")
         check_layers_syntax(self.layers)
