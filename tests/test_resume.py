@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import random
 import signal
@@ -94,18 +96,84 @@ def test_ctrl_c_checkpoints_and_resumes_bit_identical(tmp_path):
     _assert_same_tensors(ref, out)
 
 
+def _stale_lock_record() -> str:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return json.dumps({"pid": dead.pid, "host": os.uname().nodename})
+
+
 def test_lock_blocks_second_run_and_stale_lock_is_taken_over(tmp_path):
     warnings = []
     with OutputLock(tmp_path):
-        with pytest.raises(MobeError, match="locked by process"):
+        with pytest.raises(MobeError, match=f"locked by process {os.getpid()} on "):
             OutputLock(tmp_path).acquire()
     assert not (tmp_path / ".mobe-stream.lock").exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / ".mobe-stream.lock").write_text('{"pid": %d, "host": "%s"}' % (dead.pid, os.uname().nodename))
+    (tmp_path / ".mobe-stream.lock").write_text(_stale_lock_record())
     with OutputLock(tmp_path, warn=warnings.append):
         pass
     assert warnings and "stale" in warnings[0]
+    assert not (tmp_path / ".mobe-stream.lock").exists()
+
+
+def _race_for_lock(lock_dir: Path, barrier, rounds: int, results) -> None:
+    """One racer: each round, try to take the (stale) lock; while holding it, claim an O_EXCL marker."""
+    marker = lock_dir / "holder"
+    wins = overlaps = 0
+    for _ in range(rounds):
+        barrier.wait(timeout=60)  # the parent has planted a stale lock
+        try:
+            with OutputLock(lock_dir):
+                wins += 1
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    overlaps += 1  # someone else holds the lock right now
+                else:
+                    time.sleep(0.05)
+                    marker.unlink()
+        except MobeError:
+            pass
+        barrier.wait(timeout=60)
+    results.put((wins, overlaps))
+
+
+def test_racing_takeovers_of_a_stale_lock_never_give_two_holders(tmp_path):
+    racers, rounds = 4, 20
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(racers + 1), ctx.Queue()
+    procs = [ctx.Process(target=_race_for_lock, args=(tmp_path, barrier, rounds, results)) for _ in range(racers)]
+    for p in procs:
+        p.start()
+    stale = _stale_lock_record()
+    for _ in range(rounds):
+        (tmp_path / ".mobe-stream.lock").write_text(stale)
+        barrier.wait(timeout=60)
+        barrier.wait(timeout=60)
+    outcome = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert sum(overlaps for _, overlaps in outcome) == 0, outcome
+    assert sum(wins for wins, _ in outcome) >= rounds
+    assert not (tmp_path / ".mobe-stream.lock").exists()
+
+
+def test_lock_of_a_sigkilled_run_is_taken_over(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    script = ("import sys, time\nfrom mobe_stream.pipeline.lock import OutputLock\n"
+              "OutputLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MobeError, match=f"locked by process {holder.pid} on "):
+            OutputLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".mobe-stream.lock").exists()  # nothing ran to remove it
+    warnings = []
+    with OutputLock(tmp_path, warn=warnings.append):
+        pass
+    assert len(warnings) == 1 and f"stale lock of process {holder.pid}" in warnings[0]
 
 
 def test_corrupted_finished_shard_is_redone(tmp_path):
