@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mobe_stream.checkpoint.reader import CheckpointReader
+from mobe_stream.checkpoint.safetensors_io import read_header
 from mobe_stream.errors import MobeError
 from mobe_stream.pipeline.lock import OutputLock
 from mobe_stream.synth import make_tiny_moe
@@ -223,3 +225,84 @@ def test_export_sigkill_then_resume_is_bit_identical(tmp_path):
     assert kills >= 1
     _assert_same_tensors(ref, out)
     assert dir_digest(mobe) == before
+
+
+FAST = ["--num-bases", "4", "--rank", "16", "--steps", "5", "--quiet"]
+
+
+def _compressed(tmp_path: Path) -> tuple[Path, Path]:
+    """A finished run: a source big enough to have expert bytes outside fingerprint()'s samples."""
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe", hidden_size=256, moe_intermediate_size=128,
+                        num_experts=16)
+    out = tmp_path / "out"
+    run_cli("compress", str(src), "--out", str(out), *FAST, check=True)
+    return src, out
+
+
+def _expert_byte_outside_samples(src: Path) -> tuple[Path, int]:
+    """A shard and the offset of an expert weight byte that none of the three 64 KiB samples reads."""
+    window = 1 << 16
+    with CheckpointReader(src) as r:
+        for name in r.names():
+            info = r.info(name)
+            if ".experts." not in name:
+                continue
+            path = r.shard_path(info.shard)
+            header = read_header(path)
+            start, end = header.data_start, header.file_size
+            samples = [(p, p + window) for p in (start, (start + end) // 2, max(start, end - window))]
+            for pos in range(info.offset, info.offset + info.nbytes, 512):
+                if not any(a - window <= pos < b + window for a, b in samples):
+                    return path, pos
+    raise AssertionError("test checkpoint too small: every expert byte lies in a sampled window")
+
+
+def _refused_resume(src: Path, out: Path) -> str:
+    before = dir_digest(out)
+    proc = run_cli("compress", str(src), "--out", str(out), *FAST, "--resume")
+    assert proc.returncode == 2, proc.stderr
+    assert dir_digest(out) == before  # nothing written, the lock released
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "source checkpoint changed" in lines[0], proc.stderr
+    return lines[0]
+
+
+def test_resume_refuses_an_expert_edited_in_place_between_the_samples(tmp_path):
+    src, out = _compressed(tmp_path)
+    shard, pos = _expert_byte_outside_samples(src)
+    with open(shard, "r+b") as f:  # same size, same header, same sampled bytes
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x01]))
+    line = _refused_resume(src, out)
+    assert f"{shard.name} (modified" in line and "--overwrite" in line
+
+
+def test_resume_refuses_an_in_place_edit_whose_mtime_was_put_back(tmp_path):
+    src, out = _compressed(tmp_path)
+    shard, pos = _expert_byte_outside_samples(src)
+    st = shard.stat()
+    time.sleep(0.05)  # let the kernel's coarse ctime clock tick past the previous write
+    with open(shard, "r+b") as f:
+        f.seek(pos)
+        f.write(b"\x7f")
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _refused_resume(src, out).count("changed in place") == 1
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    src, out = _compressed(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "note": "edited"}))
+    assert "config.json content differs" in _refused_resume(src, out)
+
+
+def test_resume_of_an_untouched_source_and_of_an_older_journal(tmp_path):
+    src, out = _compressed(tmp_path)
+    run_cli("compress", str(src), "--out", str(out), *FAST, "--resume", check=True)
+    journal = out / "mobe-journal.json"
+    data = json.loads(journal.read_text())
+    data["source_fingerprint"] = data["source_fingerprint"]["digest"]  # as journaled before file identities
+    journal.write_text(json.dumps(data))
+    run_cli("compress", str(src), "--out", str(out), *FAST, "--resume", check=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.fingerprint import SourceFingerprint
 from ..checkpoint.safetensors_io import atomic_write_bytes, atomic_write_json, sha256_file
 from ..checkpoint.writer import ShardWriter, write_index_and_manifest
 from ..errors import ConfigError, ResourceError
@@ -52,7 +53,7 @@ def remove_temporaries(out: Path) -> None:
                     e.unlink(missing_ok=True)
 
 
-def open_journal(out: Path, settings: dict, fingerprint: str, *, resume: bool, overwrite: bool, reporter) -> Journal:
+def open_journal(out: Path, settings: dict, fingerprint: SourceFingerprint, *, resume: bool, overwrite: bool, reporter) -> Journal:
     """Start a run in `out` or pick up the journaled one, refusing anything that could lose work."""
     journal = Journal.load(out)
     if journal is None:
@@ -70,7 +71,7 @@ def open_journal(out: Path, settings: dict, fingerprint: str, *, resume: bool, o
         return Journal.create(out, settings, fingerprint)
     diffs = journal.differences(settings, fingerprint)
     if diffs:
-        raise ConfigError(f"{journal.path}: cannot resume, settings differ from the run being resumed: " + "; ".join(diffs))
+        raise ConfigError(f"{journal.path}: cannot resume, this run differs from the one being resumed: " + "; ".join(diffs))
     remove_temporaries(out)
     for key, problem in verify_units(journal):
         reporter.event("warning", text=f"{key}: {problem}; redoing it")
