@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from mobe_stream.checkpoint import fp8
+from mobe_stream.checkpoint.fingerprint import SourceFingerprint
 from mobe_stream.checkpoint.reader import CheckpointReader
 from mobe_stream.checkpoint.safetensors_io import read_header
 from mobe_stream.errors import CheckpointError
@@ -116,6 +119,25 @@ def test_fingerprint_stable_and_sensitive(make_ckpt):
     d2 = make_ckpt(ts, shards=2, name="other")
     with CheckpointReader(d2) as r:
         assert r.fingerprint() != fp
+
+
+def test_fingerprint_tells_a_copy_from_a_remount(make_ckpt):
+    d = make_ckpt(_tensors(), shards=2)
+    with CheckpointReader(d) as r:
+        fp = r.fingerprint()
+    assert SourceFingerprint.from_json(json.loads(json.dumps(fp.to_json()))) == fp
+    assert fp.files is not None
+    # the same files seen through a remount: new inode/device numbers, same size and times
+    remounted = {k: (*v[:3], v[3] + 1, v[4] + 1) for k, v in fp.files.items()}
+    assert SourceFingerprint(fp.digest, fp.config_sha256, fp.index_sha256, remounted).changes_since(fp) == []
+    # the same bytes copied over with their mtime (cp -a, rsync -a): unprovable without reading it all
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    time.sleep(0.05)  # let the kernel's coarse ctime clock tick past the previous write
+    shutil.copy2(shard, d / "copy")
+    os.replace(d / "copy", shard)
+    with CheckpointReader(d) as r:
+        changes = r.fingerprint().changes_since(fp)
+    assert changes == [f"{shard.name} (a different file: replaced, copied or moved to another filesystem)"]
 
 
 def test_reads_files_written_by_safetensors_library(tmp_path):

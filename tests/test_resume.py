@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import random
 import signal
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mobe_stream.checkpoint.reader import CheckpointReader
+from mobe_stream.checkpoint.safetensors_io import read_header
 from mobe_stream.errors import MobeError
 from mobe_stream.pipeline.lock import OutputLock
 from mobe_stream.synth import make_tiny_moe
@@ -94,18 +98,84 @@ def test_ctrl_c_checkpoints_and_resumes_bit_identical(tmp_path):
     _assert_same_tensors(ref, out)
 
 
+def _stale_lock_record() -> str:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return json.dumps({"pid": dead.pid, "host": os.uname().nodename})
+
+
 def test_lock_blocks_second_run_and_stale_lock_is_taken_over(tmp_path):
     warnings = []
     with OutputLock(tmp_path):
-        with pytest.raises(MobeError, match="locked by process"):
+        with pytest.raises(MobeError, match=f"locked by process {os.getpid()} on "):
             OutputLock(tmp_path).acquire()
     assert not (tmp_path / ".mobe-stream.lock").exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / ".mobe-stream.lock").write_text('{"pid": %d, "host": "%s"}' % (dead.pid, os.uname().nodename))
+    (tmp_path / ".mobe-stream.lock").write_text(_stale_lock_record())
     with OutputLock(tmp_path, warn=warnings.append):
         pass
     assert warnings and "stale" in warnings[0]
+    assert not (tmp_path / ".mobe-stream.lock").exists()
+
+
+def _race_for_lock(lock_dir: Path, barrier, rounds: int, results) -> None:
+    """One racer: each round, try to take the (stale) lock; while holding it, claim an O_EXCL marker."""
+    marker = lock_dir / "holder"
+    wins = overlaps = 0
+    for _ in range(rounds):
+        barrier.wait(timeout=60)  # the parent has planted a stale lock
+        try:
+            with OutputLock(lock_dir):
+                wins += 1
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    overlaps += 1  # someone else holds the lock right now
+                else:
+                    time.sleep(0.05)
+                    marker.unlink()
+        except MobeError:
+            pass
+        barrier.wait(timeout=60)
+    results.put((wins, overlaps))
+
+
+def test_racing_takeovers_of_a_stale_lock_never_give_two_holders(tmp_path):
+    racers, rounds = 4, 20
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(racers + 1), ctx.Queue()
+    procs = [ctx.Process(target=_race_for_lock, args=(tmp_path, barrier, rounds, results)) for _ in range(racers)]
+    for p in procs:
+        p.start()
+    stale = _stale_lock_record()
+    for _ in range(rounds):
+        (tmp_path / ".mobe-stream.lock").write_text(stale)
+        barrier.wait(timeout=60)
+        barrier.wait(timeout=60)
+    outcome = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert sum(overlaps for _, overlaps in outcome) == 0, outcome
+    assert sum(wins for wins, _ in outcome) >= rounds
+    assert not (tmp_path / ".mobe-stream.lock").exists()
+
+
+def test_lock_of_a_sigkilled_run_is_taken_over(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    script = ("import sys, time\nfrom mobe_stream.pipeline.lock import OutputLock\n"
+              "OutputLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(MobeError, match=f"locked by process {holder.pid} on "):
+            OutputLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".mobe-stream.lock").exists()  # nothing ran to remove it
+    warnings = []
+    with OutputLock(tmp_path, warn=warnings.append):
+        pass
+    assert len(warnings) == 1 and f"stale lock of process {holder.pid}" in warnings[0]
 
 
 def test_corrupted_finished_shard_is_redone(tmp_path):
@@ -155,3 +225,84 @@ def test_export_sigkill_then_resume_is_bit_identical(tmp_path):
     assert kills >= 1
     _assert_same_tensors(ref, out)
     assert dir_digest(mobe) == before
+
+
+FAST = ["--num-bases", "4", "--rank", "16", "--steps", "5", "--quiet"]
+
+
+def _compressed(tmp_path: Path) -> tuple[Path, Path]:
+    """A finished run: a source big enough to have expert bytes outside fingerprint()'s samples."""
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe", hidden_size=256, moe_intermediate_size=128,
+                        num_experts=16)
+    out = tmp_path / "out"
+    run_cli("compress", str(src), "--out", str(out), *FAST, check=True)
+    return src, out
+
+
+def _expert_byte_outside_samples(src: Path) -> tuple[Path, int]:
+    """A shard and the offset of an expert weight byte that none of the three 64 KiB samples reads."""
+    window = 1 << 16
+    with CheckpointReader(src) as r:
+        for name in r.names():
+            info = r.info(name)
+            if ".experts." not in name:
+                continue
+            path = r.shard_path(info.shard)
+            header = read_header(path)
+            start, end = header.data_start, header.file_size
+            samples = [(p, p + window) for p in (start, (start + end) // 2, max(start, end - window))]
+            for pos in range(info.offset, info.offset + info.nbytes, 512):
+                if not any(a - window <= pos < b + window for a, b in samples):
+                    return path, pos
+    raise AssertionError("test checkpoint too small: every expert byte lies in a sampled window")
+
+
+def _refused_resume(src: Path, out: Path) -> str:
+    before = dir_digest(out)
+    proc = run_cli("compress", str(src), "--out", str(out), *FAST, "--resume")
+    assert proc.returncode == 2, proc.stderr
+    assert dir_digest(out) == before  # nothing written, the lock released
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "source checkpoint changed" in lines[0], proc.stderr
+    return lines[0]
+
+
+def test_resume_refuses_an_expert_edited_in_place_between_the_samples(tmp_path):
+    src, out = _compressed(tmp_path)
+    shard, pos = _expert_byte_outside_samples(src)
+    with open(shard, "r+b") as f:  # same size, same header, same sampled bytes
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x01]))
+    line = _refused_resume(src, out)
+    assert f"{shard.name} (modified" in line and "--overwrite" in line
+
+
+def test_resume_refuses_an_in_place_edit_whose_mtime_was_put_back(tmp_path):
+    src, out = _compressed(tmp_path)
+    shard, pos = _expert_byte_outside_samples(src)
+    st = shard.stat()
+    time.sleep(0.05)  # let the kernel's coarse ctime clock tick past the previous write
+    with open(shard, "r+b") as f:
+        f.seek(pos)
+        f.write(b"\x7f")
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _refused_resume(src, out).count("changed in place") == 1
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    src, out = _compressed(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "note": "edited"}))
+    assert "config.json content differs" in _refused_resume(src, out)
+
+
+def test_resume_of_an_untouched_source_and_of_an_older_journal(tmp_path):
+    src, out = _compressed(tmp_path)
+    run_cli("compress", str(src), "--out", str(out), *FAST, "--resume", check=True)
+    journal = out / "mobe-journal.json"
+    data = json.loads(journal.read_text())
+    data["source_fingerprint"] = data["source_fingerprint"]["digest"]  # as journaled before file identities
+    journal.write_text(json.dumps(data))
+    run_cli("compress", str(src), "--out", str(out), *FAST, "--resume", check=True)

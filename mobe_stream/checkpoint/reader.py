@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from . import fp8
+from .fingerprint import SourceFingerprint
 from .safetensors_io import ShardHeader, read_header
 
 CONFIG_NAME = "config.json"
@@ -188,10 +189,14 @@ class CheckpointReader:
     def shard_path(self, shard: str) -> Path:
         return self.model_dir / shard
 
-    def fingerprint(self, sample_bytes: int = 1 << 16) -> str:
-        """sha256 over every shard's name, size and raw header, plus three samples of its data
-        (start, middle, end): detects a replaced or re-downloaded source with the same layout
-        without reading terabytes. Not a full-content hash (that is `verify`'s job)."""
+    def fingerprint(self, sample_bytes: int = 1 << 16) -> SourceFingerprint:
+        """What a resumed run must find unchanged (see `fingerprint.py` for the choices and their cost).
+
+        The digest is a sha256 over every shard's name, size and raw header, plus three samples of
+        its data (start, middle, end): it detects a replaced or re-downloaded source with the same
+        layout without reading terabytes. An in-place edit between the samples is caught by the
+        shards' stat identity (ctime), config and index changes by their full sha256. Not a
+        full-content hash of the shards (at 1 TB that costs 10-15 minutes per resume)."""
         h = hashlib.sha256()
         for shard in sorted(self._headers):
             header = self._headers[shard]
@@ -202,7 +207,7 @@ class CheckpointReader:
                 for pos in (start, (start + end) // 2, max(start, end - sample_bytes)):
                     f.seek(pos)
                     h.update(f.read(sample_bytes))
-        return h.hexdigest()
+        return SourceFingerprint.take(self.model_dir, h.hexdigest(), CONFIG_NAME, INDEX_NAME, list(self._headers))
 
     # ---- data ----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint.fingerprint import SourceFingerprint
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..errors import CheckpointError
 
@@ -23,11 +24,11 @@ class Journal:
         self.data = data
 
     @classmethod
-    def create(cls, out_dir: Path, settings: dict, source_fingerprint: str) -> "Journal":
+    def create(cls, out_dir: Path, settings: dict, source_fingerprint: SourceFingerprint) -> "Journal":
         j = cls(out_dir, {
             "format": FORMAT,
             "settings": settings,
-            "source_fingerprint": source_fingerprint,
+            "source_fingerprint": source_fingerprint.to_json(),
             "units": {},
             "next_shard_index": 1,
             "complete": False,
@@ -48,15 +49,21 @@ class Journal:
             raise CheckpointError(f"unknown journal format {data.get('format')!r}", path)
         return cls(out_dir, data)
 
-    def differences(self, settings: dict, source_fingerprint: str) -> list[str]:
+    def differences(self, settings: dict, source_fingerprint: SourceFingerprint) -> list[str]:
         """What differs between this journal's run and the requested one (empty: same run)."""
         diffs = []
         old = self.data["settings"]
         for key in sorted(set(old) | set(settings)):
             if old.get(key) != settings.get(key):
                 diffs.append(f"{key}: was {old.get(key)!r}, now {settings.get(key)!r}")
-        if self.data["source_fingerprint"] != source_fingerprint:
-            diffs.append("source checkpoint changed since the run started (shard headers or sizes differ)")
+        try:
+            started = SourceFingerprint.from_json(self.data["source_fingerprint"])
+        except ValueError as e:
+            raise CheckpointError(str(e), self.path) from None
+        changes = source_fingerprint.changes_since(started)
+        if changes:
+            diffs.append("source checkpoint changed since the run started: " + ", ".join(changes)
+                         + " (restore the original files, or pass --overwrite to start over)")
         return diffs
 
     @property

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..checkpoint.fingerprint import SourceFingerprint
 from ..checkpoint.safetensors_io import atomic_file, sha256_file
 from ..checkpoint.writer import ShardWriter
 from ..errors import ConfigError, ResourceError
@@ -116,7 +117,7 @@ def remove_temporaries(out: Path) -> None:
                     e.unlink(missing_ok=True)
 
 
-def open_journal(out: Path, settings: dict, fingerprint, *, resume: bool, overwrite: bool, reporter: Reporter,
+def open_journal(out: Path, settings: dict, fingerprint: SourceFingerprint, *, resume: bool, overwrite: bool, reporter: Reporter,
                  side_files: Iterable[str] = ()) -> Journal:
     """Start a run in `out` or pick up the journaled one, refusing anything that could lose work.
 
@@ -141,7 +142,7 @@ def open_journal(out: Path, settings: dict, fingerprint, *, resume: bool, overwr
         return Journal.create(out, settings, fingerprint)
     diffs = journal.differences(settings, fingerprint)
     if diffs:
-        raise ConfigError(f"{journal.path}: cannot resume, settings differ from the run being resumed: " + "; ".join(diffs))
+        raise ConfigError(f"{journal.path}: cannot resume, this run differs from the one being resumed: " + "; ".join(diffs))
     remove_temporaries(out)
     for key, problem in verify_units(journal):
         reporter.event("warning", text=f"{key}: {problem}; redoing it")
