@@ -46,7 +46,8 @@ def compress(
     layers: Optional[str] = typer.Option(None, help="MoE layers to compress, e.g. 1-3,7 (default all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     seed: int = typer.Option(0),
-    dtype: str = typer.Option("bf16", help="Output dtype of the MoBE tensors: bf16, fp16, fp32."),
+    dtype: str = typer.Option("auto", help="Storage dtype of the factors: auto (the source experts': FP8 sources get FP8 "
+                                           "factors with 128x128 block scales), fp8, bf16, fp16, fp32."),
     max_shard_size: str = typer.Option("5GB", help="Shard size cap (accelerate units: 5GB, 4GiB ...)."),
     max_gpu_memory: Optional[str] = typer.Option(None, help="Device memory the solver may use; experts are streamed in batches beyond it."),
     checkpoint_every: float = typer.Option(300.0, help="Seconds between solver checkpoints."),

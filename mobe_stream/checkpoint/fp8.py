@@ -70,3 +70,41 @@ def quantize(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[t
     scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     q = (w32 / _expand(scale, (m, n), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
+
+
+def _matrices(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def quantize_stack(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantize every matrix of a stack [..., M, N] (blocks never straddle two matrices):
+    (float8_e4m3fn [..., M, N], fp32 scale_inv [..., ceil(M/bm), ceil(N/bn)])."""
+    if w.dim() == 2:
+        return quantize(w, block)
+    sm, sn = scale_shape(tuple(w.shape[-2:]), block)
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty((*w.shape[:-2], sm, sn), dtype=torch.float32, device=w.device)
+    qf, sf = _matrices(q), _matrices(scale)
+    for i, m in enumerate(_matrices(w)):
+        qf[i], sf[i] = quantize(m, block)
+    return q, scale
+
+
+def dequantize_stack(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of quantize_stack (a 2-D weight is the stack of one)."""
+    if q.dim() == 2:
+        return dequantize(q, scale_inv, block, out_dtype)
+    if tuple(scale_inv.shape[:-2]) != tuple(q.shape[:-2]):
+        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match stacked weight {tuple(q.shape)}")
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    of, sf = _matrices(out), _matrices(scale_inv)
+    for i, m in enumerate(_matrices(q)):
+        of[i] = dequantize(m, sf[i], block, out_dtype)
+    return out
+
+
+def roundtrip(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+    """What `w` reads back as after FP8 storage, in fp32."""
+    q, s = quantize_stack(w, block)
+    return dequantize_stack(q, s, block, torch.float32)

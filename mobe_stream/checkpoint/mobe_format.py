@@ -8,12 +8,16 @@ are the method plan's business (factorize/baselines.py); this module only spells
 
 from __future__ import annotations
 
+from .fp8 import SCALE_SUFFIX
+
 FORMAT_VERSION = 1
 PROJECTIONS = ("gate_proj", "up_proj")  # the expert projections MoBE rewrites; down_proj is kept
 MOBE_SUFFIXES = ("mobe_A", "mobe_B", "mobe_alpha")
 LOWRANK_SUFFIXES = ("lowrank_U", "lowrank_V", "lowrank_mean")
 FACTOR_SUFFIXES = MOBE_SUFFIXES + LOWRANK_SUFFIXES  # every suffix a compressed projection may store
 ALPHA = "mobe_alpha"  # stored fp32 whatever the output dtype (mixing logits are tiny and sensitive)
+# With `--dtype fp8` every other factor is float8_e4m3fn with an fp32 `<name>_scale_inv` companion,
+# one [ceil(rows/128), ceil(cols/128)] block grid per matrix of the stack (docs/FORMAT.md).
 
 
 def factor_name(experts_prefix: str, proj: str, suffix: str) -> str:
@@ -27,4 +31,5 @@ def factor_names(experts_prefix: str, proj: str, suffixes) -> dict[str, str]:
 
 
 def is_factor(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in FACTOR_SUFFIXES
+    """A factor tensor or the FP8 scale companion of one (`...mobe_A_scale_inv`)."""
+    return name.rsplit(".", 1)[-1].removesuffix(SCALE_SUFFIX) in FACTOR_SUFFIXES

@@ -275,9 +275,7 @@ class CheckpointReader:
     def _dequantize(self, name: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         block = self.fp8_block or fp8.DEFAULT_BLOCK
         try:
-            if q.dim() == 3:  # fused experts with a [E, sm, sn] scale
-                return torch.stack([fp8.dequantize(q[e], scale[e], block, dtype) for e in range(q.shape[0])])
-            return fp8.dequantize(q, scale, block, dtype)
+            return fp8.dequantize_stack(q, scale, block, dtype)  # 2-D, fused [E, ...] or stacked factors
         except ValueError as e:
             raise CheckpointError(f"cannot dequantize {name}: {e}", self.model_dir / self.info(name).shard) from None
 

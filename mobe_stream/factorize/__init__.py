@@ -6,9 +6,10 @@ from .als import AlternatingSolver
 from .lstsq import solve_A
 from .init import INITS, init_fitted, init_grouped_svd, initial_factors
 from .metrics import choose_bases_rank, expert_cut, param_fraction, relative_error, working_set_bytes
+from .storage import refit_for_storage
 from .model import ACTIVATIONS, MoBEFactors, MoBESpec, mixed_bases, prepare_targets
 
 __all__ = ["METHODS", "LowRankFactors", "MethodPlan", "factors_from_tensors", "fit_baseline", "fit_lowrank",
            "plan_method", "AdamSolver", "AlternatingSolver", "solve_A", "INITS", "init_fitted", "initial_factors", "init_grouped_svd", "choose_bases_rank", "expert_cut",
            "param_fraction", "relative_error", "working_set_bytes", "ACTIVATIONS", "MoBEFactors", "MoBESpec",
-           "mixed_bases", "prepare_targets"]
+           "mixed_bases", "prepare_targets", "refit_for_storage"]

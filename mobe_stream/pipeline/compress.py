@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint.reader import CheckpointReader
 from ..errors import MobeError
-from ..factorize import fit_baseline, prepare_targets, relative_error
+from ..factorize import fit_baseline, prepare_targets, refit_for_storage, relative_error
 from ..memory import pin_mmap_threshold
 from ..verify import check_source, verify
 from . import mobe_output, outdir, preflight
@@ -117,8 +117,13 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
         factors = fit_baseline(W_scaled, job.plan, job.fit.device)
         info = {"kind": "factorize", "method": job.plan.method, "steps": 0}
         seconds = time.monotonic() - t0
-    info["rel_error"] = relative_error(W_scaled, factors)
-    tensors = mobe_output.factor_tensors(job.family.experts_prefix(unit.layer), unit.proj, factors, std, job.output.dtype)
+    info["rel_error_fit"] = relative_error(W_scaled, factors)
+    if job.output.dtype != torch.float32:  # the shared part is stored first, A re-solved against it
+        factors = refit_for_storage(W_scaled, factors, mobe_output.roundtrip_for(job.output), job.fit.device)
+    prefix = job.family.experts_prefix(unit.layer)
+    tensors = mobe_output.factor_tensors(prefix, unit.proj, factors, std, job.output)
+    info["rel_error"] = relative_error(W_scaled, mobe_output.stored_factors(job.plan, prefix, unit.proj, tensors,
+                                                                            job.output, std))
     outdir.write_unit(job.out, journal, unit.key, tensors.items(), job.output.max_shard_bytes, reporter, info,
                       seconds_before=seconds, announce=False)
     if job.plan.method == "mobe":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import fp8
 from ..checkpoint.families import Family, get_family
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ConfigError
@@ -46,10 +47,15 @@ class FitSettings:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How factor tensors are stored (mobe_output.py)."""
+    """How factor tensors are stored (mobe_output.py); `block` is the FP8 block when dtype is FP8."""
 
     dtype: torch.dtype
     max_shard_bytes: int
+    block: tuple[int, int] = fp8.DEFAULT_BLOCK
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype == fp8.FP8_DTYPE
 
 
 @dataclass
@@ -89,6 +95,15 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
                       device=opts.resolved_device(),
                       max_device_bytes=parse_size(opts.max_gpu_memory, "--max-gpu-memory") if opts.max_gpu_memory else None,
                       checkpoint_every=opts.checkpoint_every)
-    output = OutputSpec(opts.output_dtype(), parse_size(opts.max_shard_size, "--max-shard-size"))
-    return CompressJob(src, out, reader, family, spec, plan, layers, settings_for_journal(opts, m, r, layers),
-                       fit, output, opts)
+    out_dtype = opts.output_dtype(source_expert_dtype(reader, family, layers))
+    output = OutputSpec(out_dtype, parse_size(opts.max_shard_size, "--max-shard-size"),
+                        tuple(reader.fp8_block or fp8.DEFAULT_BLOCK))
+    return CompressJob(src, out, reader, family, spec, plan, layers,
+                       settings_for_journal(opts, m, r, layers, out_dtype), fit, output, opts)
+
+
+def source_expert_dtype(reader: CheckpointReader, family: Family, layers: list[int]) -> str:
+    """Safetensors dtype of the first compressed layer's gate_proj weights ("F8_E4M3", "BF16", ...)."""
+    if not layers:
+        return "BF16"
+    return reader.info(family.expert_tensor_names(layers[0], "gate_proj")[0]).dtype

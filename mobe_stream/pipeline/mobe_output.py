@@ -6,36 +6,65 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import mobe_format
+from ..checkpoint import fp8, mobe_format
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..checkpoint.writer import write_index_and_manifest
 from ..errors import ConfigError
-from ..factorize import LowRankFactors, MoBEFactors
+from ..factorize import LowRankFactors, MethodPlan, MoBEFactors, factors_from_tensors
 from . import outdir
-from .job import CompressJob
+from .job import CompressJob, OutputSpec
 from .journal import Journal
 from .plan import Unit
 
 
+def roundtrip_for(output: OutputSpec):
+    """How a tensor reads back after storage in `output`'s dtype (fp32), for refit_for_storage."""
+    if output.is_fp8:
+        return lambda t: fp8.roundtrip(t, output.block)
+    return lambda t: t.to(output.dtype).float()
+
+
 def factor_tensors(experts_prefix: str, proj: str, factors: MoBEFactors | LowRankFactors, std: float,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                   output: OutputSpec) -> dict[str, torch.Tensor]:
     """The stored tensors of one projection; the target std is folded into A (or U and the mean).
 
-    α (mixing logits) stays fp32 whatever `dtype` is: it is tiny and softmax is sensitive to it.
+    α (mixing logits) stays fp32 whatever the dtype: it is tiny and softmax is sensitive to it.
+    FP8: each matrix of a stack gets its own 128x128 block scales under `<name>_scale_inv`.
     """
     name = lambda suffix: mobe_format.factor_name(experts_prefix, proj, suffix)  # noqa: E731
     scale = float(std) * float(getattr(factors, "scale", 1.0))
     if isinstance(factors, LowRankFactors):
-        out = {name("lowrank_U"): (factors.U.float() * scale).to(dtype).contiguous(),
-               name("lowrank_V"): factors.V.to(dtype).contiguous()}
+        parts = {"lowrank_U": factors.U.float() * scale, "lowrank_V": factors.V.float()}
         if factors.mean is not None:
-            out[name("lowrank_mean")] = (factors.mean.float() * scale).to(dtype).contiguous()
-        return out
-    return {
-        name("mobe_A"): (factors.A.float() * scale).to(dtype).contiguous(),
-        name("mobe_B"): factors.B.to(dtype).contiguous(),
-        name(mobe_format.ALPHA): factors.alpha.float().contiguous(),
-    }
+            parts["lowrank_mean"] = factors.mean.float() * scale
+    else:
+        parts = {"mobe_A": factors.A.float() * scale, "mobe_B": factors.B.float()}
+    out: dict[str, torch.Tensor] = {}
+    for suffix, t in parts.items():
+        if output.is_fp8:
+            q, s = fp8.quantize_stack(t, output.block)
+            out[name(suffix)], out[fp8.scale_name(name(suffix))] = q, s
+        else:
+            out[name(suffix)] = t.to(output.dtype).contiguous()
+    if isinstance(factors, MoBEFactors):
+        out[name(mobe_format.ALPHA)] = factors.alpha.float().contiguous()
+    return out
+
+
+def stored_factors(plan: MethodPlan, experts_prefix: str, proj: str, tensors: dict[str, torch.Tensor],
+                   output: OutputSpec, std: float) -> MoBEFactors | LowRankFactors:
+    """The factors exactly as a reader will see them (dequantized), on the z-scored targets' scale:
+    the reconstruction error reported is the stored model's, not the fit's."""
+    values = {}
+    for suffix, n in mobe_format.factor_names(experts_prefix, proj, plan.shapes(1, 1, 1)).items():
+        t = tensors.get(n)
+        if t is None:
+            continue
+        sn = fp8.scale_name(n)
+        values[suffix] = fp8.dequantize_stack(t, tensors[sn], output.block, torch.float32) if sn in tensors else t.float()
+    f = factors_from_tensors(plan, values)
+    f.scale = 1.0 / float(std)
+    return f
 
 
 def _numel(shape) -> int:
@@ -62,6 +91,7 @@ def mobe_block(job: CompressJob, journal: Journal) -> dict:
         "layers": job.layers,
         "layout": job.family.layout,
         "dtype": str(job.output.dtype).replace("torch.", ""),
+        "fp8_block": list(job.output.block) if job.output.is_fp8 else None,
         "errors": errors,
         "source_family": job.family.name,
         "steps": job.fit.steps,

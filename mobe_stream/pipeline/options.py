@@ -20,7 +20,9 @@ from ..sizes import parse_size
 from .solvers import SOLVERS
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+          "fp32": torch.float32, "float32": torch.float32, "fp8": torch.float8_e4m3fn}
+AUTO = "auto"  # the storage dtype of the source's routed experts (FP8 sources get FP8 factors)
+STORED = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 ACTIVATIONS = ("silu", "tanh")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LAYERS = re.compile(r"^\s*(all|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)\s*$")
@@ -83,7 +85,7 @@ class CompressOptions:
     layers: str | None = None
     device: str = "auto"
     seed: int = 0
-    dtype: str = "bf16"
+    dtype: str = AUTO
     max_shard_size: str = "5GB"
     max_gpu_memory: str | None = None
     checkpoint_every: float = 300.0
@@ -97,7 +99,7 @@ class CompressOptions:
         _choice("--solver", self.solver, SOLVERS)
         _choice("--init", self.init, INITS)
         _choice("--activation", self.activation, ACTIVATIONS)
-        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--dtype", self.dtype, (AUTO, *DTYPES))
         for option, value in (("--num-bases", self.num_bases), ("--rank", self.rank)):
             if value is not None and value < 1:
                 raise ConfigError(f"{option}: must be at least 1, got {value}")
@@ -118,15 +120,20 @@ class CompressOptions:
             parse_size(self.max_gpu_memory, "--max-gpu-memory")
         resolve_device(self.device)
 
-    def output_dtype(self) -> torch.dtype:
-        _choice("--dtype", self.dtype, DTYPES)
+    def output_dtype(self, source_dtype: str) -> torch.dtype:
+        """The factors' storage dtype; `source_dtype` is the safetensors dtype of the source's
+        gate/up expert weights (what `auto` follows)."""
+        _choice("--dtype", self.dtype, (AUTO, *DTYPES))
+        if self.dtype == AUTO:
+            return STORED.get(source_dtype, torch.bfloat16)
         return DTYPES[self.dtype]
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
 
 
-def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layers: list[int]) -> dict:
+def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layers: list[int],
+                         out_dtype: torch.dtype) -> dict:
     """What determines the output tensors. Device, checkpoint cadence and memory caps do not.
 
     Sizes are stored parsed (bytes), so `5000MB` and `5GB` are the same setting on resume.
@@ -143,7 +150,7 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
         "lr": opts.lr,
         "tol": opts.tol,
         "seed": opts.seed,
-        "dtype": str(opts.output_dtype()).replace("torch.", ""),
+        "dtype": str(out_dtype).replace("torch.", ""),  # resolved: `auto` and `fp8` on an FP8 source are one run
         "layers": layers,
         "max_shard_size": parse_size(opts.max_shard_size, "--max-shard-size"),
     }
