@@ -15,6 +15,12 @@ LOWRANK_SUFFIXES = ("lowrank_U", "lowrank_V", "lowrank_mean")
 FACTOR_SUFFIXES = MOBE_SUFFIXES + LOWRANK_SUFFIXES  # every suffix a compressed projection may store
 ALPHA = "mobe_alpha"  # stored fp32 whatever the output dtype (mixing logits are tiny and sensitive)
 
+# Run-time files a mobe-stream run leaves in its output dir (FORMAT.md). Named here, below the
+# pipeline that writes them, so that `verify` can recognise an unfinished run without importing it.
+JOURNAL_NAME = "mobe-journal.json"
+JOURNAL_COMPLETE = "complete"  # the journal's flag, set true once the index and manifest are written
+LOCK_NAME = ".mobe-stream.lock"
+
 
 def factor_name(experts_prefix: str, proj: str, suffix: str) -> str:
     """`<experts_prefix><proj>.<suffix>`; experts_prefix ends with a dot (absolute or layer-relative)."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint.mobe_format import JOURNAL_COMPLETE, JOURNAL_NAME
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..errors import CheckpointError
 
-JOURNAL_NAME = "mobe-journal.json"
 STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
 FORMAT = "mobe-stream-journal/1"
 
@@ -30,7 +30,7 @@ class Journal:
             "source_fingerprint": source_fingerprint,
             "units": {},
             "next_shard_index": 1,
-            "complete": False,
+            JOURNAL_COMPLETE: False,
         })
         j.save()
         return j
@@ -79,7 +79,7 @@ class Journal:
         self.save()
 
     def mark_complete(self) -> None:
-        self.data["complete"] = True
+        self.data[JOURNAL_COMPLETE] = True
         self.save()
 
     def save(self) -> None:

@@ -14,9 +14,8 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from ..checkpoint.mobe_format import LOCK_NAME
 from ..errors import MobeError
-
-LOCK_NAME = ".mobe-stream.lock"
 
 
 def _pid_alive(pid: int) -> bool:
