@@ -83,7 +83,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Repo
             write_index_and_manifest(out, records, {"exported_from": "mobe"})
             atomic_write_json(out / "config.json", _export_config(cfg, target))
             outdir.copy_side_files(src, out)
-            outdir.self_check(out, lambda d: verify(d, full=False))
+            outdir.self_check(out, lambda d: verify(d, full=False, own_run=True))
             journal.mark_complete()
         summary = {"source": str(src), "output": str(out), "dtype": target, "layers": mobe["layers"]}
         reporter.event("message", text=f"exported {src} -> {out} ({target})")
