@@ -162,14 +162,18 @@ def export(
 
 
 @app.command("verify")
+@friendly
 def verify_cmd(
     model: Path = typer.Argument(..., help="Checkpoint directory (original, MoBE or exported)."),
     quick: bool = typer.Option(False, "--quick", help="Skip sha256 and the NaN/Inf scan."),
 ):
-    """Check shards against the manifest, the index against the headers, shapes against the config."""
+    """Check shards against the manifest, the index against the headers, shapes against the config.
+
+    Exit 0: fine; 1: problems found (listed on stdout); 2: not a checkpoint directory at all.
+    """
     from .verify import verify as check
 
-    problems = check(model, full=not quick)
+    problems = check(model, full=not quick, note=lambda text: print(f"note: {text}", file=sys.stderr))
     for p in problems:
         print(p)
     if problems:

@@ -19,6 +19,14 @@ ALPHA = "mobe_alpha"  # stored fp32 whatever the output dtype (mixing logits are
 # With `--dtype fp8` every other factor is float8_e4m3fn with an fp32 `<name>_scale_inv` companion,
 # one [ceil(rows/128), ceil(cols/128)] block grid per matrix of the stack (docs/FORMAT.md).
 
+# Run-time files a mobe-stream run leaves in its output dir (FORMAT.md). Named here, below the
+# pipeline that writes them, so that `verify` can recognise an unfinished run without importing it.
+JOURNAL_NAME = "mobe-journal.json"
+JOURNAL_COMPLETE = "complete"  # the journal's flag, set true once the index and manifest are written
+LOCK_NAME = ".mobe-stream.lock"
+STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
+STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
+
 
 def factor_name(experts_prefix: str, proj: str, suffix: str) -> str:
     """`<experts_prefix><proj>.<suffix>`; experts_prefix ends with a dot (absolute or layer-relative)."""

@@ -124,31 +124,54 @@ def write_index_and_manifest(out_dir: str | os.PathLike, records: Iterable[Shard
     atomic_write_json(out_dir / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "shards": shards})
 
 
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """manifest.json's shard records (filename -> {"sha256", "size", "tensors"}); None when there is
+    no manifest.json (a checkpoint mobe-stream did not write). Unreadable: CheckpointError."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"unreadable manifest ({e})", path) from None
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if fmt != MANIFEST_FORMAT:
+        raise CheckpointError(f"unknown manifest format {fmt!r}", path)
+    if not isinstance(doc.get("shards"), dict):
+        raise CheckpointError("unreadable manifest (no 'shards' object)", path)
+    return doc["shards"]
+
+
+def shard_problem(path: Path, record: object, full: bool) -> str | None:
+    """What is wrong with one shard against its manifest record (None: intact). full=False compares
+    the size only; full=True also hashes the whole file (one sequential read)."""
+    if not isinstance(record, dict):
+        return f"malformed record in {MANIFEST_NAME}"
+    if not path.is_file():
+        return f"shard listed in {MANIFEST_NAME} is missing"
+    size = path.stat().st_size
+    if size != record.get("size"):
+        return f"size {size} differs from {MANIFEST_NAME} ({record.get('size')})"
+    if full and sha256_file(path) != record.get("sha256"):
+        return f"sha256 differs from {MANIFEST_NAME}"
+    return None
+
+
 def verify_manifest(out_dir: str | os.PathLike, full: bool = True) -> list[str]:
     """Problems with the shards listed in manifest.json (empty list: all present and intact).
 
     full=False checks sizes only (fast); full=True also re-hashes every shard.
     """
     out_dir = Path(out_dir)
-    path = out_dir / MANIFEST_NAME
     try:
-        doc = json.loads(path.read_text())
-        shards = doc["shards"]
-        if doc.get("format") != MANIFEST_FORMAT:
-            return [f"{path}: unknown manifest format {doc.get('format')!r}"]
-    except FileNotFoundError:
-        return [f"{path}: missing"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{path}: unreadable manifest ({e})"]
+        shards = read_manifest(out_dir)
+    except CheckpointError as e:
+        return [str(e)]
+    if shards is None:
+        return [f"{out_dir / MANIFEST_NAME}: missing"]
     problems = []
     for fname, rec in sorted(shards.items()):
-        p = out_dir / fname
-        if not p.is_file():
-            problems.append(f"{p}: shard listed in manifest.json is missing")
-        elif p.stat().st_size != rec.get("size"):
-            problems.append(f"{p}: size {p.stat().st_size} differs from manifest.json ({rec.get('size')})")
-        elif full and sha256_file(p) != rec.get("sha256"):
-            problems.append(f"{p}: sha256 differs from manifest.json (corrupted or changed)")
+        problem = shard_problem(out_dir / fname, rec, full)
+        if problem:
+            problems.append(f"{out_dir / fname}: {problem}")
     return problems
-
-

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import fp8
 from ..checkpoint.reader import CheckpointReader
-from ..errors import MobeError
+from ..errors import CheckpointError, MobeError
 from ..factorize import fit_baseline, prepare_targets, refit_for_storage, relative_error
 from ..memory import pin_mmap_threshold
 from ..verify import check_source, verify
@@ -68,7 +69,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
                 else:
                     _run_factorize(job, journal, unit, reporter)
             summary = mobe_output.finalize(job, journal, units)
-            outdir.self_check(out, lambda d: verify(d, full=False))
+            outdir.self_check(out, lambda d: verify(d, full=False, own_run=True))
             journal.mark_complete()
         reporter.event("summary", **summary)
         return summary
@@ -98,6 +99,7 @@ def _state_path(job: CompressJob, unit: Unit) -> Path:
 def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Reporter) -> None:
     assert unit.layer is not None and unit.proj is not None
     W = job.family.expert_stack(job.reader, unit.layer, unit.proj, torch.float32)
+    _refuse_nonfinite(job, unit, W)
     W_scaled, std = prepare_targets(W)  # in place: one copy of the layer's targets
     t0 = time.monotonic()
     if job.plan.method == "mobe":
@@ -128,6 +130,21 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
                       seconds_before=seconds, announce=False)
     if job.plan.method == "mobe":
         state_path.unlink(missing_ok=True)
+
+
+def _refuse_nonfinite(job: CompressJob, unit: Unit, W: torch.Tensor) -> None:
+    """A NaN/Inf in the targets would be fitted into every basis of the layer: refuse, naming the
+    stored tensor. One pass over W, an expert at a time (a whole-layer mask would be a quarter of
+    W's size in RAM); cheap next to reading W."""
+    e = next((i for i in range(W.shape[0]) if not torch.isfinite(W[i]).all()), None)
+    if e is None:
+        return
+    assert unit.layer is not None and unit.proj is not None
+    weights = [n for n in job.family.expert_tensor_names(unit.layer, unit.proj) if not n.endswith(fp8.SCALE_SUFFIX)]
+    name = weights[e] if len(weights) == W.shape[0] else f"{weights[0]} (expert {e})"  # per-expert or fused
+    info = job.reader.info(weights[min(e, len(weights) - 1)])
+    raise CheckpointError(f"tensor {name} contains NaN or Inf ({unit.proj} of expert {e}); the source is corrupt, "
+                          f"refusing to compress it", job.reader.model_dir / info.shard)
 
 
 @contextmanager

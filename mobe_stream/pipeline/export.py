@@ -3,10 +3,15 @@
 Streams layer by layer: each compressed projection's experts are rebuilt (W_e = A_e M_e) a chunk of
 experts at a time and written with the source's tensor names (per-expert or fused). Resumable
 through the same journal, lock and atomic shards as `compress`.
+
+Before any output: the source's shard sizes against its manifest.json, and the projected output
+bytes against the free disk. Each source shard's sha256 is checked before its tensors are used
+(source_check.py: 6-12 extra minutes of hashing for a 700 GB compressed Kimi-K2).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +27,11 @@ from ..factorize import MethodPlan, factors_from_tensors
 from ..memory import pin_mmap_threshold
 from ..sizes import parse_size
 from ..verify import verify
-from . import outdir
+from . import outdir, preflight
 from .events import Reporter
+from .journal import Journal
 from .lock import OutputLock
+from .source_check import SourceShards
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
 
@@ -67,29 +74,68 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Repo
         max_shard = parse_size(opts.max_shard_size, "--max-shard-size")
         family = get_family(cfg, reader)
         settings = {"method": "export", "dtype": target, "max_shard_size": max_shard}
+        warn = lambda t: reporter.event("warning", text=t)  # noqa: E731
+        source = SourceShards(reader, warn)
+        units = _plan(reader)
+        block = tuple(reader.fp8_block or fp8.DEFAULT_BLOCK)
         outdir.prepare(out)
-        with OutputLock(out, warn=lambda t: reporter.event("warning", text=t)):
+        with OutputLock(out, warn=warn):
+            _preflight(src, out, reader, family, mobe, units, target, block, opts, warn)
             journal = outdir.open_journal(out, settings, reader.fingerprint(), resume=opts.resume,
                                           overwrite=opts.overwrite, reporter=reporter,
                                           side_files=[e.name for e in outdir.side_files(src)])
-            units = _plan(reader)
             todo = [u for u in units if not journal.done(u[0])]
             reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src))
-            block = tuple(reader.fp8_block or fp8.DEFAULT_BLOCK)
             for key, layer, names in todo:
+                source.check(sorted({reader.info(n).shard for n in names}))
                 items = _unit_items(reader, family, mobe, layer, names, target, block, opts.expert_chunk)
                 outdir.write_unit(out, journal, key, items, max_shard, reporter, {"kind": "export", "tensors": len(names)})
             records = [rec for key, _, _ in units for rec in journal.units[key]["shards"]]
             write_index_and_manifest(out, records, {"exported_from": "mobe"})
             atomic_write_json(out / "config.json", _export_config(cfg, target))
             outdir.copy_side_files(src, out)
-            outdir.self_check(out, lambda d: verify(d, full=False))
+            outdir.self_check(out, lambda d: verify(d, full=False, own_run=True))
             journal.mark_complete()
         summary = {"source": str(src), "output": str(out), "dtype": target, "layers": mobe["layers"]}
         reporter.event("message", text=f"exported {src} -> {out} ({target})")
         return summary
     finally:
         reader.close()
+
+
+def _preflight(src: Path, out: Path, reader: CheckpointReader, family: Family, mobe: dict, units: list,
+               target: str, block, opts: ExportOptions, warn) -> None:
+    """Refuse before the journal is written when the output will not fit. Units a resumed run
+    finished are not counted; shards an --overwrite deletes count as free."""
+    old = Journal.load(out)
+    done = set(old.units) if old is not None and opts.resume else set()
+    reclaimed = 0
+    if old is not None and opts.overwrite and not opts.resume:
+        reclaimed = sum(int(rec["size"]) for u in old.units.values() for rec in u["shards"])
+    todo = [u for u in units if u[0] not in done]
+    need = _projected_bytes(reader, family, mobe, todo, target, block) + outdir.side_files_bytes(src) - reclaimed
+    preflight.check(out, max(0, need), None, force=False, warn=warn, remedy="free space or choose another --out")
+
+
+def _projected_bytes(reader: CheckpointReader, family: Family, mobe: dict, units: list, target: str, block) -> int:
+    """Bytes the units will write: kept tensors as `_kept_dtype` says, rebuilt experts [E, p, d] per
+    compressed projection in the target dtype (fp8: 1 byte + fp32 block scales)."""
+    E, p, d = family.num_experts, family.moe_intermediate_size, family.hidden_size
+    shapes = [(2 * p, d)] if mobe["layout"] == "fused" else [(p, d)] * len(mobe_format.PROJECTIONS)
+    item = EXPORT_DTYPES[target].itemsize
+    rebuilt = sum(E * r * c * item for r, c in shapes)
+    if target == "fp8":
+        rebuilt += sum(E * math.prod(fp8.scale_shape(s, block)) * 4 for s in shapes)
+    total = 0
+    for _, layer, names in units:
+        for name in names:
+            kept = None if mobe_format.is_factor(name) else _kept_dtype(reader, name, target)
+            if kept is not None:
+                info = reader.info(name)
+                total += info.nbytes if kept == "stored" else math.prod(info.shape) * EXPORT_DTYPES[target].itemsize
+        if layer is not None and layer in mobe["layers"]:
+            total += rebuilt
+    return total
 
 
 def _plan(reader: CheckpointReader) -> list[tuple[str, int | None, list[str]]]:
@@ -110,14 +156,20 @@ def _export_config(cfg: dict, target: str) -> dict:
     return out
 
 
-def _convert(reader: CheckpointReader, name: str, target: str):
-    """A kept tensor in the target dtype: FP8 stays raw for fp8 export, else is dequantized (scale dropped)."""
+def _kept_dtype(reader: CheckpointReader, name: str, target: str) -> str | None:
+    """How a kept tensor is written: None (an FP8 scale, dropped when dequantizing), "stored" (raw,
+    bit-exact; FP8 stays FP8 for an fp8 export) or `target` (FP8 dequantized)."""
     if name.endswith(fp8.SCALE_SUFFIX) and target != "fp8":
         return None
-    info = reader.info(name)
-    if info.dtype == "F8_E4M3" and target != "fp8":
-        return reader.get(name, EXPORT_DTYPES[target])
-    return reader.get(name)
+    return target if reader.info(name).dtype == "F8_E4M3" and target != "fp8" else "stored"
+
+
+def _convert(reader: CheckpointReader, name: str, target: str):
+    """A kept tensor as `_kept_dtype` says (None: not written)."""
+    kept = _kept_dtype(reader, name, target)
+    if kept is None:
+        return None
+    return reader.get(name) if kept == "stored" else reader.get(name, EXPORT_DTYPES[kept])
 
 
 def _unit_items(reader: CheckpointReader, family: Family, mobe: dict, layer: int | None, names: list[str],

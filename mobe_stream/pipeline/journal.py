@@ -10,11 +10,12 @@ import json
 from pathlib import Path
 
 from ..checkpoint.fingerprint import SourceFingerprint
+from ..checkpoint.mobe_format import JOURNAL_COMPLETE, JOURNAL_NAME, STATE_DIR
+
+__all__ = ["JOURNAL_NAME", "STATE_DIR", "Journal"]
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..errors import CheckpointError
 
-JOURNAL_NAME = "mobe-journal.json"
-STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
 FORMAT = "mobe-stream-journal/1"
 
 
@@ -31,7 +32,7 @@ class Journal:
             "source_fingerprint": source_fingerprint.to_json(),
             "units": {},
             "next_shard_index": 1,
-            "complete": False,
+            JOURNAL_COMPLETE: False,
         })
         j.save()
         return j
@@ -86,7 +87,7 @@ class Journal:
         self.save()
 
     def mark_complete(self) -> None:
-        self.data["complete"] = True
+        self.data[JOURNAL_COMPLETE] = True
         self.save()
 
     def save(self) -> None:

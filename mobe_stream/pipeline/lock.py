@@ -22,9 +22,9 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from ..checkpoint.mobe_format import LOCK_NAME
 from ..errors import MobeError
 
-LOCK_NAME = ".mobe-stream.lock"
 _ATTEMPTS = 100  # each retry means the file was just released and replaced: a handful is plenty
 
 

@@ -20,13 +20,13 @@ from typing import Callable, Iterable
 import torch
 
 from ..checkpoint.fingerprint import SourceFingerprint
+from ..checkpoint.mobe_format import JOURNAL_NAME, LOCK_NAME
 from ..checkpoint.safetensors_io import atomic_file, sha256_file
 from ..checkpoint.writer import ShardWriter
 from ..errors import ConfigError, ResourceError
 from ..memory import release_freed_memory
 from .events import Reporter
-from .journal import JOURNAL_NAME, STATE_DIR, Journal
-from .lock import LOCK_NAME
+from .journal import STATE_DIR, Journal
 
 # What a run of ours writes at the top of an output dir; --overwrite deletes these and nothing else.
 _SHARD = re.compile(r"^model-\d{5}\.safetensors$")

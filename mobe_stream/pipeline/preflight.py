@@ -36,9 +36,11 @@ def layer_ram_bytes(family: Family, spec: MoBESpec) -> int:
     return int(ws["host"])
 
 
-def check(out: Path, need_disk: int, need_ram: int | None, force: bool, warn: Callable[[str], None]) -> None:
+def check(out: Path, need_disk: int, need_ram: int | None, force: bool, warn: Callable[[str], None],
+          remedy: str = "free space or pass --force") -> None:
     """Refuse (or with `force` warn) when `need_disk` bytes will not fit in `out` or `need_ram`
-    (None: nothing to fit) exceeds the RAM available now."""
+    (None: nothing to fit) exceeds the RAM available now. `remedy` ends the refusal (a command
+    without --force must not suggest it)."""
     free_disk = shutil.disk_usage(out).free
     problems = []
     if need_disk > free_disk:
@@ -52,4 +54,4 @@ def check(out: Path, need_disk: int, need_ram: int | None, force: bool, warn: Ca
         if force:
             warn(p + " (continuing: --force)")
         else:
-            raise ResourceError(p + "; free space or pass --force")
+            raise ResourceError(f"{p}; {remedy}")
