@@ -40,7 +40,7 @@ class _TokenizersBackend:
 
 
 class Tokenizer:
-    """encode / decode / eos_ids. Special-token names in encoded text become special ids
+    """encode / decode / eos_ids / encode_chat. Special-token names in encoded text become special ids
     with either backend (both libraries' and Kimi's own default)."""
 
     def __init__(self, model_dir: str | Path, config: dict | None = None):
@@ -96,6 +96,17 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._backend.token_id(token)
+
+    def chat_text(self, prompt: str) -> str:
+        """The prompt as one user turn of the model's chat template (ConfigError if it has none)."""
+        from .chat import find_template, render
+
+        template, source = find_template(self.model_dir, self.tokenizer_config, self.config_path)
+        cfg = self.tokenizer_config
+        return render(template, source, prompt, self.special_token(cfg, "bos_token"), self.special_token(cfg, "eos_token"))
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        return self.encode(self.chat_text(prompt))
 
 
 def _json_object(path: Path) -> dict:
