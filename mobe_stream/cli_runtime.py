@@ -5,25 +5,27 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .cli_common import friendly
 
-
-def _load(model: Path, dtype: str, device_map: str, max_memory: Optional[str], offload_folder: Optional[Path],
-          mobe_cache: Optional[str], print_map: bool):
-    from .runtime.device_map import format_plan
-    from .runtime.model import load_model
+if TYPE_CHECKING:
     from .runtime.tokenizer import Tokenizer
 
-    tok = Tokenizer(model)  # fail on a missing tokenizer before loading weights
+
+def _load(model: Path, tok: Tokenizer, dtype: str, device_map: str, max_memory: Optional[str],
+          offload_folder: Optional[Path], mobe_cache: Optional[str], print_map: bool):
+    """Load weights; the caller builds `tok` first so that a bad tokenizer or chat template fails before."""
+    from .runtime.device_map import format_plan
+    from .runtime.model import load_model
+
     show = (lambda plan, sizes: print(format_plan(plan, sizes), file=sys.stderr, flush=True)) if print_map else None
     m = load_model(model, dtype=dtype, device_map=None if device_map == "none" else device_map,
                    max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache or 0, on_plan=show)
     tok.eos_ids |= set(m.cfg.eos_token_ids)
-    return m, tok
+    return m
 
 
 def _mib(b: int) -> str:
@@ -36,6 +38,7 @@ def register(app: typer.Typer) -> None:
     def generate(
         model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as one user turn of the model's chat template."),
         max_new_tokens: int = typer.Option(32, help="Stop after this many new tokens (or at EOS)."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         top_k: Optional[int] = typer.Option(None, help="Sample only from the k most likely tokens."),
@@ -50,12 +53,16 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
     ):
         """Generate text, streaming tokens to stdout; speed and peak memory to stderr."""
-        from .runtime.generate import check_sampling, generate as run
+        from .runtime.generate import check_sampling
+        from .runtime.generate import generate as run
+        from .runtime.tokenizer import Tokenizer
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
-        m, tok = _load(model, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
+        tok = Tokenizer(model)
+        ids = tok.encode_chat(prompt) if chat else tok.encode(prompt)
+        m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
         try:
-            r = run(m, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, stream=None if json_out else sys.stdout)
+            r = run(m, tok, ids, max_new_tokens, temperature, top_k, top_p, seed, stream=None if json_out else sys.stdout)
         finally:
             m.close()
         if json_out:
@@ -83,6 +90,7 @@ def register(app: typer.Typer) -> None:
         """Perplexity of MODEL on a text file."""
         from .errors import CheckpointError, ConfigError
         from .runtime.eval import perplexity
+        from .runtime.tokenizer import Tokenizer
 
         if ctx < 2:
             raise ConfigError(f"--ctx: must be at least 2 tokens, got {ctx}")
@@ -91,7 +99,8 @@ def register(app: typer.Typer) -> None:
             body = text.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read text file ({e})", text) from None
-        m, tok = _load(model, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
+        tok = Tokenizer(model)
+        m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
         try:
             r = perplexity(m, tok, body, ctx)
         finally:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # works from a 
 
 import torch  # noqa: E402
 
-from mobe_stream.synth import FAMILIES, make_tiny_moe, make_wide_kimi  # noqa: E402
+from mobe_stream.synth import FAMILIES, TOKENIZERS, make_tiny_moe, make_wide_kimi  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--mtp-layer", action="store_true", help="add DeepSeek's MTP layer past num_hidden_layers")
+    ap.add_argument("--tokenizer", choices=TOKENIZERS, default="tokenizers",
+                    help="tiktoken: Kimi-K2's layout (tiktoken.model + chat template, no tokenizer.json)")
     a = ap.parse_args(argv)
     if a.wide:
         kw = {k: v for k, v in dict(num_layers=a.num_layers, num_experts=a.num_experts, hidden_size=a.hidden_size,
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         out = make_tiny_moe(a.out_dir, a.family, fp8=a.fp8, layout=a.layout, structured=not a.unstructured,
                             num_layers=a.num_layers, num_experts=a.num_experts, hidden_size=a.hidden_size,
                             moe_intermediate_size=a.moe_intermediate_size, num_shards=a.num_shards or 3, seed=a.seed,
-                            dtype=getattr(torch, a.dtype), vocab_size=a.vocab_size, mtp_layer=a.mtp_layer)
+                            dtype=getattr(torch, a.dtype), vocab_size=a.vocab_size, mtp_layer=a.mtp_layer,
+                            tokenizer=a.tokenizer)
     print(out)
     return 0
 

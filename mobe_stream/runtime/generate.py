@@ -70,10 +70,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def generate(model: MoEModel, tok: Tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+def generate(model: MoEModel, tok: Tokenizer, prompt: str | list[int], max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stream: TextIO | None = sys.stdout) -> GenerationResult:
-    ids = tok.encode(prompt) or sorted(tok.eos_ids)[:1] or [0]
+    """prompt: text, or ids already encoded (a rendered chat turn, encoded before any weight is read)."""
+    ids = (tok.encode(prompt) if isinstance(prompt, str) else list(prompt)) or sorted(tok.eos_ids)[:1] or [0]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -11,10 +11,13 @@ import torch
 from ..checkpoint import fp8
 from ..checkpoint.safetensors_io import atomic_write_json, write_safetensors
 from .configs import deepseek_v3_config, qwen3_moe_config
+from .kimi_tokenizer import DEFAULT_VOCAB as TIKTOKEN_VOCAB
+from .kimi_tokenizer import write_kimi_tokenizer
 from .layout import Spec, deepseek_specs, qwen3_moe_specs
 from .tokenizer import write_tokenizer
 
 FAMILIES = ("qwen3_moe", "deepseek_v3", "kimi_k2")
+TOKENIZERS = ("tokenizers", "tiktoken")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
@@ -86,12 +89,14 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
                   structured: bool = True, num_layers: int | None = None, num_experts: int | None = None,
                   hidden_size: int | None = None, moe_intermediate_size: int | None = None, num_shards: int = 3,
                   seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int | None = None,
-                  mtp_layer: bool = False) -> Path:
+                  mtp_layer: bool = False, tokenizer: str = "tokenizers") -> Path:
     """A tiny checkpoint of `family` with the hub's config keys and tensor names. Returns its path.
 
     Defaults: 3 layers (the first dense), 8 experts, hidden 64, moe_intermediate 32, vocab 512; with
     fp8=True (DeepSeek-V3/Kimi-K2 only) hidden 256 and moe_intermediate 192 so that 128x128 blocks
-    include partial edge blocks.
+    include partial edge blocks. tokenizer="tiktoken" writes Kimi-K2's vocabulary layout instead of a
+    tokenizer.json (tiktoken.model, special tokens, chat template; vocab 1024 by default, ids of
+    [BOS]/[EOS]/<|im_end|> in the configs).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -99,13 +104,15 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         raise ValueError("FP8 block-scaled checkpoints are a DeepSeek-V3/Kimi-K2 format")
     if layout not in ("per_expert", "fused"):
         raise ValueError("layout must be per_expert or fused")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}")
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     kw = dict(num_layers=num_layers or 3, num_experts=num_experts or 8,
               hidden=hidden_size or (256 if fp8 else 64), moe_inter=moe_intermediate_size or (192 if fp8 else 32),
-              vocab=vocab_size or 512, dtype=DTYPE_NAMES[dtype])
+              vocab=vocab_size or (TIKTOKEN_VOCAB if tokenizer == "tiktoken" else 512), dtype=DTYPE_NAMES[dtype])
     fused = layout == "fused"
     if family == "qwen3_moe":
         cfg = qwen3_moe_config(**kw)
@@ -115,10 +122,16 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         cfg = deepseek_v3_config(**kw, kimi=family == "kimi_k2", fp8=fp8)
         specs = deepseek_specs(cfg, fused, family == "kimi_k2", mtp_layer)
         E = cfg["n_routed_experts"]
+    gen = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}
+    if tokenizer == "tiktoken":  # before any weight: a vocab_size too small for it fails at once
+        ids = write_kimi_tokenizer(out, cfg["vocab_size"])
+        cfg["bos_token_id"], cfg["eos_token_id"] = ids["[BOS]"], ids["[EOS]"]
+        gen.update(bos_token_id=ids["[BOS]"], eos_token_id=ids["<|im_end|>"])  # Kimi ends a turn with <|im_end|>
+    else:
+        write_tokenizer(out, cfg["vocab_size"])
     _write_shards(out, specs, _Values(seed, structured), dtype, fp8, E, num_shards, unpadded=family == "kimi_k2")
     atomic_write_json(out / "config.json", cfg)
-    atomic_write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False})
-    write_tokenizer(out, cfg["vocab_size"])
+    atomic_write_json(out / "generation_config.json", gen)
     return out
 
 
