@@ -25,7 +25,6 @@ JOURNAL_NAME = "mobe-journal.json"
 JOURNAL_COMPLETE = "complete"  # the journal's flag, set true once the index and manifest are written
 LOCK_NAME = ".mobe-stream.lock"
 STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
-STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
 
 
 def factor_name(experts_prefix: str, proj: str, suffix: str) -> str:
