@@ -28,6 +28,29 @@ def _load(model: Path, tok: Tokenizer, dtype: str, device_map: str, max_memory: 
     return m
 
 
+def _dry_run(model: Path, dtype: str, device_map: str, max_memory: Optional[str]) -> None:
+    """Plan from the shard headers for the devices max_memory names (present here or not), print the
+    plan on stdout, read no weight."""
+    from .checkpoint.reader import CheckpointReader
+    from .runtime.config import parse_config
+    from .runtime.device_map import format_plan
+    from .runtime.model import plan_model, resolve_dtype
+
+    with CheckpointReader(model) as reader:
+        cfg = parse_config(reader.config, reader.config_path)
+        plan, sizes = plan_model(reader, cfg, resolve_dtype(dtype), None if device_map == "none" else device_map,
+                                 max_memory, dry_run=True)
+    print(format_plan(plan, sizes))
+
+
+DEVICE_MAP_HELP = "auto, balanced, sequential, cpu (plan with --max-memory), or one device: cuda, cuda:N."
+MAX_MEMORY_HELP = 'accelerate form, e.g. "0=20GiB,cpu=64GiB,disk"; a GPU named here must exist (unless --dry-run).'
+OFFLOAD_HELP = ("Kept for accelerate compatibility. Disk-offloaded weights are read from the checkpoint's own "
+                "safetensors shards (mmap) and nothing is written here; every source mobe-stream reads is safetensors.")
+DRY_RUN_HELP = ("Plan only: print the device map (as --print-device-map) for the devices --max-memory names, even if "
+                "this machine lacks them, read no weight, exit 0.")
+
+
 def _mib(b: int) -> str:
     return f"{b / 2**20:.1f} MiB"
 
@@ -44,10 +67,11 @@ def register(app: typer.Typer) -> None:
         top_k: Optional[int] = typer.Option(None, help="Sample only from the k most likely tokens."),
         top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
         seed: Optional[int] = typer.Option(None, help="Sampling seed."),
-        device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu."),
-        max_memory: Optional[str] = typer.Option(None, help='accelerate form, e.g. "0=20GiB,cpu=64GiB,disk".'),
-        offload_folder: Optional[Path] = typer.Option(None, help="Where converted (e.g. FP8-dequantized) disk-offloaded weights go."),
-        print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, bytes."),
+        device_map: str = typer.Option("auto", help=DEVICE_MAP_HELP),
+        max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+        offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
+        print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
+        dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
         mobe_cache: Optional[str] = typer.Option(None, help="LRU cache of mixed MoBE bases, e.g. 2GiB."),
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
@@ -58,6 +82,8 @@ def register(app: typer.Typer) -> None:
         from .runtime.tokenizer import Tokenizer
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        if dry_run:
+            return _dry_run(model, dtype, device_map, max_memory)
         tok = Tokenizer(model)
         ids = tok.encode_chat(prompt) if chat else tok.encode(prompt)
         m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
@@ -79,10 +105,11 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
         text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
         ctx: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
-        device_map: str = typer.Option("auto", help="auto, balanced, sequential, cpu."),
-        max_memory: Optional[str] = typer.Option(None, help='accelerate form, e.g. "0=20GiB,cpu=64GiB,disk".'),
-        offload_folder: Optional[Path] = typer.Option(None),
-        print_device_map: bool = typer.Option(False, "--print-device-map"),
+        device_map: str = typer.Option("auto", help=DEVICE_MAP_HELP),
+        max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+        offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
+        print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
+        dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
         mobe_cache: Optional[str] = typer.Option(None),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
@@ -94,6 +121,8 @@ def register(app: typer.Typer) -> None:
 
         if ctx < 2:
             raise ConfigError(f"--ctx: must be at least 2 tokens, got {ctx}")
+        if dry_run:
+            return _dry_run(model, dtype, device_map, max_memory)
 
         try:
             body = text.read_text(encoding="utf-8")

@@ -80,9 +80,8 @@ def test_offloaded_runs_match_in_memory(tmp_path, family, fp8, dtype, layout):
         got, inc, plan = _run(src, dtype=dtype, device_map="auto", max_memory=max_memory, offload_folder=folder)
         if "disk" in max_memory:
             assert set(plan.values()) == {"disk"}
-            # only converted tensors are written (FP8 dequantized / bf16 stored as-is needs nothing)
-            written = list(folder.glob("*.safetensors")) if folder.exists() else []
-            assert bool(written) == (fp8 or dtype != torch.bfloat16)
+        # disk offload reads the source shards; nothing converted is ever written (FP8 or not)
+        assert not folder.exists() or not any(folder.iterdir())
         assert torch.equal(got, ref) and torch.equal(inc, ref_inc)
 
 

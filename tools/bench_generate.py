@@ -6,6 +6,7 @@ Each configuration runs in its own subprocess so that peak RSS is its own. Also 
 of MoBE basis mixing: routed experts only vs all experts (what the reference code does).
 
     python tools/bench_generate.py [--family qwen3_moe] [--tokens 32] [--json out.json]
+    python tools/bench_generate.py --family kimi_k2 --fp8    # FP8 block-scaled source (bf16 rest)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def run_one(args) -> dict:
         kw = {}
         if args.plan != "memory":
             kw = dict(device_map="auto", max_memory=_hf_max_memory(args.max_memory), offload_folder=args.offload)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, **kw).eval()
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
         ids = tok(PROMPT, return_tensors="pt").input_ids
 
@@ -87,7 +88,7 @@ def run_one(args) -> dict:
     from mobe_stream.runtime.tokenizer import Tokenizer
 
     kw = {} if args.plan == "memory" else dict(device_map="auto", max_memory=args.max_memory, offload_folder=args.offload)
-    m = load_model(args.model, dtype=torch.float32, materialize_all=args.materialize_all, **kw)
+    m = load_model(args.model, dtype=args.dtype, materialize_all=args.materialize_all, **kw)
     tok = Tokenizer(args.model)
     tok.eos_ids = set()  # fixed length runs
     generate(m, tok, PROMPT, 2, stream=None)  # warm-up
@@ -95,7 +96,8 @@ def run_one(args) -> dict:
     r = min(runs, key=lambda x: x.prefill_s + x.decode_s)  # end to end, as for transformers
     placed = {str(v) for v in m.plan.values()}
     m.close()
-    return {"tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s), "peak_rss": r.peak_rss_bytes, "devices": sorted(placed),
+    written = sum(f.stat().st_size for f in Path(args.offload).rglob("*") if f.is_file()) if args.offload else 0
+    return {"offload_written": written, "tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s), "peak_rss": r.peak_rss_bytes, "devices": sorted(placed),
             "mixed_bases": m.mobe_mixed}
 
 
@@ -131,6 +133,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--fp8", action="store_true", help="FP8 block-scaled source (deepseek_v3 / kimi_k2 only)")
+    ap.add_argument("--forms", default="original,mobe", help="which checkpoints to run (original, mobe)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="mobe", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -146,7 +151,8 @@ def main() -> None:
     from mobe_stream.synth import make_tiny_moe
 
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    src = make_tiny_moe(work / "orig", args.family, dtype=torch.float32, num_layers=args.layers,
+    src = make_tiny_moe(work / "orig", args.family, fp8=args.fp8, dtype=torch.bfloat16 if args.fp8 else torch.float32,
+                        num_layers=args.layers,
                         num_experts=args.experts, hidden_size=args.hidden, moe_intermediate_size=args.hidden // 2,
                         num_shards=2, vocab_size=512)
     mobe = make_mobe(src, work / "mobe")
@@ -158,21 +164,24 @@ def main() -> None:
     plans = {"memory": None, "cpu-offload": "cpu=64GiB", "disk-offload": "cpu=1,disk"}
     rows = []
     for form, path in (("original", src), ("mobe", mobe)):
+        if form not in args.forms.split(","):
+            continue
         for plan, mm in plans.items():
             variants = [("mobe-stream", False)] + ([("mobe-stream all-E", True)] if form == "mobe" and plan == "memory" else [])
             for engine, mat in variants:
-                rows.append(_sub(engine, form, plan, path, mm, work, args.tokens, mat))
+                rows.append(_sub(engine, form, plan, path, mm, work, args.tokens, mat, args.dtype))
             if have_accelerate and form == "original":
-                rows.append(_sub("transformers+accelerate", form, plan, path, mm, work, args.tokens, False))
+                rows.append(_sub("transformers+accelerate", form, plan, path, mm, work, args.tokens, False, args.dtype))
     if not have_accelerate:
         rows.append({"engine": "transformers+accelerate", "form": "original", "plan": "-", "note": "accelerate not installed"})
     mixing = bench_mixing()
-    print(f"\n{'engine':<24} {'form':<9} {'plan':<13} {'tok/s':>8} {'peak RSS':>10}  devices")
+    print(f"\n{'engine':<24} {'form':<9} {'plan':<13} {'tok/s':>8} {'peak RSS':>10} {'offload written':>16}  devices")
     for r in rows:
         if "note" in r:
             print(f"{r['engine']:<24} {r['form']:<9} {r['plan']:<13} {r['note']}")
             continue
-        print(f"{r['engine']:<24} {r['form']:<9} {r['plan']:<13} {r['tok_s']:8.1f} {r['peak_rss'] / 2**20:8.1f}Mi  "
+        print(f"{r['engine']:<24} {r['form']:<9} {r['plan']:<13} {r['tok_s']:8.1f} {r['peak_rss'] / 2**20:8.1f}Mi "
+              f"{r.get('offload_written', 0) / 2**20:14.1f}Mi  "
               f"{','.join(r.get('devices', []))}")
     print(f"\nMoBE basis mixing, one projection of one layer (E={mixing['E']}, m={mixing['m']}, r={mixing['r']}, "
           f"d={mixing['d']}): routed-only (top-{mixing['top_k']}) {mixing['routed_only_ms']:.2f} ms vs "
@@ -182,9 +191,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _sub(engine, form, plan, path, mm, work, tokens, mat) -> dict:
+def _sub(engine, form, plan, path, mm, work, tokens, mat, dtype) -> dict:
     cmd = [sys.executable, __file__, "--one", "--engine", "transformers" if engine.startswith("transformers") else "mobe",
-           "--model", str(path), "--plan", plan, "--tokens", str(tokens), "--offload", str(work / f"off-{form}-{plan}")]
+           "--model", str(path), "--plan", plan, "--tokens", str(tokens), "--offload", str(work / f"off-{form}-{plan}"),
+           "--dtype", dtype]
     if mm:
         cmd += ["--max-memory", mm]
     if mat:

@@ -15,6 +15,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 DEFAULT_BLOCK = (128, 128)
 SCALE_SUFFIX = "_scale_inv"  # appended to "<module>.weight"
+CHUNK_ELEMENTS = 1 << 24  # dequantize works ~this many elements at a time
 
 
 def scale_name(weight_name: str) -> str:
@@ -48,12 +49,24 @@ def dequantize(
     bm = block[0]
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
     s32 = scale_inv.to(torch.float32)
-    rows_per_chunk = bm * max(1, (1 << 24) // max(1, n * bm))  # ~64 MiB of fp32 temporaries
+    rows_per_chunk = _chunk_rows(n, bm)
     for r0 in range(0, m, rows_per_chunk):
         r1 = min(m, r0 + rows_per_chunk)
         s = _expand(s32[r0 // bm : (r1 + bm - 1) // bm], (r1 - r0, n), block)
         out[r0:r1] = (q[r0:r1].to(torch.float32) * s).to(out_dtype)
     return out
+
+
+def _chunk_rows(n: int, bm: int) -> int:
+    """Rows dequantized at a time: whole row blocks, about 2**24 elements (64 MiB of fp32)."""
+    return bm * max(1, CHUNK_ELEMENTS // max(1, n * bm))
+
+
+def dequant_temp_bytes(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> int:
+    """Peak fp32 temporaries of `dequantize` for one 2-D matrix of `shape` (the upcast chunk, its
+    expanded scale and their product), for memory planning."""
+    m, n = shape[-2], shape[-1]
+    return 3 * 4 * min(m, _chunk_rows(n, block[0])) * n
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

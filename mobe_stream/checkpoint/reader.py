@@ -244,8 +244,8 @@ class CheckpointReader:
         t = self._read(info, lambda h: h.get_tensor(name), info.nbytes)
         if dtype is None:
             return t
-        scale = fp8.scale_name(name)
-        if info.dtype == "F8_E4M3" and scale in self._infos:
+        scale = self.scale_of(name)
+        if scale is not None:
             return self._dequantize(name, t, self.get(scale), dtype)
         return t.to(dtype, copy=True)
 
@@ -258,8 +258,8 @@ class CheckpointReader:
         t = self._read(info, lambda h: h.get_slice(name)[index], info.nbytes // info.shape[0])
         if dtype is None:
             return t
-        scale = fp8.scale_name(name)
-        if info.dtype == "F8_E4M3" and scale in self._infos:
+        scale = self.scale_of(name)
+        if scale is not None:
             s = self._read(self.info(scale), lambda h: h.get_slice(scale)[index])
             return self._dequantize(name, t, s, dtype)
         return t.to(dtype, copy=True)
@@ -272,10 +272,20 @@ class CheckpointReader:
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {info.name} ({e})", self.model_dir / info.shard) from None
 
+    @property
+    def scale_block(self) -> tuple[int, int]:
+        """Block size that `weight_scale_inv` tensors of this checkpoint use."""
+        return self.fp8_block or fp8.DEFAULT_BLOCK
+
+    def scale_of(self, name: str) -> str | None:
+        """Name of the block scale that `name` is dequantized with (an FP8 tensor with a `_scale_inv`
+        companion: `X.weight` -> `X.weight_scale_inv`, or any other `X` -> `X_scale_inv`), else None."""
+        scale = fp8.scale_name(name)
+        return scale if self.info(name).dtype == "F8_E4M3" and scale in self._infos else None
+
     def _dequantize(self, name: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        block = self.fp8_block or fp8.DEFAULT_BLOCK
         try:
-            return fp8.dequantize_stack(q, scale, block, dtype)  # 2-D, fused [E, ...] or stacked factors
+            return fp8.dequantize_stack(q, scale, self.scale_block, dtype)  # 2-D, fused [E, ...] or stacked factors
         except ValueError as e:
             raise CheckpointError(f"cannot dequantize {name}: {e}", self.model_dir / self.info(name).shard) from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +13,7 @@ from .ops import rms_norm
 from .rope import Rope
 
 
-def gqa_attention(w: dict[str, torch.Tensor], x: torch.Tensor, cfg: RuntimeConfig, rope: Rope,
+def gqa_attention(w: Mapping[str, torch.Tensor], x: torch.Tensor, cfg: RuntimeConfig, rope: Rope,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache: KVCache | None,
                   layer: int) -> torch.Tensor:
     B, S, _ = x.shape

@@ -7,6 +7,8 @@ transformers; the "absorbed" form would be faster for long contexts).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,7 @@ from .ops import rms_norm
 from .rope import Rope
 
 
-def mla_attention(w: dict[str, torch.Tensor], x: torch.Tensor, cfg: RuntimeConfig, rope: Rope,
+def mla_attention(w: Mapping[str, torch.Tensor], x: torch.Tensor, cfg: RuntimeConfig, rope: Rope,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache: KVCache | None,
                   layer: int, scale: float) -> torch.Tensor:
     B, S, _ = x.shape

@@ -57,6 +57,22 @@ def default_max_memory() -> dict[Device, float]:
     return mem
 
 
+def check_gpus(devices, what: str) -> None:
+    """Refuse GPU indices this machine does not have, before anything is placed on them (planning
+    alone, e.g. --dry-run for a bigger machine, never calls this)."""
+    import torch
+
+    gpus = sorted({d for d in devices if isinstance(d, int)})
+    if not gpus:
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ConfigError(f"{what} names GPU {gpus[0]} but no CUDA device is available "
+                          f"(plan for another machine with --dry-run --print-device-map)")
+    if gpus[-1] >= n:
+        raise ConfigError(f"{what} names GPU {gpus[-1]} but only {n} GPUs are available (indices 0-{n - 1})")
+
+
 def _order(mem: dict[Device, float]) -> list[Device]:
     gpus = sorted(k for k in mem if isinstance(k, int))
     return gpus + [k for k in ("cpu", "disk") if k in mem]

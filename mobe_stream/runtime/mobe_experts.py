@@ -20,6 +20,7 @@ from ..checkpoint.mobe_format import PROJECTIONS as PROJS, factor_name
 from ..factorize.model import mixed_bases
 from .moe import OriginalExperts
 from .ops import swiglu
+from .unit_weights import UnitWeights
 
 
 
@@ -55,7 +56,7 @@ class MixedBasisCache:
 class MobeExperts(OriginalExperts):
     """gate/up from (A, B, alpha) of one layer; down_proj as stored (per expert or fused)."""
 
-    def __init__(self, w: dict[str, torch.Tensor], p: int, layout: str, layer: int, act: str,
+    def __init__(self, w: UnitWeights, p: int, layout: str, layer: int, act: str,
                  cache: MixedBasisCache | None = None, materialize_all: bool = False):
         super().__init__(w, p, layout)
         self.layer, self.act, self.cache, self.materialize_all = layer, act, cache, materialize_all
@@ -103,7 +104,7 @@ class MobeExperts(OriginalExperts):
 class LowRankExperts(OriginalExperts):
     """Baseline checkpoints (`--method svd|delta`): gate/up = [W̄_g(e) +] U_e V_e, applied factored."""
 
-    def __init__(self, w: dict[str, torch.Tensor], p: int, layout: str):
+    def __init__(self, w: UnitWeights, p: int, layout: str):
         super().__init__(w, p, layout)
         self.U = {pr: w[factor_name(EXPERTS, pr, "lowrank_U")] for pr in PROJS}
         self.V = {pr: w[factor_name(EXPERTS, pr, "lowrank_V")] for pr in PROJS}

@@ -22,12 +22,13 @@ from .attention_mla import mla_attention
 from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
 from ..sizes import parse_size
-from .device_map import Device, plan_device_map
+from .device_map import Device, check_gpus, parse_max_memory, plan_device_map
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
 from .offload import WeightStore
 from .ops import rms_norm, swiglu
 from .rope import Rope, softmax_scale
+from .unit_weights import UnitWeights
 from .weights import unit_names, unit_nbytes
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -87,7 +88,7 @@ class MoEModel:
 
     __call__ = forward
 
-    def _layer(self, i: int, w: dict, h: torch.Tensor, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+    def _layer(self, i: int, w: UnitWeights, h: torch.Tensor, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
         if cfg.is_deepseek:
@@ -100,7 +101,7 @@ class MoEModel:
             return h + self._moe(i, w, x)
         return h + swiglu(x, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
 
-    def _moe(self, i: int, w: dict, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, i: int, w: UnitWeights, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         x2 = x.reshape(-1, x.shape[-1])
         if cfg.is_deepseek:
@@ -128,7 +129,53 @@ class MoEModel:
 
 
 def unit_sizes(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype) -> dict[str, int]:
+    """Planned bytes per unit (weights.unit_nbytes: stored bytes + dequantization room), headers only."""
     return {u: unit_nbytes(reader, cfg, u, dtype) for u in unit_names(cfg)}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r} (bf16, fp16, fp32)")
+        return DTYPES[dtype.lower()]
+    return dtype
+
+
+def _single_device(device_map: str | None, device: str | None) -> Device | None:
+    """The one device of a whole-model placement (`--device-map cuda:1`, or device_map None), else None."""
+    if isinstance(device_map, str) and (device_map.startswith("cuda") or device_map.isdigit()):
+        device = device_map if not device_map.isdigit() else f"cuda:{device_map}"
+    elif device_map is not None:
+        return None
+    try:
+        d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r} (cpu, cuda, cuda:N)") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r} (cpu, cuda, cuda:N)")
+    return "cpu" if d.type == "cpu" else (d.index or 0)
+
+
+def plan_model(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype,
+               device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               device: str | None = None, dry_run: bool = False) -> tuple[dict[str, Device], dict[str, int]]:
+    """(unit -> device, unit -> planned bytes) from the shard headers alone; no weight is read.
+
+    dry_run plans for the devices max_memory names whether or not this machine has them; otherwise
+    a GPU that is not here is refused (one-line ConfigError) before anything is loaded."""
+    if max_memory is not None and not dry_run:
+        check_gpus(parse_max_memory(max_memory), "max_memory")
+    sizes = unit_sizes(reader, cfg, dtype)
+    single = None if isinstance(device_map, dict) else _single_device(device_map, device)
+    if single is not None:
+        plan = {u: single for u in sizes}
+    elif isinstance(device_map, dict):
+        plan = {u: device_map[u] for u in sizes}
+    else:
+        plan = plan_device_map(sizes, max_memory, device_map or "auto")
+    if not dry_run:
+        check_gpus(plan.values(), "device map")
+    return plan, sizes
 
 
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
@@ -138,29 +185,22 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
                on_plan=None) -> MoEModel:
     """Open a checkpoint and place its units.
 
-    device_map None: everything on `device` (default cuda if available, else cpu). A strategy
-    ("auto", "balanced", "sequential", "cpu") plans with max_memory; a dict is used as given.
-    on_plan(plan, sizes) is called before any weight is read (for --print-device-map).
+    device_map None: everything on `device` (default cuda if available, else cpu); "cuda[:N]" the
+    same on that GPU. A strategy ("auto", "balanced", "sequential", "cpu") plans with max_memory; a
+    dict is used as given. on_plan(plan, sizes) is called before any weight is read (for
+    --print-device-map). offload_folder is accepted for accelerate compatibility and never written.
     """
-    if isinstance(dtype, str):
-        if dtype.lower() not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r} (bf16, fp16, fp32)")
-        dtype = DTYPES[dtype.lower()]
+    dtype = resolve_dtype(dtype)
     reader = CheckpointReader(model_dir)
-    cfg = parse_config(reader.config, reader.config_path)
-    sizes = unit_sizes(reader, cfg, dtype)
-    if device_map is None:
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        d = torch.device(dev)
-        target: Device = "cpu" if d.type == "cpu" else (d.index or 0)
-        plan = {u: target for u in sizes}
-    elif isinstance(device_map, dict):
-        plan = {u: device_map[u] for u in sizes}
-    else:
-        plan = plan_device_map(sizes, max_memory, device_map)
-    if on_plan is not None:
-        on_plan(plan, sizes)
-    store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
+    try:
+        cfg = parse_config(reader.config, reader.config_path)
+        plan, sizes = plan_model(reader, cfg, dtype, device_map, max_memory, device)
+        if on_plan is not None:
+            on_plan(plan, sizes)
+        store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
+    except BaseException:
+        reader.close()
+        raise
     cache = MixedBasisCache(parse_size(mobe_cache)) if mobe_cache else None
     model = MoEModel(reader, store, cfg, dtype, cache, materialize_all)
     model.unit_sizes = sizes

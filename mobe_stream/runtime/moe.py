@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..checkpoint.families import EXPERTS_MODULE, FUSED, fused_name, per_expert_name
 from .config import RuntimeConfig
 from .ops import swiglu
+from .unit_weights import UnitWeights
 
 
 class ExpertBank(Protocol):
@@ -25,9 +26,10 @@ class ExpertBank(Protocol):
 
 
 class OriginalExperts:
-    """Expert weights as stored: `experts.E.{gate,up,down}_proj.weight` or fused `gate_up_proj`/`down_proj`."""
+    """Expert weights as stored: `experts.E.{gate,up,down}_proj.weight` or fused `gate_up_proj`/`down_proj`.
+    Only the routed experts' matrices are ever read, so only they are dequantized (FP8 sources)."""
 
-    def __init__(self, w: dict[str, torch.Tensor], p: int, layout: str):
+    def __init__(self, w: UnitWeights, p: int, layout: str):
         self.w, self.p = w, p
         self.fused = layout == FUSED  # the checkpoint's layout, detected once by the family adapter
 
@@ -36,14 +38,14 @@ class OriginalExperts:
 
     def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
-            gu = self.w[fused_name(EXPERTS_MODULE, "gate_proj")][e]
+            gu = self.w.expert(fused_name(EXPERTS_MODULE, "gate_proj"), e)
             return gu[: self.p], gu[self.p:]
         return (self.w[per_expert_name(EXPERTS_MODULE, e, "gate_proj")],
                 self.w[per_expert_name(EXPERTS_MODULE, e, "up_proj")])
 
     def down(self, e: int) -> torch.Tensor:
         if self.fused:
-            return self.w[fused_name(EXPERTS_MODULE, "down_proj")][e]
+            return self.w.expert(fused_name(EXPERTS_MODULE, "down_proj"), e)
         return self.w[per_expert_name(EXPERTS_MODULE, e, "down_proj")]
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:

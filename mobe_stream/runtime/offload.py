@@ -2,9 +2,13 @@
 
   GPU unit     resident on its GPU.
   "cpu" unit   resident in host RAM (pinned when a GPU computes); copied to the GPU just in time.
-  "disk" unit  not resident: read straight from the checkpoint's safetensors mmap (no copy of the
-               checkpoint). Only tensors that need conversion (FP8 dequantized, or a dtype cast) are
-               written once to the offload folder as `<unit>.safetensors` and mmapped from there.
+  "disk" unit  not resident: read straight from the checkpoint's own safetensors shards through
+               their mmap, every time it runs. Nothing is ever written to an offload folder: FP8
+               weights travel as stored and are dequantized at use, other dtype casts happen on the
+               fetch (for Kimi-K2 a converted copy would be 1.6 TB of temporary files).
+
+Everywhere, FP8 weights are held as stored (1 byte per parameter + fp32 block scales) in a
+UnitWeights, which dequantizes a matrix (or one routed expert) when the compute reads it.
 
 While one unit computes, a single background thread fetches the next offloaded unit (on CUDA into
 pinned memory and onto the GPU on a side stream), so I/O overlaps compute. accelerate fetches
@@ -13,25 +17,26 @@ synchronously, which is why its disk offload is slow.
 
 from __future__ import annotations
 
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoint.reader import CheckpointReader
 from .config import RuntimeConfig
 from .device_map import Device
-from .weights import load_unit, needs_conversion, stored_dtype, target_dtype, unit_tensors
+from .unit_weights import UnitWeights
+from .weights import build_unit, load_unit
 
-Weights = dict[str, torch.Tensor]
+Weights = UnitWeights
 
 
 class WeightStore:
     def __init__(self, reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype, plan: dict[str, Device],
                  offload_folder: str | Path | None = None, prefetch: bool = True):
+        """offload_folder: accepted for accelerate compatibility; never written (every source is
+        safetensors, which disk offload maps directly)."""
         self.reader, self.cfg, self.dtype, self.plan = reader, cfg, dtype, plan
         self.has_gpu = any(isinstance(d, int) for d in plan.values()) or (
             torch.cuda.is_available() and any(d != "cpu" for d in plan.values()))
@@ -40,21 +45,17 @@ class WeightStore:
         self.order = list(plan)
         self.offloaded = [u for u in self.order if self._is_offloaded(u)]
         self.resident: dict[str, Weights] = {}
-        self.disk_src: dict[str, dict[str, tuple[Path, str]]] = {}
-        self._handles: dict[Path, object] = {}  # mmapped shard / offload files (page cache, not private RAM)
-        self._tmp = None
-        self.folder = Path(offload_folder) if offload_folder else None
-        self.offload_bytes_written = 0
+        self._handles: dict[Path, object] = {}  # mmapped shards (page cache, not private RAM)
         for unit, dev in plan.items():
             if dev == "disk":
-                self.disk_src[unit] = self._prepare_disk(unit)
-            else:
-                w = load_unit(reader, cfg, unit, dtype)
-                if isinstance(dev, int):
-                    w = {k: v.to(torch.device("cuda", dev)) for k, v in w.items()}
-                elif self.has_gpu:
-                    w = {k: v.pin_memory() for k, v in w.items()}
-                self.resident[unit] = w
+                continue
+            w = load_unit(reader, cfg, unit, dtype)
+            if isinstance(dev, int):
+                cuda = torch.device("cuda", dev)
+                w = w.map(lambda v: v.to(cuda))
+            elif self.has_gpu:
+                w = w.map(lambda v: v.pin_memory())
+            self.resident[unit] = w
         self.prefetch = prefetch and bool(self.offloaded)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mobe-prefetch") if self.offloaded else None
         self._pending: dict[str, Future] = {}
@@ -70,49 +71,30 @@ class WeightStore:
 
     # ---- disk ----------------------------------------------------------------------------------
 
-    def _prepare_disk(self, unit: str) -> dict[str, tuple[Path, str]]:
-        """Point at the source shard for tensors usable as stored; convert the rest once to the folder."""
-        src, convert = {}, {}
-        for rel, name in unit_tensors(self.reader, self.cfg, unit).items():
-            if needs_conversion(self.reader, self.cfg, rel, name, self.dtype):
-                st = stored_dtype(self.reader, name)
-                convert[rel] = self.reader.get(name, target_dtype(self.cfg, rel, st, self.dtype)).contiguous()
-            else:
-                src[rel] = (self.reader.shard_path(self.reader.info(name).shard), name)
-        if convert:
-            if self.folder is None:
-                self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="mobe-offload-")
-                self.folder = Path(self._tmp.name)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"{unit}.safetensors"
-            save_file(convert, str(path))
-            self.offload_bytes_written += path.stat().st_size
-            src.update({rel: (path, rel) for rel in convert})
-        return src
+    def _read_stored(self, name: str) -> torch.Tensor:
+        """A tensor as stored: a view of its shard's mmap (the handle is kept open: a fresh mapping
+        per read would page-fault every page again)."""
+        path = self.reader.shard_path(self.reader.info(name).shard)
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return f.get_tensor(name)
 
     def _read_disk(self, unit: str) -> Weights:
-        by_file: dict[Path, list[tuple[str, str]]] = {}
-        for rel, (path, name) in self.disk_src[unit].items():
-            by_file.setdefault(path, []).append((rel, name))
-        out = {}
-        for path, items in by_file.items():
-            f = self._handles.get(path)
-            if f is None:  # kept open: a fresh mapping per read would page-fault every page again
-                f = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            for rel, name in items:
-                out[rel] = _aligned(f.get_tensor(name))
-        return out
+        w = build_unit(self.reader, self.cfg, unit, self.dtype, self._read_stored, copy=False)
+        w.tensors = {k: v if k in w.scales else _aligned(v) for k, v in w.tensors.items()}
+        return w
 
     # ---- fetching ------------------------------------------------------------------------------
 
     def _fetch(self, unit: str):
         """Runs on the prefetch thread: the unit's weights on its compute device (+ a CUDA event)."""
-        w = self.resident.get(unit) or self._read_disk(unit)
+        w = self.resident[unit] if unit in self.resident else self._read_disk(unit)
         if not self.has_gpu:
             return w, None
         with torch.cuda.stream(self._stream):
             dev = self.device_of(unit)
-            w = {k: (v if v.is_pinned() else v.pin_memory()).to(dev, non_blocking=True) for k, v in w.items()}
+            w = w.map(lambda v: (v if v.is_pinned() else v.pin_memory()).to(dev, non_blocking=True))
             ev = torch.cuda.Event()
             ev.record(self._stream)
         return w, ev
@@ -126,7 +108,7 @@ class WeightStore:
         if ev is not None:
             cur = torch.cuda.current_stream(self.device_of(unit))
             cur.wait_event(ev)
-            for t in w.values():
+            for t in w.stored():
                 t.record_stream(cur)
         if self.prefetch:
             i = self.offloaded.index(unit)
@@ -139,7 +121,7 @@ class WeightStore:
         out: dict[str, int] = {}
         for unit, w in self.resident.items():
             key = str(self.plan[unit])
-            out[key] = out.get(key, 0) + sum(t.numel() * t.element_size() for t in w.values())
+            out[key] = out.get(key, 0) + w.nbytes()
         return out
 
     def close(self) -> None:
@@ -150,9 +132,6 @@ class WeightStore:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._handles.clear()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
 
 def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:

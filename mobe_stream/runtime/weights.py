@@ -3,10 +3,13 @@
 Units, in module order: `embed`, `layers.0` ... `layers.{L-1}`, `norm`, `lm_head` (accelerate's
 order; a decoder layer is never split). Names inside a unit are relative to its prefix, e.g.
 `self_attn.q_proj.weight` or `mlp.experts.3.down_proj.weight`. FP8 scales are not separate
-weights: reading `X.weight` with a dtype dequantizes with `X.weight_scale_inv`.
+weights: they travel with their FP8 weight, which stays 1 byte per parameter until the compute reads
+it (see unit_weights.py). Planned sizes come from the shard headers alone.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -14,6 +17,7 @@ from ..checkpoint import fp8, mobe_format
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
 from .config import RuntimeConfig
+from .unit_weights import UnitWeights
 
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32}
@@ -59,25 +63,100 @@ def stored_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
     return ST_DTYPES[s]
 
 
-def unit_nbytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> int:
-    """Bytes the unit takes once loaded for compute (FP8 counted at the compute dtype)."""
+def unit_scales(reader: CheckpointReader, tensors: dict[str, str]) -> dict[str, str]:
+    """relative name -> block-scale name for the unit's FP8 tensors; scale shapes checked from headers,
+    so a bad checkpoint fails at planning, not in the middle of a forward."""
+    out = {}
+    for rel, name in tensors.items():
+        scale = reader.scale_of(name)
+        if scale is None:
+            continue
+        shape, got = reader.info(name).shape, reader.info(scale).shape
+        want = fp8.scale_shape((shape[-2], shape[-1]), reader.scale_block) if len(shape) in (2, 3) else None
+        if want is None or tuple(got) != tuple(shape[:-2]) + want:
+            raise CheckpointError(f"{scale} has shape {list(got)}, which does not fit {name} {list(shape)} with "
+                                  f"{list(reader.scale_block)} blocks", reader.shard_path(reader.info(scale).shard))
+        out[rel] = scale
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def unit_stored_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> int:
+    """Bytes the unit holds between uses: FP8 weights as stored (1 byte/param) plus their fp32 scales;
+    every other tensor in its compute dtype (cast once when loaded or fetched)."""
+    tensors = unit_tensors(reader, cfg, unit)
+    scales = unit_scales(reader, tensors)
     total = 0
-    for rel, name in unit_tensors(reader, cfg, unit).items():
-        n = 1
-        for s in reader.info(name).shape:
-            n *= s
-        total += n * target_dtype(cfg, rel, stored_dtype(reader, name), dtype).itemsize
+    for rel, name in tensors.items():
+        info = reader.info(name)
+        if rel in scales:
+            total += info.nbytes + reader.info(scales[rel]).nbytes
+        else:
+            total += _numel(info.shape) * target_dtype(cfg, rel, stored_dtype(reader, name), dtype).itemsize
     return total
 
 
-def needs_conversion(reader: CheckpointReader, cfg: RuntimeConfig, rel: str, name: str, dtype: torch.dtype) -> bool:
-    st = stored_dtype(reader, name)
-    return st != target_dtype(cfg, rel, st, dtype) or fp8.scale_name(name) in reader
+def _dequant_group(rel: str) -> str:
+    """Weights dequantized together: an MLP's (one expert's) gate/up/down are alive at once inside
+    swiglu; an attention matrix is used and dropped on its own."""
+    parts = rel.split(".")
+    if parts[0] == "mlp":
+        for i, part in enumerate(parts):
+            if part.endswith("_proj"):
+                return ".".join(parts[:i])
+    return rel
 
 
-def load_unit(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read (and dequantize/cast) one unit into fresh CPU tensors."""
-    out = {}
-    for rel, name in unit_tensors(reader, cfg, unit).items():
-        out[rel] = reader.get(name, target_dtype(cfg, rel, stored_dtype(reader, name), dtype))
-    return out
+def unit_working_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> int:
+    """Room for the dequantized temporaries of the unit's FP8 weights while it runs:
+
+        max over groups (an MLP / one expert: gate+up+down; an attention matrix alone) of the group's
+        compute-dtype bytes (a stacked [E, M, N] tensor counts one slice: experts are dequantized one
+        at a time) + fp8.dequant_temp_bytes of the unit's largest FP8 matrix (fp32 chunk temporaries).
+
+    0 for units without FP8 weights."""
+    tensors = unit_tensors(reader, cfg, unit)
+    groups: dict[str, int] = {}
+    temps = 0
+    for rel in unit_scales(reader, tensors):
+        shape = reader.info(tensors[rel]).shape
+        key = _dequant_group(rel)
+        groups[key] = groups.get(key, 0) + _numel(shape[-2:]) * dtype.itemsize
+        temps = max(temps, fp8.dequant_temp_bytes(shape, reader.scale_block))
+    return max(groups.values(), default=0) + temps
+
+
+def unit_nbytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> int:
+    """Planned bytes of a unit: what it holds as stored plus its dequantization working room (from
+    headers only, no weight read). Kimi-K2 MoE layer: ~17 GB, not the 34 GB of a bf16 copy."""
+    return unit_stored_bytes(reader, cfg, unit, dtype) + unit_working_bytes(reader, cfg, unit, dtype)
+
+
+def build_unit(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype,
+               read: Callable[[str], torch.Tensor], copy: bool) -> UnitWeights:
+    """A unit's weights from `read(stored name)` (the tensor as stored): FP8 ones with their scales kept
+    as stored, the rest cast to their compute dtype. copy: make private copies of what `read` returned
+    (for resident units: no view of a shard mapping survives)."""
+    tensors = unit_tensors(reader, cfg, unit)
+    scales = unit_scales(reader, tensors)
+    held: dict[str, torch.Tensor] = {}
+    held_scales: dict[str, torch.Tensor] = {}
+    for rel, name in tensors.items():
+        t = read(name)
+        if rel in scales:
+            s = read(scales[rel])
+            held[rel], held_scales[rel] = (t.clone(), s.clone()) if copy else (t, s)
+        else:
+            held[rel] = t.to(target_dtype(cfg, rel, t.dtype, dtype), copy=copy)
+    return UnitWeights(held, held_scales, dtype, reader.scale_block)
+
+
+def load_unit(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> UnitWeights:
+    """Read one unit into fresh CPU tensors (FP8 kept as stored, dequantized at use)."""
+    return build_unit(reader, cfg, unit, dtype, reader.get, copy=True)
