@@ -195,3 +195,34 @@ def test_sigbus_names_the_line_and_the_run_resumes(tmp_path):
     run_cli("compress", str(src), "--out", str(out), *ARGS, *args, "--resume", check=True)
     assert not (out / ".mobe-stream.lock").exists()
 
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_export_signal_stops_cleanly_and_resumes_identical(tmp_path, sig):
+    from mobe_stream.pipeline.compress import compress
+    from mobe_stream.pipeline.export import ExportOptions, export
+    from mobe_stream.pipeline.options import CompressOptions
+
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe", num_layers=8, num_experts=16, hidden_size=128,
+                        moe_intermediate_size=64)
+    mobe = tmp_path / "mobe"
+    compress(src, mobe, CompressOptions(method="svd", num_bases=4, rank=16))
+    ref = tmp_path / "ref"
+    export(mobe, ref, ExportOptions(dtype="fp32", max_shard_size="100KB"))
+    args = ["--dtype", "fp32", "--max-shard-size", "100KB", "--quiet"]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "mobe_stream.cli", "export", str(mobe), "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if not _sigstop_when(proc, lambda: _journal_units(out) >= 2):
+        pytest.skip("export finished before it could be stopped")
+    proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "error: interrupted; rerun with --resume", stderr
+    assert not (out / ".mobe-stream.lock").exists()
+    assert _journal_units(out) < 9, "the export must really have been interrupted"
+    run_cli("export", str(mobe), "--out", str(out), *args, "--resume", check=True)
+    _assert_same_tensors(ref, out)
+    assert dir_digest(out)["config.json"] == dir_digest(ref)["config.json"]
+    assert not list(out.glob("*.tmp-*"))

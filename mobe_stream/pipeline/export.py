@@ -2,7 +2,8 @@
 
 Streams layer by layer: each compressed projection's experts are rebuilt (W_e = A_e M_e) a chunk of
 experts at a time and written with the source's tensor names (per-expert or fused). Resumable
-through the same journal, lock and atomic shards as `compress`.
+through the same journal, lock and atomic shards as `compress`; Ctrl-C or SIGTERM stops it at once
+with exit 130 (pipeline/signals.py), and `--resume` redoes only the unfinished unit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from ..sizes import parse_size
 from ..verify import verify
 from . import outdir
 from .events import Reporter
+from .job import StopFlag
 from .lock import OutputLock
+from .signals import catch_signals
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
 
@@ -68,7 +71,9 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Repo
         family = get_family(cfg, reader)
         settings = {"method": "export", "dtype": target, "max_shard_size": max_shard}
         outdir.prepare(out)
-        with OutputLock(out, warn=lambda t: reporter.event("warning", text=t)):
+        # Ctrl-C/SIGTERM stop at once (exit 130, lock released): an export unit is cheap to redo
+        with (OutputLock(out, warn=lambda t: reporter.event("warning", text=t)),
+              catch_signals(StopFlag(), reporter, immediate=True)):
             journal = outdir.open_journal(out, settings, reader.fingerprint(), resume=opts.resume,
                                           overwrite=opts.overwrite, reporter=reporter,
                                           side_files=[e.name for e in outdir.side_files(src)])
