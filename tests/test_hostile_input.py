@@ -159,22 +159,24 @@ def log_json_on_read_only_fs(tmp_path, ro):
     return tmp_path / "out", ["--log-json", str(log)], log, r"log-json.*read-only"
 
 
-def _journal(text):
+def _journal(name, text):
     def case(tmp_path, ro):
         out = tmp_path / "out"
         out.mkdir()
         (out / "mobe-journal.json").write_text(text)
         return out, ["--resume"], out / "mobe-journal.json", r"not a mobe-stream journal \(.+\)"
+    case.__name__ = name
     return case
 
 
-journal_is_a_list = _journal("[]")
-journal_without_settings = _journal('{"format": "mobe-stream-journal/1", "units": {}}')
-journal_without_units = _journal('{"format": "mobe-stream-journal/1", "settings": {}, "source_fingerprint": "x"}')
-journal_with_wrong_types = _journal('{"format": "mobe-stream-journal/1", "settings": {}, "source_fingerprint": "x", '
-                                    '"units": [], "next_shard_index": "1", "complete": false}')
-journal_unit_without_shards = _journal('{"format": "mobe-stream-journal/1", "settings": {}, "source_fingerprint": "x", '
-                                       '"units": {"globals": {}}, "next_shard_index": 1, "complete": false}')
+_HEAD = '"format": "mobe-stream-journal/1", "settings": {}, "source_fingerprint": "x"'
+journal_is_a_list = _journal("journal_is_a_list", "[]")
+journal_without_settings = _journal("journal_without_settings", '{"format": "mobe-stream-journal/1", "units": {}}')
+journal_without_units = _journal("journal_without_units", "{" + _HEAD + "}")
+journal_with_wrong_types = _journal("journal_with_wrong_types",
+                                    '{' + _HEAD + ', "units": [], "next_shard_index": "1", "complete": false}')
+journal_unit_without_shards = _journal("journal_unit_without_shards",
+                                       '{' + _HEAD + ', "units": {"globals": {}}, "next_shard_index": 1, "complete": false}')
 
 OUT_CASES = [out_is_a_file, out_on_read_only_fs, log_json_is_a_directory, log_json_in_missing_dir,
              log_json_on_read_only_fs, journal_is_a_list, journal_without_settings, journal_without_units,
