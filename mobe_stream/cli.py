@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -192,6 +193,10 @@ register_runtime(app)  # generate, eval
 
 
 def main() -> None:
+    # A source shard cut under a running job can still kill us with SIGBUS (a read through the mmap
+    # past the new end, between the reader's size check and the read): say at least where, on
+    # stderr. Such a run resumes with --resume like any killed run.
+    faulthandler.enable()
     app()
 
 

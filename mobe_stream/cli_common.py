@@ -26,7 +26,8 @@ def friendly(fn):
             raise typer.Exit(130)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                print(f"error: {e.filename or ''}: disk full ({e.strerror}); free space and rerun with --resume", file=sys.stderr)
+                where = f"{e.filename}: " if e.filename else ""
+                print(f"error: {where}disk full ({e.strerror}); free space and rerun with --resume", file=sys.stderr)
                 raise typer.Exit(2)
             raise
 

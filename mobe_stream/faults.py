@@ -2,7 +2,10 @@
 
 Driven by the environment variable MOBE_STREAM_FAULT, e.g. `enospc_after_bytes=100000` (the shard
 writer raises ENOSPC once that many bytes were written in this process) `nan_at_step=5` (a solver
-parameter turns NaN once after that step), `nan_from_step=5` (... after every step from then on) or `oom_at_step=5` (a device OOM is raised once). Unset in normal use: every hook is then a no-op.
+parameter turns NaN once after that step), `nan_from_step=5` (... after every step from then on),
+`oom_at_step=5` (a device OOM is raised once) or
+`enospc_writing=config.json` (writing any file whose name ends so raises ENOSPC, like a disk
+that fills up just then). Unset in normal use: every hook is then a no-op.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ _written = 0
 _fired: set[str] = set()
 
 
-def _get(name: str) -> int | None:
+def _get_str(name: str) -> str | None:
     spec = os.environ.get("MOBE_STREAM_FAULT", "")
     for part in spec.split(","):
         key, _, value = part.partition("=")
         if key.strip() == name:
-            return int(value)
+            return value.strip()
     return None
+
+
+def _get(name: str) -> int | None:
+    value = _get_str(name)
+    return None if value is None else int(value)
 
 
 def on_bytes_written(n: int, path: str) -> None:
@@ -32,6 +40,14 @@ def on_bytes_written(n: int, path: str) -> None:
     _written += n
     if _written > limit:
         raise OSError(errno.ENOSPC, "No space left on device (injected)", path)
+
+
+def on_atomic_write(path: os.PathLike) -> None:
+    """Called before an atomic file is committed; raises ENOSPC when its name ends with the
+    configured `enospc_writing` suffix (e.g. `config.json`, `mobe-journal.json`, `.state.zst`)."""
+    suffix = _get_str("enospc_writing")
+    if suffix and os.fspath(path).endswith(suffix):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
 
 def _once(name: str, step: int) -> bool:

@@ -100,3 +100,42 @@ def test_preflight_refuses_without_force(tmp_path):
         assert proc.returncode == 2 and "GB is free" in proc.stderr and "--force" in proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+# A disk that fills up while a small file is written: the message names that file, never a temporary
+# (a write error itself carries no file name), nothing half-written remains, --resume finishes.
+SMALL_FILES = [
+    ("compress", "mobe-journal.json", "mobe-journal.json"),
+    ("compress", ".state.zst", ".mobe-state/layer.1.gate_proj.state.zst"),
+    ("compress", "config.json", "config.json"),
+    ("compress", "model.safetensors.index.json", "model.safetensors.index.json"),
+    ("compress", "manifest.json", "manifest.json"),
+    ("export", "config.json", "config.json"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from mobe_stream.pipeline.compress import compress
+    from mobe_stream.pipeline.options import CompressOptions
+
+    root = tmp_path_factory.mktemp("tiny")
+    src = make_tiny_moe(root / "src", family="qwen3_moe")
+    compress(src, root / "mobe", CompressOptions(num_bases=4, rank=16, steps=5, checkpoint_every=1e9))
+    return {"compress": src, "export": root / "mobe"}
+
+
+@pytest.mark.parametrize("command,suffix,written", SMALL_FILES, ids=[f"{c}-{s}" for c, s, _ in SMALL_FILES])
+def test_disk_full_on_small_file_names_it(tmp_path, tiny, command, suffix, written):
+    out = tmp_path / "out"
+    args = [command, str(tiny[command]), "--out", str(out), "--quiet"]
+    if command == "compress":
+        args += ["--num-bases", "4", "--rank", "16", "--steps", "5", "--checkpoint-every", "0.0001"]
+    proc = run_cli(*args, extra_env={"MOBE_STREAM_FAULT": f"enospc_writing={suffix}"})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: {out / written}: disk full") and "--resume" in lines[0], lines[0]
+    assert not list(out.rglob("*.tmp-*")) and not (out / ".mobe-stream.lock").exists()
+    run_cli(*args, "--resume", check=True)
+    assert not list(out.rglob("*.tmp-*"))

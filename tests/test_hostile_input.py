@@ -128,3 +128,109 @@ def test_bad_source_is_refused_cleanly(tmp_path, mutate, pattern):
     assert not out.exists() or not any(out.iterdir())
     assert dir_digest(src) == before
     assert "Traceback" not in run_cli("inspect", str(src)).stderr
+
+
+# ---- a bad --out, --log-json or journal: the same contract for compress and export -----------------
+# Each case prepares tmp_path and returns (out, extra args, the path the message must name, pattern).
+
+def out_is_a_file(tmp_path, ro):
+    out = tmp_path / "out"
+    out.write_text("not a directory\n")
+    return out, [], out, r"not a directory"
+
+
+def out_on_read_only_fs(tmp_path, ro):
+    return ro() / "out", [], ro() / "out", r"cannot write|read-only"
+
+
+def log_json_is_a_directory(tmp_path, ro):
+    log = tmp_path / "logs"
+    log.mkdir()
+    return tmp_path / "out", ["--log-json", str(log)], log, r"log-json.*directory"
+
+
+def log_json_in_missing_dir(tmp_path, ro):
+    log = tmp_path / "no-such-dir" / "log.jsonl"
+    return tmp_path / "out", ["--log-json", str(log)], log, r"log-json"
+
+
+def log_json_on_read_only_fs(tmp_path, ro):
+    log = ro() / "log.jsonl"
+    return tmp_path / "out", ["--log-json", str(log)], log, r"log-json.*read-only"
+
+
+def _journal(name, text):
+    def case(tmp_path, ro):
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "mobe-journal.json").write_text(text)
+        return out, ["--resume"], out / "mobe-journal.json", r"not a mobe-stream journal \(.+\)"
+    case.__name__ = name
+    return case
+
+
+_HEAD = '"format": "mobe-stream-journal/1", "settings": {}, "source_fingerprint": "x"'
+journal_is_a_list = _journal("journal_is_a_list", "[]")
+journal_without_settings = _journal("journal_without_settings", '{"format": "mobe-stream-journal/1", "units": {}}')
+journal_without_units = _journal("journal_without_units", "{" + _HEAD + "}")
+journal_with_wrong_types = _journal("journal_with_wrong_types",
+                                    '{' + _HEAD + ', "units": [], "next_shard_index": "1", "complete": false}')
+journal_unit_without_shards = _journal("journal_unit_without_shards",
+                                       '{' + _HEAD + ', "units": {"globals": {}}, "next_shard_index": 1, "complete": false}')
+
+OUT_CASES = [out_is_a_file, out_on_read_only_fs, log_json_is_a_directory, log_json_in_missing_dir,
+             log_json_on_read_only_fs, journal_is_a_list, journal_without_settings, journal_without_units,
+             journal_with_wrong_types, journal_unit_without_shards]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny source and its MoBE compression, shared by the cases (neither is ever modified)."""
+    from mobe_stream.pipeline.compress import compress
+    from mobe_stream.pipeline.options import CompressOptions
+
+    root = tmp_path_factory.mktemp("models")
+    src = make_tiny_moe(root / "src", family="qwen3_moe")
+    compress(src, root / "mobe", CompressOptions(num_bases=4, rank=16, steps=5, checkpoint_every=1e9))
+    return {"compress": src, "export": root / "mobe"}
+
+
+@pytest.fixture
+def ro(tmp_path):
+    """ro() -> a directory on a read-only tmpfs (root can write through chmod, not through a ro mount)."""
+    import os
+    import subprocess
+
+    mounted = []
+
+    def get() -> Path:
+        path = tmp_path / "ro"
+        if not mounted:
+            path.mkdir()
+            if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                                                   capture_output=True, check=False).returncode != 0:
+                pytest.skip("needs root and mount to make a read-only filesystem (chmod does not stop root)")
+            mounted.append(path)
+        return path
+
+    yield get
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("command", ["compress", "export"])
+@pytest.mark.parametrize("case", OUT_CASES, ids=[c.__name__ for c in OUT_CASES])
+def test_bad_output_is_refused_cleanly(tmp_path, models, ro, command, case):
+    import re
+
+    out, extra, named, pattern = case(tmp_path, ro)
+    before = dir_digest(out) if out.is_dir() else (out.read_bytes() if out.exists() else None)
+    fast = ["--num-bases", "4", "--rank", "16", "--steps", "5"] if command == "compress" else []
+    proc = run_cli(command, str(models[command]), "--out", str(out), *fast, "--quiet", *extra)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(named) in lines[0] and re.search(pattern, lines[0], re.IGNORECASE), lines[0]
+    after = dir_digest(out) if out.is_dir() else (out.read_bytes() if out.exists() else None)
+    assert after == before, "nothing may be written to --out"
+    assert not (out / ".mobe-stream.lock").exists()

@@ -330,3 +330,22 @@ def test_get_with_dtype_is_a_fresh_tensor(make_ckpt):
         r.get("model.norm.weight").add_(1.0)  # raw views are private mappings: never reach the file
     with CheckpointReader(d) as r:
         assert _same(r.get("model.norm.weight"), ts["model.norm.weight"])
+
+
+def test_shard_truncated_after_open_is_an_error_not_a_crash(make_ckpt):
+    """A read through the mmap past the new end of a cut shard raises SIGBUS and kills Python; the
+    reader checks the size first. (Reads from the still-intact start are refused first, so that
+    without the check this test fails instead of killing pytest.)"""
+    g = torch.Generator().manual_seed(0)
+    ts = {"a": torch.randn(4096, generator=g), "fused": torch.randn(4, 64, 256, generator=g)}
+    d = make_ckpt(ts)
+    shard = d / "model.safetensors"
+    size = shard.stat().st_size
+    with CheckpointReader(d) as r:
+        assert _same(r.get("a"), ts["a"])  # the handle (and its mmap) is open
+        os.truncate(shard, size - 100_000)
+        for read in (lambda: r.get("a"), lambda: r.get("fused"), lambda: r.get_expert("fused", 3),
+                     lambda: r.get("fused", torch.bfloat16)):
+            with pytest.raises(CheckpointError, match=rf"model\.safetensors: file shrank from {size} to "
+                                                      rf"{size - 100_000} bytes during the run \(truncated"):
+                read()

@@ -264,7 +264,28 @@ class CheckpointReader:
             return self._dequantize(name, t, s, dtype)
         return t.to(dtype, copy=True)
 
+    def _check_size(self, shard: str) -> None:
+        """Refuse to read through the mmap of a shard that shrank since its header was read.
+
+        Touching a mapped page past the end of a truncated file raises SIGBUS, which kills the
+        process with no message; one stat (about a microsecond) per tensor read turns a shard cut or
+        rewritten under a running job into a one-line error. A shard cut between this check and
+        the read still dies of SIGBUS (the CLI's faulthandler then names the line); --resume redoes
+        only the unfinished unit.
+        """
+        want = self._headers[shard].file_size
+        try:
+            size = os.stat(os.path.join(self.model_dir, shard)).st_size  # not pathlib: half the cost
+        except OSError as e:
+            raise CheckpointError(f"shard disappeared during the run ({e.strerror or e})",
+                                  self.model_dir / shard) from None
+        if size != want:
+            how = "shrank" if size < want else "grew"
+            raise CheckpointError(f"file {how} from {want} to {size} bytes during the run "
+                                  f"(truncated or being rewritten?)", self.model_dir / shard)
+
     def _read(self, info: TensorInfo, fetch, nbytes: int = 0) -> torch.Tensor:
+        self._check_size(info.shard)
         try:
             return fetch(self._handle(info.shard, nbytes))
         except CheckpointError:

@@ -8,6 +8,7 @@ RAM, and goes through `<name>.tmp-<pid>` + fsync + rename so a crash never leave
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -46,6 +47,7 @@ ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
 WRITE_CHUNK = 64 * 1024 * 1024
 READ_CHUNK = 8 * 1024 * 1024
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # errors only the file being written can cause
 
 
 @dataclass(frozen=True)
@@ -202,15 +204,24 @@ def _header_bytes(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str
 def atomic_file(path: str | os.PathLike):
     """Open `path.tmp-<pid>` for writing; on success fsync it, rename it over `path` and fsync the
     directory, so readers see the old file or the new one, never a mix. On failure the temporary
-    file is removed (a disk-full error leaves nothing under a final name)."""
+    file is removed (a disk-full error leaves nothing under a final name) and an OSError names
+    `path` when the disk is full (a write error itself names no file, the temporary name means
+    nothing to the user)."""
     path = Path(path)
     tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:
             yield f
+            faults.on_atomic_write(path)  # test-only ENOSPC injection for one named file
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        # a full disk names the file the user knows, not our temporary (a write error names none)
+        if e.errno in _WRITE_ERRNOS and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -4,9 +4,7 @@ projection) at a time, each written to its own shards and journaled before the n
 
 from __future__ import annotations
 
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,17 +18,14 @@ from ..verify import check_source, verify
 from . import mobe_output, outdir, preflight
 from .events import Reporter
 from .fit import ProjectionFit, StopRequested
-from .job import CompressJob, StopFlag, make_job
+from .job import CompressJob, make_job
 from .journal import STATE_DIR, Journal
 from .lock import OutputLock
 from .options import CompressOptions
 from .plan import PROJECTIONS, Unit, plan_units
+from .signals import Interrupted, catch_signals
 
-
-class Interrupted(MobeError):
-    """Ctrl-C / SIGTERM: progress was checkpointed; the run can be resumed."""
-
-    exit_code = 130
+__all__ = ["Interrupted", "compress"]  # Interrupted is imported from here by demo.py and older callers
 
 
 def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: Reporter | None = None) -> dict:
@@ -50,7 +45,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
         check_source(reader, job.family)
         outdir.prepare(out)
         warn = lambda t: reporter.event("warning", text=t)  # noqa: E731
-        with OutputLock(out, warn=warn), _catch_signals(job.stop, reporter):
+        with OutputLock(out, warn=warn), catch_signals(job.stop, reporter):
             journal = outdir.open_journal(out, job.settings, reader.fingerprint(), resume=opts.resume,
                                           overwrite=opts.overwrite, reporter=reporter,
                                           side_files=[e.name for e in outdir.side_files(src)])
@@ -145,28 +140,3 @@ def _refuse_nonfinite(job: CompressJob, unit: Unit, W: torch.Tensor) -> None:
     info = job.reader.info(weights[min(e, len(weights) - 1)])
     raise CheckpointError(f"tensor {name} contains NaN or Inf ({unit.proj} of expert {e}); the source is corrupt, "
                           f"refusing to compress it", job.reader.model_dir / info.shard)
-
-
-@contextmanager
-def _catch_signals(stop: StopFlag, reporter: Reporter):
-    """First Ctrl-C/SIGTERM asks the solver to checkpoint and stop; a second one aborts at once."""
-
-    def handler(signum, frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-        reporter.event("warning", text="interrupt received: checkpointing, then stopping (again to abort)")
-
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for s in old:
-            signal.signal(s, handler)
-    except ValueError:  # not the main thread
-        old = {}
-    try:
-        yield
-        if stop.requested:
-            raise Interrupted("interrupted; progress saved, rerun with --resume")
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)

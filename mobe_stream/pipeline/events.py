@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..errors import ConfigError
+
 
 class Reporter:
     """Fan-out of events to sinks."""
@@ -39,7 +41,12 @@ class Sink:
 
 class JsonLinesSink(Sink):
     def __init__(self, path: str):
-        self.f: IO[str] = open(path, "a", buffering=1)
+        """Opened (for appending) before any work starts: a bad --log-json is a one-line error, not
+        a traceback after hours of work."""
+        try:
+            self.f: IO[str] = open(path, "a", buffering=1)
+        except OSError as e:
+            raise ConfigError(f"cannot open --log-json for appending ({e.strerror or e})", path) from None
 
     def event(self, kind: str, fields: dict) -> None:
         self.f.write(json.dumps({"time": round(time.time(), 3), "event": kind, **fields}, default=str) + "\n")

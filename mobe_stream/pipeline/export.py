@@ -6,7 +6,9 @@ through the same journal, lock and atomic shards as `compress`.
 
 Before any output: the source's shard sizes against its manifest.json, and the projected output
 bytes against the free disk. Each source shard's sha256 is checked before its tensors are used
-(source_check.py: 6-12 extra minutes of hashing for a 700 GB compressed Kimi-K2).
+(source_check.py: 6-12 extra minutes of hashing for a 700 GB compressed Kimi-K2). Ctrl-C or
+SIGTERM stops it at once with exit 130 (pipeline/signals.py), and `--resume` redoes only the
+unfinished unit.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from ..sizes import parse_size
 from ..verify import verify
 from . import outdir, preflight
 from .events import Reporter
+from .job import StopFlag
 from .journal import Journal
 from .lock import OutputLock
+from .signals import catch_signals
 from .source_check import SourceShards
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
@@ -79,7 +83,8 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Repo
         units = _plan(reader)
         block = tuple(reader.fp8_block or fp8.DEFAULT_BLOCK)
         outdir.prepare(out)
-        with OutputLock(out, warn=warn):
+        # Ctrl-C/SIGTERM stop at once (exit 130, lock released): an export unit is cheap to redo
+        with OutputLock(out, warn=warn), catch_signals(StopFlag(), reporter, immediate=True):
             _preflight(src, out, reader, family, mobe, units, target, block, opts, warn)
             journal = outdir.open_journal(out, settings, reader.fingerprint(), resume=opts.resume,
                                           overwrite=opts.overwrite, reporter=reporter,

@@ -46,8 +46,9 @@ class Journal:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"unreadable journal ({e})", path) from e
-        if data.get("format") != FORMAT:
-            raise CheckpointError(f"unknown journal format {data.get('format')!r}", path)
+        problem = _shape_problem(data)
+        if problem:
+            raise CheckpointError(f"not a mobe-stream journal ({problem})", path)
         return cls(out_dir, data)
 
     def differences(self, settings: dict, source_fingerprint: SourceFingerprint) -> list[str]:
@@ -92,3 +93,31 @@ class Journal:
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data, indent=None)  # rewritten after every unit: keep it compact
+
+
+_FIELDS = {"settings": dict, "source_fingerprint": str, "units": dict, "next_shard_index": int, "complete": bool}
+_RECORD = {"filename": str, "sha256": str, "size": int}
+
+
+def _shape_problem(data: object) -> str | None:
+    """What makes `data` unusable as a journal (checked on load, so a hand-edited or foreign file is
+    one line, not a KeyError deep in resume), or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, expected an object"
+    if data.get("format") != FORMAT:
+        return f"format is {data.get('format')!r}, expected {FORMAT!r}"
+    for key, kind in _FIELDS.items():
+        if key not in data:
+            return f"no {key!r}"
+        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            return f"{key!r} is a {type(data[key]).__name__}, expected a {kind.__name__}"
+    for key, unit in data["units"].items():
+        shards = unit.get("shards") if isinstance(unit, dict) else None
+        if not isinstance(shards, list):
+            return f"unit {key!r} has no list of shards"
+        for rec in shards:
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), t) for k, t in _RECORD.items()):
+                return f"unit {key!r} has a shard record without filename, sha256 and size"
+            if rec["filename"] != Path(rec["filename"]).name:  # shard names only: never a path out of --out
+                return f"unit {key!r} names a shard outside the output directory: {rec['filename']!r}"
+    return None
