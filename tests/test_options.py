@@ -217,3 +217,13 @@ def test_out_reaching_the_source_through_a_symlink_is_refused(src, tmp_path):
     proc = run_cli("compress", str(link), "--out", str(src / "out"), *FAST)
     assert proc.returncode == 2 and "source" in proc.stderr, proc.stderr
     assert dir_digest(src) == before
+
+
+def test_journal_from_before_parsed_sizes_still_resumes(src, tmp_path):
+    out = tmp_path / "out"
+    run_cli("compress", str(src), "--out", str(out), *FAST, "--max-shard-size", "5GB", check=True)
+    journal = out / "mobe-journal.json"
+    data = json.loads(journal.read_text())
+    data["settings"]["max_shard_size"] = "5GB"  # as journaled by earlier versions
+    journal.write_text(json.dumps(data))
+    run_cli("compress", str(src), "--out", str(out), *FAST, "--max-shard-size", "5000MB", "--resume", check=True)

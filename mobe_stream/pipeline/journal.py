@@ -14,7 +14,8 @@ from ..checkpoint.mobe_format import JOURNAL_COMPLETE, JOURNAL_NAME, STATE_DIR
 
 __all__ = ["JOURNAL_NAME", "STATE_DIR", "Journal"]
 from ..checkpoint.safetensors_io import atomic_write_json
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..sizes import parse_size
 
 FORMAT = "mobe-stream-journal/1"
 
@@ -54,7 +55,12 @@ class Journal:
     def differences(self, settings: dict, source_fingerprint: SourceFingerprint) -> list[str]:
         """What differs between this journal's run and the requested one (empty: same run)."""
         diffs = []
-        old = self.data["settings"]
+        old = dict(self.data["settings"])
+        if isinstance(old.get("max_shard_size"), str):  # journals before sizes were stored parsed
+            try:
+                old["max_shard_size"] = parse_size(old["max_shard_size"])
+            except ConfigError:
+                pass
         for key in sorted(set(old) | set(settings)):
             if old.get(key) != settings.get(key):
                 diffs.append(f"{key}: was {old.get(key)!r}, now {settings.get(key)!r}")
