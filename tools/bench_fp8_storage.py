@@ -39,7 +39,8 @@ def run(family: str, args, root: Path) -> list[dict]:
     sizes = {}
     for dt in ("fp8", "bf16"):
         out = root / family / dt
-        compress(src, out, CompressOptions(dtype=dt, num_bases=args.num_bases, rank=args.rank, steps=args.steps,
+        compress(src, out, CompressOptions(dtype=dt, num_bases=args.num_bases, rank=args.rank, reduction=args.reduction,
+                                           steps=args.steps,
                                            method=args.method, checkpoint_every=1e9))
         sizes[dt] = factor_bytes(out)
         units = json.loads((out / "mobe-journal.json").read_text())["units"]
@@ -59,8 +60,9 @@ def run(family: str, args, root: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="qwen3_moe,deepseek_v3,kimi_k2")
-    ap.add_argument("--num-bases", type=int, default=4)
+    ap.add_argument("--num-bases", type=int, default=None)
     ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--reduction", type=float, default=0.3)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--method", default="mobe")
