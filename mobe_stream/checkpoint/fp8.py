@@ -22,8 +22,12 @@ def scale_name(weight_name: str) -> str:
     return weight_name + SCALE_SUFFIX
 
 
-def scale_shape(shape: tuple[int, int], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
-    return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, ...]:
+    """Blocks over the last two dims; leading dims (experts [E, p, r], bases [G, m, r, d]) are one
+    matrix each, so every matrix has its own scales."""
+    if len(shape) < 2:
+        raise ValueError(f"FP8 block scales need a matrix (>= 2 dims), got shape {tuple(shape)}")
+    return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 
 
 def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:

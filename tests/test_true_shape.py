@@ -1,0 +1,86 @@
+"""Kimi-K2 at true scale, headers only: the fixture's names, shapes, dtypes and shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from mobe_stream.checkpoint.reader import CheckpointReader
+from mobe_stream.synth.true_shape import is_sparse, make_true_shape
+
+
+L, E, P, D, V = 61, 384, 2048, 7168, 163840
+MOE_LAYERS = L - 1  # first_k_dense_replace = 1
+# per layer: 5 FP8 attention projections + scales, 4 norms, rotary inv_freq; dense MLP 3 + scales;
+# MoE: router weight + bias, 384 x 3 experts + scales, shared expert 3 + scales; embed, norm, lm_head
+ATTN = 5 * 2 + 4 + 1
+N_TENSORS = 3 + (ATTN + 3 * 2) + MOE_LAYERS * (ATTN + 2 + E * 3 * 2 + 3 * 2)
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("true_shape")
+    if shutil.disk_usage(root).free < 200 << 20:
+        pytest.skip("needs ~50 MB of real disk for headers")
+    try:
+        return make_true_shape(root / "kimi", "kimi_k2", sparse=True)
+    except ValueError as e:
+        if "holes" in str(e):
+            pytest.skip(f"filesystem without sparse files: {e}")
+        raise
+
+
+def test_names_shapes_dtypes_and_config(kimi):
+    cfg = json.loads((kimi / "config.json").read_text())
+    assert (cfg["model_type"], cfg["architectures"]) == ("kimi_k2", ["DeepseekV3ForCausalLM"])
+    assert (cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (D, P, 18432, L)
+    assert (cfg["n_routed_experts"], cfg["n_shared_experts"], cfg["num_experts_per_tok"], cfg["first_k_dense_replace"]) == (E, 1, 8, 1)
+    assert (cfg["n_group"], cfg["topk_group"], cfg["routed_scaling_factor"], cfg["vocab_size"]) == (1, 1, 2.827, V)
+    assert (cfg["q_lora_rank"], cfg["kv_lora_rank"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"],
+            cfg["num_attention_heads"]) == (1536, 512, 128, 64, 128, 64)
+    assert cfg["rope_scaling"]["factor"] == 32.0 and cfg["rope_scaling"]["original_max_position_embeddings"] == 4096
+    assert cfg["quantization_config"] == {**cfg["quantization_config"], "quant_method": "fp8", "fmt": "e4m3",
+                                          "weight_block_size": [128, 128]}
+    with CheckpointReader(kimi) as r:
+        assert len(r) == N_TENSORS == 139644
+        want = {
+            "model.layers.5.mlp.experts.17.gate_proj.weight": ("F8_E4M3", (P, D)),
+            "model.layers.5.mlp.experts.17.gate_proj.weight_scale_inv": ("F32", (16, 56)),
+            "model.layers.60.mlp.experts.383.down_proj.weight": ("F8_E4M3", (D, P)),
+            "model.layers.60.mlp.experts.383.down_proj.weight_scale_inv": ("F32", (56, 16)),
+            "model.layers.5.mlp.gate.weight": ("BF16", (E, D)),
+            "model.layers.5.mlp.gate.e_score_correction_bias": ("F32", (E,)),
+            "model.layers.5.mlp.shared_experts.up_proj.weight": ("F8_E4M3", (P, D)),
+            "model.layers.0.mlp.gate_proj.weight": ("F8_E4M3", (18432, D)),
+            "model.layers.0.mlp.down_proj.weight_scale_inv": ("F32", (56, 144)),
+            "model.layers.7.self_attn.q_a_proj.weight": ("F8_E4M3", (1536, D)),
+            "model.layers.7.self_attn.q_b_proj.weight": ("F8_E4M3", (64 * 192, 1536)),
+            "model.layers.7.self_attn.kv_a_proj_with_mqa.weight_scale_inv": ("F32", (5, 56)),
+            "model.layers.7.self_attn.kv_b_proj.weight": ("F8_E4M3", (64 * 256, 512)),
+            "model.layers.7.self_attn.o_proj.weight": ("F8_E4M3", (D, 64 * 128)),
+            "model.layers.7.self_attn.kv_a_layernorm.weight": ("BF16", (512,)),
+            "model.layers.7.self_attn.rotary_emb.inv_freq": ("F32", (32,)),
+            "model.layers.7.input_layernorm.weight": ("BF16", (D,)),
+            "model.embed_tokens.weight": ("BF16", (V, D)),
+            "model.norm.weight": ("BF16", (D,)),
+            "lm_head.weight": ("BF16", (V, D)),
+        }
+        assert {n: (r.info(n).dtype, r.info(n).shape) for n in want} == want
+        assert "model.layers.61.input_layernorm.weight" not in r  # Kimi-K2 stores no MTP layer
+        assert r.get("model.layers.5.mlp.experts.17.gate_proj.weight_scale_inv").abs().sum() == 0  # holes read as zeros
+
+
+def test_shards_are_sparse_and_true_size(kimi):
+    shards = sorted(kimi.glob("*.safetensors"))
+    assert {p.name for p in shards} == {f"model-{i}-of-62.safetensors" for i in range(1, 63)}
+    apparent = sum(p.stat().st_size for p in shards)
+    allocated = sum(os.stat(p).st_blocks * 512 for p in shards)
+    assert all(is_sparse(p) for p in shards) and allocated < 100e6
+    with CheckpointReader(kimi) as r:
+        data = sum(r.info(n).nbytes for n in r.names())
+    index = json.loads((kimi / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == data
+    assert apparent == pytest.approx(1.03e12, rel=0.01) and apparent - data < 50e6  # headers only on top
