@@ -1,16 +1,25 @@
-"""Kimi-K2 at true scale, headers only: the fixture's names, shapes, dtypes and shards."""
+"""Kimi-K2 at true scale, headers only: the fixture's names, shapes, dtypes and shards, and inspect's
+projections (parameters and honest FP8 bytes) and compress's refusals on it."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
 import pytest
+import torch
 
+from mobe_stream.checkpoint import fp8
 from mobe_stream.checkpoint.reader import CheckpointReader
+from mobe_stream.errors import ConfigError
+from mobe_stream.model_info import describe
+from mobe_stream.pipeline.job import make_job
+from mobe_stream.pipeline.options import CompressOptions
 from mobe_stream.synth.true_shape import is_sparse, make_true_shape
 
+from .helpers import run_cli
 
 L, E, P, D, V = 61, 384, 2048, 7168, 163840
 MOE_LAYERS = L - 1  # first_k_dense_replace = 1
@@ -84,3 +93,44 @@ def test_shards_are_sparse_and_true_size(kimi):
     index = json.loads((kimi / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == data
     assert apparent == pytest.approx(1.03e12, rel=0.01) and apparent - data < 50e6  # headers only on top
+
+
+def test_inspect_projects_parameters_and_fp8_bytes(kimi):
+    auto = describe(kimi, reduction=0.25)
+    assert auto["expert_params"] == MOE_LAYERS * E * 3 * P * D
+    assert auto["moe_layers"] == list(range(1, L)) and auto["fp8_block"] == [128, 128]
+    pr = auto["projection"]
+    assert pr["dtype"] == "fp8" and pr["reduction_experts"] == pytest.approx(0.25, abs=0.005)
+    # FP8 stays FP8: bytes fall at least as much as parameters
+    assert pr["source_bytes_ratio"] == pr["output_bytes"] / auto["size_bytes"] <= 0.78
+    assert pr["source_bytes_ratio"] <= 1 - pr["reduction_total"] + 0.01
+    bf16 = describe(kimi, reduction=0.25, dtype="bf16")["projection"]
+    assert bf16["dtype"] == "bf16" and bf16["source_bytes_ratio"] > 1  # widening FP8 to bf16 grows the model
+    assert bf16["params_after"] == pr["params_after"]
+
+
+def test_cli_inspect_json(kimi):
+    proc = run_cli("inspect", str(kimi), "--reduction", "0.25", "--json", check=True, timeout=300)
+    info = json.loads(proc.stdout)
+    assert info["projection"] == describe(kimi, reduction=0.25)["projection"]
+
+
+def test_compress_refuses_cleanly(kimi, tmp_path):
+    with CheckpointReader(kimi) as r:
+        for dtype in ("fp8", "auto"):
+            with pytest.raises(ConfigError, match=f"--dtype {dtype}: not supported by compress yet"):
+                make_job(kimi, tmp_path / "o", CompressOptions(dtype=dtype), r)
+    # 1 TB source: the working set and the output fit neither this machine's RAM nor its disk
+    proc = run_cli("compress", str(kimi), "--out", str(tmp_path / "out"), "--reduction", "0.25", "--quiet", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--force" in proc.stderr
+
+
+def test_fp8_stored_bytes_blocks_per_matrix():
+    fp8_t = fp8.FP8_DTYPE
+    assert fp8.stored_bytes((P, D), fp8_t) == P * D + 16 * 56 * 4
+    assert fp8.stored_bytes((200, 130), fp8_t) == 200 * 130 + 2 * 2 * 4  # partial edge blocks count whole
+    assert fp8.stored_bytes((E, P, P), fp8_t) == E * (P * P + 16 * 16 * 4)  # A [E, p, r]: one scale grid per expert
+    assert fp8.stored_bytes((1, 130, P, D), fp8_t) == 130 * (P * D + 16 * 56 * 4)  # B [G, m_g, r, d]: per basis
+    assert fp8.stored_bytes((E, 130), torch.float32) == E * 130 * 4
+    assert fp8.stored_bytes((E, P, D), torch.bfloat16) == 2 * math.prod((E, P, D))

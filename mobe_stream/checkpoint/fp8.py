@@ -30,6 +30,15 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) 
     return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 
 
+def stored_bytes(shape: tuple[int, ...], dtype: torch.dtype, block: tuple[int, int] = DEFAULT_BLOCK) -> int:
+    """Bytes a tensor of `shape` takes when stored as `dtype`; FP8 (e4m3) counts 1 byte an element
+    plus its fp32 `weight_scale_inv` (see scale_shape). The one byte formula for planners and writers."""
+    n = math.prod(shape)
+    if dtype == FP8_DTYPE:
+        return n + math.prod(scale_shape(shape, block)) * 4
+    return n * dtype.itemsize
+
+
 def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
     """Blow a per-block scale up to per-element (edge blocks use the same block index)."""
     bm, bn = block

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import fp8
 from ..checkpoint.families import Family, get_family
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ConfigError
 from ..factorize import MethodPlan, MoBESpec, choose_bases_rank, plan_method
 from ..sizes import parse_size
-from .options import CompressOptions, settings_for_journal
+from .options import AUTO, CompressOptions, settings_for_journal
 from .plan import parse_layers
 
 
@@ -71,6 +72,8 @@ class CompressJob:
 def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointReader) -> CompressJob:
     """Resolve `opts` against the source; every failure is a ConfigError naming the option."""
     opts.validate()
+    if opts.dtype == AUTO or opts.output_dtype() == fp8.FP8_DTYPE:  # inspect projects them; compress does not write them yet
+        raise ConfigError(f"--dtype {opts.dtype}: not supported by compress yet (use bf16, fp16 or fp32)")
     family = get_family(reader.config, reader)
     E, p, d = family.num_experts, family.moe_intermediate_size, family.hidden_size
     try:
