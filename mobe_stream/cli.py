@@ -84,7 +84,7 @@ def inspect_cmd(
     rank: Optional[int] = typer.Option(None),
     reduction: Optional[float] = typer.Option(None, help="Target cut of expert parameters (default 0.25)."),
     groups: int = typer.Option(1),
-    dtype: str = typer.Option("bf16", help="Output dtype to project sizes for."),
+    dtype: str = typer.Option("auto", help="Output dtype to project sizes for: auto (the experts' stored dtype), fp8, bf16, fp16, fp32."),
     method: str = typer.Option("mobe", help="mobe, or a baseline at the same budget: svd, molae, delta."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -115,7 +115,7 @@ def inspect_cmd(
         t.add_row("setting", f"{pr['method']}: m={pr['num_bases']} bases, r={pr['rank']}, groups={pr['groups']}, {pr['dtype']}")
         t.add_row("parameters after", f"{pr['params_after']:,} (-{100 * pr['reduction_total']:.1f}% model, "
                                       f"-{100 * pr['reduction_experts']:.1f}% experts)")
-        t.add_row("output size", _gb(pr["output_bytes"]))
+        t.add_row("output size", f"{_gb(pr['output_bytes'])} ({100 * pr['source_bytes_ratio']:.1f}% of the source)")
         t.add_row("peak RAM / device per layer", f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
     Console().print(t)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint.families import PROJS as EXPERT_PROJS, get_family
-from .checkpoint.mobe_format import ALPHA, PROJECTIONS
-from .checkpoint.reader import CheckpointReader
-from .pipeline.options import CompressOptions
-from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
+import torch
 
-_OUT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+from .checkpoint import fp8
+from .checkpoint.families import PROJS as EXPERT_PROJS, get_family
+from .checkpoint.mobe_format import PROJECTIONS, projection_bytes
+from .checkpoint.reader import CheckpointReader
+from .pipeline.options import CompressOptions, dtype_name, resolve_dtype
+from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
 
 
 def _numel(shape) -> int:
@@ -22,7 +23,8 @@ def _numel(shape) -> int:
 
 
 def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | None = None,
-             reduction: float | None = None, groups: int = 1, dtype: str = "bf16", method: str = "mobe") -> dict:
+             reduction: float | None = None, groups: int = 1, dtype: str = "auto", method: str = "mobe") -> dict:
+    """dtype: output dtype of the factors (auto = the experts' stored dtype, so FP8 stays FP8)."""
     # the same option checks as compress (one place): a bad value is exit 2 before any header is read
     CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups,
                     dtype=dtype).validate()
@@ -30,20 +32,27 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
         fam = get_family(reader.config, reader)
         E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
         moe = fam.moe_layers()
-        expert_names = {n for layer in moe for proj in EXPERT_PROJS
-                        for n in fam.expert_tensor_names(layer, proj)}
+        # gate/up: what MoBE replaces (in the fused layout both name gate_up_proj: a set counts it once)
+        gate_up = {n for layer in moe for proj in PROJECTIONS for n in fam.expert_tensor_names(layer, proj)}
+        kept = [proj for proj in EXPERT_PROJS if proj not in PROJECTIONS]  # down_proj
+        expert_names = gate_up | {n for layer in moe for proj in kept for n in fam.expert_tensor_names(layer, proj)}
         dtypes: Counter = Counter()
-        total = expert = size = 0
+        total = expert = size = stored_gate_up = 0
+        gate_up_dtypes: set[str] = set()
         for name in reader.names():
             info = reader.info(name)
-            n = _numel(info.shape)
             size += info.nbytes
+            if name in gate_up:
+                stored_gate_up += info.nbytes
             if name.endswith(("_scale_inv", "rotary_emb.inv_freq")):
                 continue
+            n = _numel(info.shape)
             dtypes[info.dtype] += n
             total += n
             if name in expert_names:
                 expert += n
+                if name in gate_up:
+                    gate_up_dtypes.add(info.dtype)
         out = {
             "path": str(Path(model_dir)),
             "family": fam.name,
@@ -61,26 +70,26 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             "size_bytes": size,
         }
         if moe:
+            out_dtype = resolve_dtype(dtype, gate_up_dtypes)
             m, r = choose_bases_rank(E, p, d, reduction, groups=groups, rank=rank, num_bases=num_bases)
             plan = plan_method(method, E, p, d, MoBESpec(m, r, "silu", groups))
             before = 2 * E * p * d  # gate + up per layer
             after = 2 * plan.params(E, p, d)
             saved = (before - after) * len(moe)
-            ob = _OUT_BYTES.get(dtype, 2)
-            # gate/up bytes as stored now vs as MoBE tensors in the output dtype
-            gate_up_names = {n for layer in moe for proj in PROJECTIONS for n in fam.expert_tensor_names(layer, proj)}
-            stored_gate_up = sum(reader.info(n).nbytes for n in gate_up_names)
-            mobe_bytes = len(moe) * 2 * sum(_numel(shape) * (4 if suffix == ALPHA else ob)
-                                            for suffix, shape in plan.shapes(E, p, d).items())
+            # gate/up bytes as stored now vs as factor tensors in the output dtype (alpha is always fp32)
+            block = tuple(reader.fp8_block or fp8.DEFAULT_BLOCK)
+            mobe_bytes = len(moe) * 2 * projection_bytes(plan.shapes(E, p, d), out_dtype, block)
+            output_bytes = size - stored_gate_up + mobe_bytes
             ws = working_set_bytes(E, p, d, m, r, groups)
             out["projection"] = {
                 "method": plan.method, "num_bases": plan.num_bases, "rank": plan.rank, "groups": plan.groups,
-                "dtype": dtype,
+                "dtype": dtype_name(out_dtype),
                 "params_after": total - saved,
                 "expert_params_after": expert - saved,
                 "reduction_total": saved / max(1, total),
                 "reduction_experts": saved / max(1, expert),
-                "output_bytes": size - stored_gate_up + mobe_bytes,
+                "output_bytes": output_bytes,
+                "source_bytes_ratio": output_bytes / max(1, size),
                 "peak_host_bytes_per_layer": int(ws["host"]),
                 "peak_device_bytes_per_layer": int(ws["device"]),
             }

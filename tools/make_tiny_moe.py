@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write a tiny (or Kimi-shaped wide) synthetic MoE checkpoint: `python tools/make_tiny_moe.py OUT --family deepseek_v3 --fp8`."""
+"""Write a tiny (or Kimi-shaped wide) synthetic MoE checkpoint: `python tools/make_tiny_moe.py OUT --family deepseek_v3 --fp8`,
+or a released model's exact layout with hole-only data: `python tools/make_tiny_moe.py OUT --true-shape kimi_k2 --sparse`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # works from a 
 import torch  # noqa: E402
 
 from mobe_stream.synth import FAMILIES, TOKENIZERS, make_tiny_moe, make_wide_kimi  # noqa: E402
+from mobe_stream.synth.true_shape import TRUE_SHAPES, make_true_shape  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mtp-layer", action="store_true", help="add DeepSeek's MTP layer past num_hidden_layers")
     ap.add_argument("--tokenizer", choices=TOKENIZERS, default="tokenizers",
                     help="tiktoken: Kimi-K2's layout (tiktoken.model + chat template, no tokenizer.json)")
+    ap.add_argument("--true-shape", choices=tuple(TRUE_SHAPES),
+                    help="the released model's config, tensor names, shapes, dtypes and shards (needs --sparse)")
+    ap.add_argument("--sparse", action="store_true", help="with --true-shape: data regions are holes (a few MB on disk)")
     a = ap.parse_args(argv)
-    if a.wide:
+    if a.true_shape:
+        if not a.sparse:
+            ap.error("--true-shape writes ~0.5-1 TB of data regions: pass --sparse to leave them as holes")
+        out = make_true_shape(a.out_dir, a.true_shape, sparse=True)
+    elif a.wide:
         kw = {k: v for k, v in dict(num_layers=a.num_layers, num_experts=a.num_experts, hidden_size=a.hidden_size,
                                     moe_intermediate_size=a.moe_intermediate_size, num_shards=a.num_shards).items()
               if v is not None}

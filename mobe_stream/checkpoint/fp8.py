@@ -23,8 +23,21 @@ def scale_name(weight_name: str) -> str:
     return weight_name + SCALE_SUFFIX
 
 
-def scale_shape(shape: tuple[int, int], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
-    return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, ...]:
+    """Blocks over the last two dims; leading dims (experts [E, p, r], bases [G, m, r, d]) are one
+    matrix each, so every matrix has its own scales."""
+    if len(shape) < 2:
+        raise ValueError(f"FP8 block scales need a matrix (>= 2 dims), got shape {tuple(shape)}")
+    return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
+
+
+def stored_bytes(shape: tuple[int, ...], dtype: torch.dtype, block: tuple[int, int] = DEFAULT_BLOCK) -> int:
+    """Bytes a tensor of `shape` takes when stored as `dtype`; FP8 (e4m3) counts 1 byte an element
+    plus its fp32 `weight_scale_inv` (see scale_shape). The one byte formula for planners and writers."""
+    n = math.prod(shape)
+    if dtype == FP8_DTYPE:
+        return n + math.prod(scale_shape(shape, block)) * 4
+    return n * dtype.itemsize
 
 
 def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:

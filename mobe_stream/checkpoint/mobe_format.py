@@ -8,7 +8,9 @@ are the method plan's business (factorize/baselines.py); this module only spells
 
 from __future__ import annotations
 
-from .fp8 import SCALE_SUFFIX
+import torch
+
+from .fp8 import SCALE_SUFFIX, stored_bytes
 
 FORMAT_VERSION = 1
 PROJECTIONS = ("gate_proj", "up_proj")  # the expert projections MoBE rewrites; down_proj is kept
@@ -35,6 +37,12 @@ def factor_name(experts_prefix: str, proj: str, suffix: str) -> str:
 def factor_names(experts_prefix: str, proj: str, suffixes) -> dict[str, str]:
     """suffix -> tensor name for one projection."""
     return {s: factor_name(experts_prefix, proj, s) for s in suffixes}
+
+
+def projection_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, block: tuple[int, int] = (128, 128)) -> int:
+    """Stored bytes of one compressed projection: `shapes` is suffix -> shape (the method plan's),
+    every factor in `dtype` (FP8 with its block scales) except the fp32 mixing logits."""
+    return sum(stored_bytes(shape, torch.float32 if suffix == ALPHA else dtype, block) for suffix, shape in shapes.items())
 
 
 def is_factor(name: str) -> bool:

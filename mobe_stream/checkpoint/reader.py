@@ -7,10 +7,12 @@ A directory that only holds pickle weights is refused: mobe-stream never unpickl
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -95,8 +97,8 @@ class CheckpointReader:
         self._headers: dict[str, ShardHeader] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: OrderedDict[str, Any] = OrderedDict()
-        weight_map = self._weight_map()
-        self._load_headers(weight_map)
+        with _gc_paused():
+            self._load_headers(self._weight_map())
         self.fp8_block: tuple[int, int] | None = _fp8_block(self.config)
 
     # ---- opening -------------------------------------------------------------------------------
@@ -109,7 +111,10 @@ class CheckpointReader:
             wm = doc.get("weight_map") if isinstance(doc, dict) else None
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise CheckpointError("index has no valid weight_map (tensor name -> shard file)", index_path)
+            first_tensor: dict[str, str] = {}  # checked once per shard: resolve() per tensor took a minute on Kimi-K2
             for name, shard in wm.items():
+                first_tensor.setdefault(shard, name)
+            for shard, name in first_tensor.items():
                 self._check_inside(index_path, name, shard)
             return wm
         if (self.model_dir / SINGLE_NAME).is_file():
@@ -136,34 +141,32 @@ class CheckpointReader:
 
     def _load_headers(self, weight_map: dict[str, str] | None) -> None:
         shards = [SINGLE_NAME] if weight_map is None else list(dict.fromkeys(weight_map.values()))
-        owner: dict[str, str] = {}
+        found: dict[str, TensorInfo] = {}  # every tensor of every header, in shard order
         for shard in shards:
             path = self.model_dir / shard
             if not path.is_file():
                 raise CheckpointError(f"shard listed in {INDEX_NAME} is missing", path)
             header = read_header(path)
-            self._headers[shard] = header
-            for name in header.tensors:
-                if name in owner:
-                    raise CheckpointError(f"duplicate tensor {name}: stored in two shards ({owner[name]} and {shard})", path)
-                owner[name] = shard
-        names = list(owner) if weight_map is None else list(weight_map)
-        for name in names:
-            shard = owner.get(name)
-            want = shard if weight_map is None else weight_map[name]
-            if shard != want:
-                path = self.model_dir / want
-                if shard is None:
-                    raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but not in the shard header", path)
-                raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} for {want} but stored in {shard}", path)
-            header = self._headers[shard]
-            e = header.tensors[name]
-            self._infos[name] = TensorInfo(name, shard, e.dtype, e.shape, e.nbytes, header.data_start + e.begin)
-        # keep only what fingerprint() needs: per-tensor header objects would double the metadata
-        # (about 1 KB per tensor, i.e. ~70 MB for Kimi-K2's 69k tensors)
-        for shard, header in self._headers.items():
+            start = header.data_start
+            for name, e in header.tensors.items():
+                if name in found:
+                    raise CheckpointError(f"duplicate tensor {name}: stored in two shards ({found[name].shard} and {shard})", path)
+                found[name] = TensorInfo(name, shard, e.dtype, e.shape, e.end - e.begin, start + e.begin)
+            # keep only what fingerprint() needs: per-tensor header objects would double the metadata
+            # (about 1 KB per tensor, i.e. ~140 MB for Kimi-K2's 140k tensors)
             self._headers[shard] = _ShardSummary(header.file_size, header.data_start,
                                                  hashlib.sha256(header.raw).digest(), len(header.raw))
+        if weight_map is None:
+            self._infos = found
+            return
+        for name, want in weight_map.items():  # index order
+            info = found.get(name)
+            if info is None or info.shard != want:
+                path = self.model_dir / want
+                if info is None:
+                    raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but not in the shard header", path)
+                raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} for {want} but stored in {info.shard}", path)
+            self._infos[name] = info
 
     # ---- metadata ------------------------------------------------------------------------------
 
@@ -325,6 +328,20 @@ class CheckpointReader:
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.model_dir)!r}, {len(self._infos)} tensors, {len(self._headers)} shards)"
+
+
+@contextmanager
+def _gc_paused():
+    """Opening builds several small objects per tensor (over a million for Kimi-K2's 140k tensors),
+    none in a reference cycle; the cyclic collector would rescan them again and again as they pile
+    up, which took half the opening time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _fp8_block(config: dict) -> tuple[int, int] | None:

@@ -51,7 +51,8 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
                                           side_files=[e.name for e in outdir.side_files(src)])
             units = _plan(job)
             todo = [u for u in units if not journal.done(u.key)]
-            need_disk = preflight.projected_output_bytes(reader, job.family, job.plan, todo, outdir.side_files_bytes(src))
+            need_disk = preflight.projected_output_bytes(reader, job.family, job.plan, todo, job.output.dtype, job.output.block,
+                                                        outdir.side_files_bytes(src))
             need_ram = preflight.layer_ram_bytes(job.family, job.spec) if any(u.kind == "factorize" for u in todo) else None
             preflight.check(out, need_disk, need_ram, force=opts.force, warn=warn)
             reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),

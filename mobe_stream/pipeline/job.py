@@ -15,11 +15,12 @@ import torch
 
 from ..checkpoint import fp8
 from ..checkpoint.families import Family, get_family
+from ..checkpoint.mobe_format import PROJECTIONS
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ConfigError
 from ..factorize import MethodPlan, MoBESpec, choose_bases_rank, plan_method
 from ..sizes import parse_size
-from .options import CompressOptions, settings_for_journal
+from .options import CompressOptions, resolve_dtype, settings_for_journal
 from .plan import parse_layers
 
 
@@ -95,15 +96,14 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
                       device=opts.resolved_device(),
                       max_device_bytes=parse_size(opts.max_gpu_memory, "--max-gpu-memory") if opts.max_gpu_memory else None,
                       checkpoint_every=opts.checkpoint_every)
-    out_dtype = opts.output_dtype(source_expert_dtype(reader, family, layers))
+    out_dtype = resolve_dtype(opts.dtype, source_expert_dtypes(reader, family, layers))
     output = OutputSpec(out_dtype, parse_size(opts.max_shard_size, "--max-shard-size"),
                         tuple(reader.fp8_block or fp8.DEFAULT_BLOCK))
     return CompressJob(src, out, reader, family, spec, plan, layers,
                        settings_for_journal(opts, m, r, layers, out_dtype), fit, output, opts)
 
 
-def source_expert_dtype(reader: CheckpointReader, family: Family, layers: list[int]) -> str:
-    """Safetensors dtype of the first compressed layer's gate_proj weights ("F8_E4M3", "BF16", ...)."""
-    if not layers:
-        return "BF16"
-    return reader.info(family.expert_tensor_names(layers[0], "gate_proj")[0]).dtype
+def source_expert_dtypes(reader: CheckpointReader, family: Family, layers: list[int]) -> set[str]:
+    """Safetensors dtypes of the compressed layers' gate/up expert weights ({"F8_E4M3"}, {"BF16"}, ...)."""
+    return {reader.info(n).dtype for layer in layers for proj in PROJECTIONS
+            for n in family.expert_tensor_names(layer, proj) if not n.endswith(fp8.SCALE_SUFFIX)}

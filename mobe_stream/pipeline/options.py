@@ -14,15 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint import fp8
+from ..checkpoint.safetensors_io import ST_TO_TORCH
 from ..errors import ConfigError
 from ..factorize import INITS, METHODS
 from ..sizes import parse_size
 from .solvers import SOLVERS
 
+# --dtype: the first name of each dtype is its short name. fp8 = e4m3 with fp32 128x128 block scales
+# (checkpoint/fp8.py); `auto` is the source experts' storage dtype (resolve_dtype).
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32, "fp8": torch.float8_e4m3fn}
-AUTO = "auto"  # the storage dtype of the source's routed experts (FP8 sources get FP8 factors)
-STORED = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+          "fp32": torch.float32, "float32": torch.float32, "fp8": fp8.FP8_DTYPE, "float8_e4m3fn": fp8.FP8_DTYPE}
+AUTO = "auto"
+DTYPE_CHOICES = (AUTO, *DTYPES)
 ACTIVATIONS = ("silu", "tanh")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LAYERS = re.compile(r"^\s*(all|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)\s*$")
@@ -99,7 +103,7 @@ class CompressOptions:
         _choice("--solver", self.solver, SOLVERS)
         _choice("--init", self.init, INITS)
         _choice("--activation", self.activation, ACTIVATIONS)
-        _choice("--dtype", self.dtype, (AUTO, *DTYPES))
+        _choice("--dtype", self.dtype, DTYPE_CHOICES)
         for option, value in (("--num-bases", self.num_bases), ("--rank", self.rank)):
             if value is not None and value < 1:
                 raise ConfigError(f"{option}: must be at least 1, got {value}")
@@ -120,16 +124,26 @@ class CompressOptions:
             parse_size(self.max_gpu_memory, "--max-gpu-memory")
         resolve_device(self.device)
 
-    def output_dtype(self, source_dtype: str) -> torch.dtype:
-        """The factors' storage dtype; `source_dtype` is the safetensors dtype of the source's
-        gate/up expert weights (what `auto` follows)."""
-        _choice("--dtype", self.dtype, (AUTO, *DTYPES))
-        if self.dtype == AUTO:
-            return STORED.get(source_dtype, torch.bfloat16)
-        return DTYPES[self.dtype]
-
     def resolved_device(self) -> str:
         return resolve_device(self.device)
+
+
+def resolve_dtype(dtype: str, source_dtypes: set[str]) -> torch.dtype:
+    """`--dtype` as a torch dtype; `auto` is the storage dtype (safetensors names, e.g. F8_E4M3 -> fp8)
+    of the source experts' gate/up weights, which must be one output dtype."""
+    _choice("--dtype", dtype, DTYPE_CHOICES)
+    if dtype != AUTO:
+        return DTYPES[dtype]
+    found = {ST_TO_TORCH.get(s) for s in source_dtypes}
+    if len(found) != 1 or next(iter(found)) not in DTYPES.values():
+        raise ConfigError(f"--dtype auto: the source experts are stored as {', '.join(sorted(source_dtypes)) or 'nothing'}; "
+                          f"choose --dtype bf16, fp16, fp32 or fp8")
+    return found.pop()  # type: ignore[return-value]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short --dtype name (bf16, fp8, ...)."""
+    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layers: list[int],

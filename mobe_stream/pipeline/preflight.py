@@ -8,7 +8,10 @@ from typing import Callable
 
 import psutil
 
+import torch
+
 from ..checkpoint.families import Family
+from ..checkpoint.mobe_format import projection_bytes
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ResourceError
 from ..factorize import MethodPlan, MoBESpec, working_set_bytes
@@ -16,11 +19,11 @@ from .plan import Unit
 
 
 def projected_output_bytes(reader: CheckpointReader, family: Family, plan: MethodPlan, units: list[Unit],
-                           extra_bytes: int = 0) -> int:
-    """Bytes the remaining units will write: copied tensors as stored + factors (an upper bound:
-    4 bytes a parameter) + `extra_bytes` (side files copied at the end)."""
+                           dtype: torch.dtype, block: tuple[int, int], extra_bytes: int = 0) -> int:
+    """Bytes the remaining units will write: copied tensors as stored + factors as stored in `dtype`
+    (FP8 with its block scales) + `extra_bytes` (side files copied at the end)."""
     E, p, d = family.num_experts, family.moe_intermediate_size, family.hidden_size
-    per_proj = plan.params(E, p, d) * 4
+    per_proj = projection_bytes(plan.shapes(E, p, d), dtype, block)
     total = extra_bytes
     for u in units:
         if u.kind == "copy":

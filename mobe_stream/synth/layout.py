@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checkpoint import fp8
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -18,6 +20,17 @@ class Spec:
     layer: int | None = None
     proj: str | None = None
     expert: int | None = None
+
+
+def stored(spec: Spec, dtype: str, block: tuple[int, int] | None) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of what `spec` is stored as: `dtype` (e.g. "BF16"), except fp32
+    router bias and rotary buffer; with an FP8 `block`, "linear"/"expert" weights are F8_E4M3 with an
+    fp32 `weight_scale_inv` per block (per expert `[E, sm, sn]` when fused)."""
+    if spec.kind in ("bias", "inv_freq"):
+        return [(spec.name, "F32", spec.shape)]
+    if block is None or spec.kind not in ("linear", "expert"):
+        return [(spec.name, dtype, spec.shape)]
+    return [(spec.name, "F8_E4M3", spec.shape), (fp8.scale_name(spec.name), "F32", fp8.scale_shape(spec.shape, block))]
 
 
 def _experts(pre: str, layer: int, E: int, p: int, d: int, fused: bool) -> list[Spec]:

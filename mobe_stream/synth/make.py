@@ -135,22 +135,32 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
     return out
 
 
+def shard_name(i: int, n: int, unpadded: bool) -> str:
+    """`model-00001-of-00003.safetensors`, or Kimi-K2's unpadded `model-1-of-3.safetensors`."""
+    return f"model-{i}-of-{n}.safetensors" if unpadded else f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def group_specs(specs: list[Spec], size, num_shards: int) -> list[list[Spec]]:
+    """Consecutive specs in up to `num_shards` groups of about equal `size(spec)` bytes (a spec never splits)."""
+    cap = -(-sum(size(s) for s in specs) // num_shards)
+    groups: list[list[Spec]] = [[]]
+    filled = 0
+    for s in specs:
+        if filled >= cap and len(groups) < num_shards:
+            groups.append([])
+            filled = 0
+        groups[-1].append(s)
+        filled += size(s)
+    return groups
+
+
 def _write_shards(out: Path, specs: list[Spec], values: _Values, dtype, quantize: bool, E: int, num_shards: int,
                   unpadded: bool) -> None:
-    total = sum(_nbytes(s, dtype, quantize) for s in specs)
-    cap = -(-total // num_shards)
-    groups: list[list[Spec]] = [[]]
-    size = 0
-    for s in specs:
-        if size >= cap and len(groups) < num_shards:
-            groups.append([])
-            size = 0
-        groups[-1].append(s)
-        size += _nbytes(s, dtype, quantize)
+    groups = group_specs(specs, lambda s: _nbytes(s, dtype, quantize), num_shards)
     n = len(groups)
     weight_map = {}
     for i, group in enumerate(groups, 1):
-        fname = f"model-{i}-of-{n}.safetensors" if unpadded else f"model-{i:05d}-of-{n:05d}.safetensors"
+        fname = shard_name(i, n, unpadded)
         items = [t for s in group for t in _tensors(s, values, dtype, quantize, E, tuple(fp8.DEFAULT_BLOCK))]
         write_safetensors(out / fname, items, {"format": "pt"})
         weight_map.update({name: fname for name, _ in items})
