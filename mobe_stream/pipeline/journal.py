@@ -101,7 +101,9 @@ class Journal:
         atomic_write_json(self.path, self.data, indent=None)  # rewritten after every unit: keep it compact
 
 
-_FIELDS = {"settings": dict, "source_fingerprint": str, "units": dict, "next_shard_index": int, "complete": bool}
+# source_fingerprint: an object (SourceFingerprint.to_json), or a digest string in older journals
+_FIELDS: dict[str, type | tuple[type, ...]] = {"settings": dict, "source_fingerprint": (dict, str), "units": dict,
+                                               "next_shard_index": int, "complete": bool}
 _RECORD = {"filename": str, "sha256": str, "size": int}
 
 
@@ -116,7 +118,8 @@ def _shape_problem(data: object) -> str | None:
         if key not in data:
             return f"no {key!r}"
         if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
-            return f"{key!r} is a {type(data[key]).__name__}, expected a {kind.__name__}"
+            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            return f"{key!r} is a {type(data[key]).__name__}, expected a {expected}"
     for key, unit in data["units"].items():
         shards = unit.get("shards") if isinstance(unit, dict) else None
         if not isinstance(shards, list):
