@@ -16,19 +16,21 @@ if TYPE_CHECKING:
 
 
 def _load(model: Path, tok: Tokenizer, dtype: str, device_map: str, max_memory: Optional[str],
-          offload_folder: Optional[Path], mobe_cache: Optional[str], print_map: bool):
+          offload_folder: Optional[Path], mobe_cache: Optional[str], print_map: bool, expert_cache: Optional[str] = None):
     """Load weights; the caller builds `tok` first so that a bad tokenizer or chat template fails before."""
     from .runtime.device_map import format_plan
     from .runtime.model import load_model
 
     show = (lambda plan, sizes: print(format_plan(plan, sizes), file=sys.stderr, flush=True)) if print_map else None
     m = load_model(model, dtype=dtype, device_map=None if device_map == "none" else device_map,
-                   max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache or 0, on_plan=show)
+                   max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache or 0, on_plan=show,
+                   expert_cache=expert_cache)
     tok.eos_ids |= set(m.cfg.eos_token_ids)
     return m
 
 
-def _dry_run(model: Path, dtype: str, device_map: str, max_memory: Optional[str]) -> None:
+def _dry_run(model: Path, dtype: str, device_map: str, max_memory: Optional[str],
+             expert_cache: Optional[str] = None) -> None:
     """Plan from the shard headers for the devices max_memory names (present here or not), print the
     plan on stdout, read no weight."""
     from .checkpoint.reader import CheckpointReader
@@ -39,11 +41,15 @@ def _dry_run(model: Path, dtype: str, device_map: str, max_memory: Optional[str]
     with CheckpointReader(model) as reader:
         cfg = parse_config(reader.config, reader.config_path)
         plan, sizes = plan_model(reader, cfg, resolve_dtype(dtype), None if device_map == "none" else device_map,
-                                 max_memory, dry_run=True)
+                                 max_memory, dry_run=True, expert_cache=expert_cache)
     print(format_plan(plan, sizes))
 
 
-DEVICE_MAP_HELP = "auto, balanced, sequential, cpu (plan with --max-memory), or one device: cuda, cuda:N."
+DEVICE_MAP_HELP = ("auto, balanced, sequential, cpu (plan with --max-memory), or one device: cuda, cuda:N; "
+                   "experts: everything but the routed experts on the compute device, experts on cpu/disk, "
+                   "fetched per token through --expert-cache.")
+EXPERT_CACHE_HELP = ("With --device-map experts: bytes of hot routed experts kept on the compute device (LRU), "
+                     "e.g. 8GiB; default half the device room left.")
 MAX_MEMORY_HELP = 'accelerate form, e.g. "0=20GiB,cpu=64GiB,disk"; a GPU named here must exist (unless --dry-run).'
 OFFLOAD_HELP = ("Kept for accelerate compatibility. Disk-offloaded weights are read from the checkpoint's own "
                 "safetensors shards (mmap) and nothing is written here; every source mobe-stream reads is safetensors.")
@@ -74,6 +80,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
         mobe_cache: Optional[str] = typer.Option(None, help="LRU cache of mixed MoBE bases, e.g. 2GiB."),
+        expert_cache: Optional[str] = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
     ):
         """Generate text, streaming tokens to stdout; speed and peak memory to stderr."""
@@ -83,10 +90,10 @@ def register(app: typer.Typer) -> None:
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         if dry_run:
-            return _dry_run(model, dtype, device_map, max_memory)
+            return _dry_run(model, dtype, device_map, max_memory, expert_cache)
         tok = Tokenizer(model)
         ids = tok.encode_chat(prompt) if chat else tok.encode(prompt)
-        m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
+        m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map, expert_cache)
         try:
             r = run(m, tok, ids, max_new_tokens, temperature, top_k, top_p, seed, stream=None if json_out else sys.stdout)
         finally:
@@ -95,9 +102,11 @@ def register(app: typer.Typer) -> None:
             d = r.as_dict()
             d["device_map"] = {u: str(v) for u, v in m.plan.items()}
             print(json.dumps(d))
+        ec = r.expert_cache
+        hits = f", expert cache {ec['hits']} hits / {ec['misses']} misses" if ec else ""
         print(f"{r.new_tokens} tokens ({r.stop_reason}), prefill {r.prefill_s:.3f}s ({r.prompt_tokens} tokens), "
-              f"decode {r.tokens_per_s:.2f} tok/s, peak RSS {_mib(r.peak_rss_bytes)}, peak GPU {_mib(r.peak_gpu_bytes)}",
-              file=sys.stderr)
+              f"decode {r.tokens_per_s:.2f} tok/s, peak RSS {_mib(r.peak_rss_bytes)}, peak GPU {_mib(r.peak_gpu_bytes)}"
+              f"{hits}", file=sys.stderr)
 
     @app.command("eval")
     @friendly
@@ -112,6 +121,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
         mobe_cache: Optional[str] = typer.Option(None),
+        expert_cache: Optional[str] = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
     ):
         """Perplexity of MODEL on a text file."""
@@ -122,14 +132,14 @@ def register(app: typer.Typer) -> None:
         if ctx < 2:
             raise ConfigError(f"--ctx: must be at least 2 tokens, got {ctx}")
         if dry_run:
-            return _dry_run(model, dtype, device_map, max_memory)
+            return _dry_run(model, dtype, device_map, max_memory, expert_cache)
 
         try:
             body = text.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read text file ({e})", text) from None
         tok = Tokenizer(model)
-        m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map)
+        m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map, expert_cache)
         try:
             r = perplexity(m, tok, body, ctx)
         finally:

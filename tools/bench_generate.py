@@ -7,6 +7,7 @@ of MoBE basis mixing: routed experts only vs all experts (what the reference cod
 
     python tools/bench_generate.py [--family qwen3_moe] [--tokens 32] [--json out.json]
     python tools/bench_generate.py --family kimi_k2 --fp8    # FP8 block-scaled source (bf16 rest)
+    python tools/bench_generate.py --family kimi_k2 --fp8 --expert-plans   # + --device-map experts rows
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def run_one(args) -> dict:
     from mobe_stream.runtime.tokenizer import Tokenizer
 
     kw = {} if args.plan == "memory" else dict(device_map="auto", max_memory=args.max_memory, offload_folder=args.offload)
+    if args.plan.startswith("experts"):
+        kw = _experts_kw(args)
     m = load_model(args.model, dtype=args.dtype, materialize_all=args.materialize_all, **kw)
     tok = Tokenizer(args.model)
     tok.eos_ids = set()  # fixed length runs
@@ -95,10 +98,29 @@ def run_one(args) -> dict:
     runs = [generate(m, tok, PROMPT, args.tokens, stream=None) for _ in range(3)]
     r = min(runs, key=lambda x: x.prefill_s + x.decode_s)  # end to end, as for transformers
     placed = {str(v) for v in m.plan.values()}
+    ec = r.expert_cache
     m.close()
     written = sum(f.stat().st_size for f in Path(args.offload).rglob("*") if f.is_file()) if args.offload else 0
     return {"offload_written": written, "tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s), "peak_rss": r.peak_rss_bytes, "devices": sorted(placed),
-            "mixed_bases": m.mobe_mixed}
+            "mixed_bases": m.mobe_mixed, "expert_hit_rate": ec["hit_rate"] if ec else None}
+
+
+def _experts_kw(args) -> dict:
+    """--device-map experts: "experts" = experts in RAM, default cache; "experts-disk" = RAM holds only
+    the resident part plus a cache of a quarter of the expert bytes, the experts stay in the shards."""
+    if args.plan == "experts":
+        return dict(device_map="experts", max_memory=args.max_memory)
+    from mobe_stream.checkpoint.reader import CheckpointReader
+    from mobe_stream.runtime.config import parse_config
+    from mobe_stream.runtime.model import plan_model, resolve_dtype
+
+    with CheckpointReader(args.model) as r:
+        plan, sizes = plan_model(r, parse_config(r.config, r.config_path), resolve_dtype(args.dtype), "experts",
+                                 "cpu=64GiB", expert_cache=0)
+    experts = sum(b for k, b in sizes.items() if k.endswith(".experts"))
+    resident = sum(b for k, b in sizes.items() if not k.endswith(".experts"))
+    cache = experts // 4
+    return dict(device_map="experts", max_memory=f"cpu={resident + cache},disk", expert_cache=cache)
 
 
 def _hf_max_memory(s: str) -> dict:
@@ -136,6 +158,7 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="FP8 block-scaled source (deepseek_v3 / kimi_k2 only)")
     ap.add_argument("--forms", default="original,mobe", help="which checkpoints to run (original, mobe)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--expert-plans", action="store_true", help="also --device-map experts (experts in RAM; on disk with a 25%% cache)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="mobe", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -162,6 +185,8 @@ def main() -> None:
     except ImportError:
         have_accelerate = False
     plans = {"memory": None, "cpu-offload": "cpu=64GiB", "disk-offload": "cpu=1,disk"}
+    if args.expert_plans:
+        plans.update({"experts": "cpu=64GiB", "experts-disk": None})
     rows = []
     for form, path in (("original", src), ("mobe", mobe)):
         if form not in args.forms.split(","):
@@ -170,18 +195,20 @@ def main() -> None:
             variants = [("mobe-stream", False)] + ([("mobe-stream all-E", True)] if form == "mobe" and plan == "memory" else [])
             for engine, mat in variants:
                 rows.append(_sub(engine, form, plan, path, mm, work, args.tokens, mat, args.dtype))
-            if have_accelerate and form == "original":
+            if have_accelerate and form == "original" and not plan.startswith("experts"):
                 rows.append(_sub("transformers+accelerate", form, plan, path, mm, work, args.tokens, False, args.dtype))
     if not have_accelerate:
         rows.append({"engine": "transformers+accelerate", "form": "original", "plan": "-", "note": "accelerate not installed"})
     mixing = bench_mixing()
-    print(f"\n{'engine':<24} {'form':<9} {'plan':<13} {'tok/s':>8} {'peak RSS':>10} {'offload written':>16}  devices")
+    print(f"\n{'engine':<24} {'form':<9} {'plan':<13} {'tok/s':>8} {'peak RSS':>10} {'offload written':>16} "
+          f"{'hit rate':>9}  devices")
     for r in rows:
         if "note" in r:
             print(f"{r['engine']:<24} {r['form']:<9} {r['plan']:<13} {r['note']}")
             continue
         print(f"{r['engine']:<24} {r['form']:<9} {r['plan']:<13} {r['tok_s']:8.1f} {r['peak_rss'] / 2**20:8.1f}Mi "
-              f"{r.get('offload_written', 0) / 2**20:14.1f}Mi  "
+              f"{r.get('offload_written', 0) / 2**20:14.1f}Mi "
+              f"{'' if r.get('expert_hit_rate') is None else format(r['expert_hit_rate'], '.2f'):>9}  "
               f"{','.join(r.get('devices', []))}")
     print(f"\nMoBE basis mixing, one projection of one layer (E={mixing['E']}, m={mixing['m']}, r={mixing['r']}, "
           f"d={mixing['d']}): routed-only (top-{mixing['top_k']}) {mixing['routed_only_ms']:.2f} ms vs "

@@ -86,7 +86,7 @@ def plan_device_map(layer_sizes: dict[str, int], max_memory: str | dict | None =
     "sequential": fill each GPU before the next; "cpu": everything on the CPU.
     """
     if strategy not in ("auto", "balanced", "sequential", "cpu"):
-        raise ConfigError(f"unknown device map strategy {strategy!r} (auto, balanced, sequential, cpu)")
+        raise ConfigError(f"unknown device map strategy {strategy!r} (auto, balanced, sequential, cpu, experts)")
     mem = parse_max_memory(max_memory) if max_memory is not None else default_max_memory()
     if strategy == "cpu":
         return {u: "cpu" for u in layer_sizes}
@@ -120,7 +120,8 @@ def plan_device_map(layer_sizes: dict[str, int], max_memory: str | dict | None =
 
 def format_plan(plan: dict[str, Device], layer_sizes: dict[str, int]) -> str:
     """One line per unit (unit -> device, bytes) plus per-device totals."""
-    lines = [f"{u:<12} -> {str(d):<5} {layer_sizes[u]:>14,d} B" for u, d in plan.items()]
+    w = max((len(u) for u in plan), default=12)
+    lines = [f"{u:<{w}} -> {str(d):<5} {layer_sizes[u]:>14,d} B" for u, d in plan.items()]
     totals: dict[str, int] = {}
     for u, d in plan.items():
         totals[str(d)] = totals.get(str(d), 0) + layer_sizes[u]

@@ -28,6 +28,8 @@ class GenerationResult:
     tokens_per_s: float  # decode tokens / decode seconds (first token counted in prefill)
     peak_rss_bytes: int
     peak_gpu_bytes: int
+    expert_cache: dict | None = None  # --device-map experts: this call's hits, misses, hit_rate, transfers
+
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +80,7 @@ def generate(model: MoEModel, tok: Tokenizer, prompt: str | list[int], max_new_t
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    before = model.expert_stats()
     cache = model.new_cache()
     dec = StreamDecoder(tok)
     out: list[int] = []
@@ -103,4 +106,18 @@ def generate(model: MoEModel, tok: Tokenizer, prompt: str | list[int], max_new_t
     decode_steps = max(len(out) - 1, 0)
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     return GenerationResult(tok.decode(out), len(ids), len(out), out, stop, t1 - t0, t2 - t1,
-                            decode_steps / (t2 - t1) if t2 > t1 and decode_steps else 0.0, peak_rss_bytes(), gpu)
+                            decode_steps / (t2 - t1) if t2 > t1 and decode_steps else 0.0, peak_rss_bytes(), gpu,
+                            _since(before, model.expert_stats()))
+
+
+COUNTERS = ("hits", "misses", "evictions", "transfers", "transferred_bytes")
+
+
+def _since(before: dict | None, after: dict | None) -> dict | None:
+    """Expert-cache counters of one generate call (the model's counters run over its lifetime)."""
+    if before is None or after is None:
+        return None
+    out = dict(after, **{k: after[k] - before[k] for k in COUNTERS})
+    looked = out["hits"] + out["misses"]
+    out["hit_rate"] = out["hits"] / looked if looked else 0.0
+    return out

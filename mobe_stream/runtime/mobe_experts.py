@@ -10,47 +10,24 @@ byte-bounded LRU (`--mobe-cache`) shared by all layers, for decode where the sam
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 
 from ..checkpoint.families import EXPERTS_MODULE as EXPERTS
-from ..checkpoint.mobe_format import PROJECTIONS as PROJS, factor_name
+from ..checkpoint.mobe_format import PROJECTIONS as PROJS
+from ..checkpoint.mobe_format import factor_name
 from ..factorize.model import mixed_bases
+from .lru import ByteLRU
 from .moe import OriginalExperts
 from .ops import swiglu
 from .unit_weights import UnitWeights
 
 
-
-class MixedBasisCache:
+class MixedBasisCache(ByteLRU[torch.Tensor]):
     """LRU of mixed bases M_e keyed by (layer, proj, expert), bounded in bytes (0 = off)."""
 
-    def __init__(self, max_bytes: int = 0):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple[int, str, int]) -> torch.Tensor | None:
-        t = self._items.get(key)
-        if t is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return t
-
-    def put(self, key: tuple[int, str, int], t: torch.Tensor) -> None:
-        size = t.numel() * t.element_size()
-        if size > self.max_bytes or key in self._items:
-            return
-        self._items[key] = t
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+    def put(self, key: tuple[int, str, int], t: torch.Tensor) -> None:  # type: ignore[override]
+        super().put(key, t, t.numel() * t.element_size())
 
 
 class MobeExperts(OriginalExperts):
@@ -60,18 +37,19 @@ class MobeExperts(OriginalExperts):
                  cache: MixedBasisCache | None = None, materialize_all: bool = False):
         super().__init__(w, p, layout)
         self.layer, self.act, self.cache, self.materialize_all = layer, act, cache, materialize_all
-        self.A = {pr: w[factor_name(EXPERTS, pr, "mobe_A")] for pr in PROJS}
+        self.A_name = {pr: factor_name(EXPERTS, pr, "mobe_A") for pr in PROJS}  # read per routed expert
         self.B = {pr: w[factor_name(EXPERTS, pr, "mobe_B")] for pr in PROJS}
         self.alpha = {pr: w[factor_name(EXPERTS, pr, "mobe_alpha")] for pr in PROJS}
-        self.num_experts = self.A["gate_proj"].shape[0]
+        self.num_experts = self.alpha["gate_proj"].shape[0]
         self.M: dict[tuple[str, int], torch.Tensor] = {}
         self.mixed = 0  # bases mixed so far (for benchmarks)
 
     def prepare(self, experts: list[int]) -> None:
         """Mix bases for the routed experts (all E when materialize_all, like the reference code)."""
+        super().prepare(experts)
         self.M = {}
         want = list(range(self.num_experts)) if self.materialize_all else experts
-        dtype = self.A["gate_proj"].dtype
+        dtype = self.B["gate_proj"].dtype
         for pr in PROJS:
             todo = []
             for e in want:
@@ -93,11 +71,11 @@ class MobeExperts(OriginalExperts):
 
     def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructed W_e = A_e M_e (only used by tests and tools; the forward stays factored)."""
-        return tuple(self.A[pr][e] @ self.M[pr, e] for pr in PROJS)  # type: ignore[return-value]
+        return tuple(self.w.expert(self.A_name[pr], e) @ self.M[pr, e] for pr in PROJS)  # type: ignore[return-value]
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        g = F.linear(F.linear(x, self.M["gate_proj", e]), self.A["gate_proj"][e])
-        u = F.linear(F.linear(x, self.M["up_proj", e]), self.A["up_proj"][e])
+        g = F.linear(F.linear(x, self.M["gate_proj", e]), self.w.expert(self.A_name["gate_proj"], e))
+        u = F.linear(F.linear(x, self.M["up_proj", e]), self.w.expert(self.A_name["up_proj"], e))
         return F.linear(F.silu(g) * u, self.down(e))
 
 
@@ -106,15 +84,15 @@ class LowRankExperts(OriginalExperts):
 
     def __init__(self, w: UnitWeights, p: int, layout: str):
         super().__init__(w, p, layout)
-        self.U = {pr: w[factor_name(EXPERTS, pr, "lowrank_U")] for pr in PROJS}
-        self.V = {pr: w[factor_name(EXPERTS, pr, "lowrank_V")] for pr in PROJS}
+        self.U = {pr: factor_name(EXPERTS, pr, "lowrank_U") for pr in PROJS}  # read per routed expert
+        self.V = {pr: factor_name(EXPERTS, pr, "lowrank_V") for pr in PROJS}
         self.mean = {pr: w.get(factor_name(EXPERTS, pr, "lowrank_mean")) for pr in PROJS}
-        E = self.U["gate_proj"].shape[0]
+        E = w.shape(self.U["gate_proj"])[0]
         G = 1 if self.mean["gate_proj"] is None else self.mean["gate_proj"].shape[0]
         self.per_group = E // G
 
     def _proj(self, pr: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(F.linear(x, self.V[pr][e]), self.U[pr][e])
+        y = F.linear(F.linear(x, self.w.expert(self.V[pr], e)), self.w.expert(self.U[pr], e))
         if self.mean[pr] is not None:
             y = y + F.linear(x, self.mean[pr][e // self.per_group])
         return y
@@ -122,7 +100,7 @@ class LowRankExperts(OriginalExperts):
     def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for pr in PROJS:
-            W = self.U[pr][e] @ self.V[pr][e]
+            W = self.w.expert(self.U[pr], e) @ self.w.expert(self.V[pr], e)
             out.append(W if self.mean[pr] is None else W + self.mean[pr][e // self.per_group])
         return out[0], out[1]
 

@@ -23,6 +23,8 @@ from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
 from ..sizes import parse_size
 from .device_map import Device, check_gpus, parse_max_memory, plan_device_map
+from .expert_plan import STRATEGY as EXPERTS_STRATEGY, plan_experts
+from .expert_store import ExpertWeightStore
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
 from .offload import WeightStore
@@ -36,7 +38,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 
 
 class MoEModel:
-    def __init__(self, reader: CheckpointReader, store: WeightStore, cfg: RuntimeConfig, dtype: torch.dtype,
+    def __init__(self, reader: CheckpointReader, store: WeightStore | ExpertWeightStore, cfg: RuntimeConfig, dtype: torch.dtype,
                  mobe_cache: MixedBasisCache | None = None, materialize_all: bool = False):
         self.reader, self.store, self.cfg, self.dtype = reader, store, cfg, dtype
         self.mobe_cache, self.materialize_all = mobe_cache, materialize_all
@@ -54,6 +56,10 @@ class MoEModel:
     @property
     def plan(self) -> dict[str, Device]:
         return self.store.plan
+
+    def expert_stats(self) -> dict | None:
+        """Routed-expert cache counters under `--device-map experts` (None for other plans)."""
+        return self.store.expert_stats() if isinstance(self.store, ExpertWeightStore) else None
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.num_layers)
@@ -158,13 +164,22 @@ def _single_device(device_map: str | None, device: str | None) -> Device | None:
 
 def plan_model(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype,
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
-               device: str | None = None, dry_run: bool = False) -> tuple[dict[str, Device], dict[str, int]]:
+               device: str | None = None, dry_run: bool = False,
+               expert_cache: int | str | None = None) -> tuple[dict[str, Device], dict[str, int]]:
     """(unit -> device, unit -> planned bytes) from the shard headers alone; no weight is read.
 
     dry_run plans for the devices max_memory names whether or not this machine has them; otherwise
-    a GPU that is not here is refused (one-line ConfigError) before anything is loaded."""
+    a GPU that is not here is refused (one-line ConfigError) before anything is loaded. device_map
+    "experts" plans expert-granular placement (expert_plan.py; its plan has extra entries)."""
     if max_memory is not None and not dry_run:
         check_gpus(parse_max_memory(max_memory), "max_memory")
+    if expert_cache is not None and device_map != EXPERTS_STRATEGY:
+        raise ConfigError(f"--expert-cache: only used with --device-map {EXPERTS_STRATEGY}")
+    if device_map == EXPERTS_STRATEGY:
+        plan, sizes = plan_experts(reader, cfg, dtype, max_memory, expert_cache)
+        if not dry_run:
+            check_gpus(plan.values(), "device map")
+        return plan, sizes
     sizes = unit_sizes(reader, cfg, dtype)
     single = None if isinstance(device_map, dict) else _single_device(device_map, device)
     if single is not None:
@@ -182,22 +197,28 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
                offload_folder: str | Path | None = None, mobe_cache: int | str = 0,
                materialize_all: bool = False, prefetch: bool = True, device: str | None = None,
-               on_plan=None) -> MoEModel:
+               on_plan=None, expert_cache: int | str | None = None) -> MoEModel:
     """Open a checkpoint and place its units.
 
     device_map None: everything on `device` (default cuda if available, else cpu); "cuda[:N]" the
     same on that GPU. A strategy ("auto", "balanced", "sequential", "cpu") plans with max_memory; a
     dict is used as given. on_plan(plan, sizes) is called before any weight is read (for
     --print-device-map). offload_folder is accepted for accelerate compatibility and never written.
+    device_map "experts": non-expert weights on the compute device, routed experts on cpu/disk
+    fetched per forward through an LRU of expert_cache bytes on the device (expert_plan.py).
     """
     dtype = resolve_dtype(dtype)
     reader = CheckpointReader(model_dir)
     try:
         cfg = parse_config(reader.config, reader.config_path)
-        plan, sizes = plan_model(reader, cfg, dtype, device_map, max_memory, device)
+        plan, sizes = plan_model(reader, cfg, dtype, device_map, max_memory, device, expert_cache=expert_cache)
         if on_plan is not None:
             on_plan(plan, sizes)
-        store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
+        store: WeightStore | ExpertWeightStore
+        if device_map == EXPERTS_STRATEGY:
+            store = ExpertWeightStore(reader, cfg, dtype, plan, sizes)
+        else:
+            store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
     except BaseException:
         reader.close()
         raise

@@ -34,7 +34,7 @@ class OriginalExperts:
         self.fused = layout == FUSED  # the checkpoint's layout, detected once by the family adapter
 
     def prepare(self, experts: list[int]) -> None:
-        pass
+        self.w.prepare_experts(experts)
 
     def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:

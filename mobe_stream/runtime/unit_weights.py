@@ -36,6 +36,14 @@ class UnitWeights(Mapping[str, torch.Tensor]):
         s = self.scales.get(rel)
         return t[e] if s is None else fp8.dequantize(t[e], s[e], self.block, self.dtype)
 
+    def shape(self, rel: str) -> torch.Size:
+        """Shape of a held tensor as stored (a stacked `[E, ...]` one counts all E experts)."""
+        return self.tensors[rel].shape
+
+    def prepare_experts(self, experts: list[int]) -> None:
+        """Called once per MoE forward with the routed experts; in memory nothing is to be done
+        (the expert-offloaded unit, expert_store.ExpertUnit, fetches the missing ones here)."""
+
     def __contains__(self, rel: object) -> bool:  # Mapping's default would dequantize
         return rel in self.tensors
 

@@ -9,7 +9,7 @@ it (see unit_weights.py). Planned sizes come from the shard headers alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -72,7 +72,7 @@ def unit_scales(reader: CheckpointReader, tensors: dict[str, str]) -> dict[str, 
         if scale is None:
             continue
         shape, got = reader.info(name).shape, reader.info(scale).shape
-        want = fp8.scale_shape((shape[-2], shape[-1]), reader.scale_block) if len(shape) in (2, 3) else None
+        want = fp8.scale_shape((shape[-2], shape[-1]), reader.scale_block) if len(shape) >= 2 else None
         if want is None or tuple(got) != tuple(shape[:-2]) + want:
             raise CheckpointError(f"{scale} has shape {list(got)}, which does not fit {name} {list(shape)} with "
                                   f"{list(reader.scale_block)} blocks", reader.shard_path(reader.info(scale).shard))
@@ -87,19 +87,21 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def tensor_stored_bytes(reader: CheckpointReader, cfg: RuntimeConfig, rel: str, name: str, scale: str | None,
+                        dtype: torch.dtype) -> int:
+    """Bytes one tensor holds between uses: an FP8 weight as stored (1 byte/param) plus its fp32
+    scale; any other tensor in its compute dtype (cast once when loaded or fetched)."""
+    info = reader.info(name)
+    if scale is not None:
+        return info.nbytes + reader.info(scale).nbytes
+    return _numel(info.shape) * target_dtype(cfg, rel, stored_dtype(reader, name), dtype).itemsize
+
+
 def unit_stored_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> int:
-    """Bytes the unit holds between uses: FP8 weights as stored (1 byte/param) plus their fp32 scales;
-    every other tensor in its compute dtype (cast once when loaded or fetched)."""
+    """Bytes the unit holds between uses (tensor_stored_bytes summed)."""
     tensors = unit_tensors(reader, cfg, unit)
     scales = unit_scales(reader, tensors)
-    total = 0
-    for rel, name in tensors.items():
-        info = reader.info(name)
-        if rel in scales:
-            total += info.nbytes + reader.info(scales[rel]).nbytes
-        else:
-            total += _numel(info.shape) * target_dtype(cfg, rel, stored_dtype(reader, name), dtype).itemsize
-    return total
+    return sum(tensor_stored_bytes(reader, cfg, rel, name, scales.get(rel), dtype) for rel, name in tensors.items())
 
 
 def _dequant_group(rel: str) -> str:
@@ -139,12 +141,19 @@ def unit_nbytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: 
 
 
 def build_unit(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype,
-               read: Callable[[str], torch.Tensor], copy: bool) -> UnitWeights:
-    """A unit's weights from `read(stored name)` (the tensor as stored): FP8 ones with their scales kept
-    as stored, the rest cast to their compute dtype. copy: make private copies of what `read` returned
-    (for resident units: no view of a shard mapping survives)."""
+               read: Callable[[str], torch.Tensor], copy: bool, only: Collection[str] | None = None) -> UnitWeights:
+    """A unit's weights (those named in `only`, if given) through build_weights."""
     tensors = unit_tensors(reader, cfg, unit)
-    scales = unit_scales(reader, tensors)
+    if only is not None:
+        tensors = {rel: n for rel, n in tensors.items() if rel in only}
+    return build_weights(reader, cfg, tensors, unit_scales(reader, tensors), dtype, read, copy)
+
+
+def build_weights(reader: CheckpointReader, cfg: RuntimeConfig, tensors: dict[str, str], scales: dict[str, str],
+                  dtype: torch.dtype, read: Callable[[str], torch.Tensor], copy: bool) -> UnitWeights:
+    """Weights from `read(stored name)` (the tensor as stored): FP8 ones with their scales kept as
+    stored, the rest cast to their compute dtype. copy: make private copies of what `read` returned
+    (for resident units: no view of a shard mapping survives)."""
     held: dict[str, torch.Tensor] = {}
     held_scales: dict[str, torch.Tensor] = {}
     for rel, name in tensors.items():
