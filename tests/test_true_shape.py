@@ -155,3 +155,15 @@ def test_runner_plans_kimi_fp8_as_stored(kimi):
     assert 16.5e9 < sizes["layers.5"] < 18.5e9  # ~17 GB stored, not ~34 GB dequantized
     devices, _ = _dry_run_plan(kimi, "0=70GiB,cpu=900GiB,disk")
     assert list(devices.values()).count("disk") <= 6
+
+
+def test_expert_plan_keeps_all_of_kimi_off_the_disk(kimi):
+    """`--device-map experts` at the issue's budget: non-expert weights and 3 layers' experts on the
+    GPU, 57 layers' experts in RAM (57 x 15.75 GiB <= 900 GiB), nothing on disk."""
+    proc = run_cli("generate", str(kimi), "--prompt", "x", "--dry-run", "--device-map", "experts",
+                   "--max-memory", "0=70GiB,cpu=900GiB,disk", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[0]: r[2] for r in (line.split() for line in proc.stdout.splitlines() if "->" in line)}
+    experts = {k: v for k, v in rows.items() if k.endswith(".experts")}
+    assert len(experts) == 60 and "disk" not in rows.values(), proc.stdout
+    assert list(experts.values()).count("0") >= 1 and rows["expert_cache"] == "0"

@@ -14,9 +14,13 @@ device (expert_store.py). On the compute device:
              + staging = top_k x largest expert's stored bytes  (one decode step's misses in flight)
     resident + expert_cache <= max_memory[device]               else ResourceError (exit 2)
 
-expert_cache defaults to half the device room left (capped at all expert bytes); the other half is
-left for activations and the KV cache. Host: each MoE layer's experts go to "cpu" while they fit
-(on a CPU-only machine after the resident part and the cache), then to "disk" if max_memory allows.
+Host: each MoE layer's experts go to "cpu" while they fit (on a CPU-only machine after the resident
+part and the cache). A layer whose experts no longer fit in RAM is kept whole on the compute device
+while its room allows (static residency, no transfer; with a GPU this is what keeps all of Kimi-K2
+off the disk at 0=70GiB,cpu=900GiB: 60 layers x 15.75 GiB of experts = 945 GiB > 900 GiB of RAM),
+and only then goes to "disk" if max_memory allows. expert_cache defaults to half the device room
+left after that (capped at the expert bytes not resident); the other half is left for activations
+and the KV cache.
 """
 
 from __future__ import annotations
@@ -135,22 +139,25 @@ def plan_experts(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtyp
     room = budget - resident
     if cache is not None:
         room -= cache
-    elif device != "cpu":
-        cache = min(total_experts, int(room * DEFAULT_CACHE_SHARE))
     host_room = room if device == "cpu" else mem.get("cpu", 0)
+    on_device = 0
     for layer, info in experts.items():
         key = experts_key(layer)
         sizes[key] = info.total_bytes
         if info.total_bytes <= host_room:
             plan[key] = "cpu"
             host_room -= info.total_bytes
+        elif device != "cpu" and info.total_bytes <= room:  # RAM is full: keep the layer whole on the GPU
+            plan[key] = device
+            room -= info.total_bytes
+            on_device += info.total_bytes
         elif "disk" in mem:
             plan[key] = "disk"
         else:
             raise ResourceError(f"--device-map experts: the routed experts of layer {layer} ({_gib(info.total_bytes)}) "
                                 f"do not fit in the cpu memory left (add disk offload, e.g. ',disk')", reader.model_dir)
-    if cache is None:  # CPU compute: half of the RAM left once the host experts are placed
-        cache = min(total_experts, int(max(host_room, 0) * DEFAULT_CACHE_SHARE))
+    if cache is None:  # half of the device room left (on a CPU-only machine: of the RAM left)
+        cache = min(total_experts - on_device, int(max(room if device != "cpu" else host_room, 0) * DEFAULT_CACHE_SHARE))
     plan[CACHE_KEY], sizes[CACHE_KEY] = device, cache
     return plan, sizes
 

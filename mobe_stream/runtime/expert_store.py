@@ -170,6 +170,8 @@ class ExpertWeightStore:
         self.host_bytes: dict[str, int] = {}
         for unit in unit_names(cfg):
             info = layer_experts(reader, cfg, dtype, int(unit.split(".")[1])) if unit.startswith("layers.") else None
+            if info is not None and on_gpu and plan[experts_key(info.layer)] == dev:
+                info = None  # experts planned whole on the GPU: a plain resident unit, nothing travels
             skip = set(info.per_expert) | set(info.stacked) if info else set()
             keep = [rel for rel in unit_tensors(reader, cfg, unit) if rel not in skip]
             w = build_unit(reader, cfg, unit, dtype, reader.get, copy=True, only=keep)
