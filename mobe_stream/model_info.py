@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint.families import PROJS as EXPERT_PROJS, get_family
+from .checkpoint.families import PROJS as EXPERT_PROJS
+from .checkpoint.families import get_family
 from .checkpoint.mobe_format import ALPHA, PROJECTIONS
 from .checkpoint.reader import CheckpointReader
-from .pipeline.options import CompressOptions
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
+from .pipeline.options import CompressOptions
 
 _OUT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 

@@ -12,13 +12,14 @@ is not a directory is bad input (CheckpointError), not a finding.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .checkpoint import mobe_format
-from .checkpoint.families import PROJS as EXPERT_PROJS, FUSED, fused_name, get_family, per_expert_name
+from .checkpoint.families import FUSED, fused_name, get_family, per_expert_name
+from .checkpoint.families import PROJS as EXPERT_PROJS
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.writer import MANIFEST_NAME, verify_manifest
 from .errors import CheckpointError, MobeError

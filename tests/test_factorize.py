@@ -6,9 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mobe_stream.factorize import (AdamSolver, AlternatingSolver, MoBEFactors, MoBESpec, choose_bases_rank,
-                                   expert_cut, init_fitted, init_grouped_svd, mixed_bases, param_fraction, prepare_targets, relative_error,
-                                   solve_A, working_set_bytes)
+from mobe_stream.factorize import (
+    AdamSolver,
+    AlternatingSolver,
+    MoBEFactors,
+    MoBESpec,
+    choose_bases_rank,
+    expert_cut,
+    init_fitted,
+    init_grouped_svd,
+    mixed_bases,
+    param_fraction,
+    prepare_targets,
+    relative_error,
+    solve_A,
+    working_set_bytes,
+)
 
 SOLVERS = [AdamSolver, AlternatingSolver]
 

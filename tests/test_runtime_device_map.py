@@ -9,8 +9,8 @@ import torch
 
 from mobe_stream.errors import ConfigError, ResourceError
 from mobe_stream.runtime.device_map import parse_max_memory, plan_device_map
-from mobe_stream.sizes import parse_size
 from mobe_stream.runtime.model import load_model
+from mobe_stream.sizes import parse_size
 from mobe_stream.synth import make_tiny_moe
 
 SIZES = {"embed": 100, "layers.0": 300, "layers.1": 300, "layers.2": 300, "layers.3": 300, "norm": 1, "lm_head": 100}

@@ -317,7 +317,7 @@ class CheckpointReader:
         self._handles.clear()
         self._read_through.clear()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

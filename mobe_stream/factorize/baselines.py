@@ -58,7 +58,7 @@ class MethodPlan:
                 "activation": self.activation}
 
     @classmethod
-    def from_config(cls, block: dict) -> "MethodPlan":
+    def from_config(cls, block: dict) -> MethodPlan:
         return cls(block.get("method", "mobe"), int(block["rank"]), int(block["num_bases"]), int(block["groups"]),
                    block.get("activation", "silu"))
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -104,7 +105,7 @@ class MoBEFactors:
     def num_params(self) -> int:
         return self.A.numel() + self.B.numel() + self.alpha.numel()
 
-    def to(self, device) -> "MoBEFactors":
+    def to(self, device) -> MoBEFactors:
         return MoBEFactors(self.A.to(device), self.B.to(device), self.alpha.to(device), self.scale, self.activation)
 
 

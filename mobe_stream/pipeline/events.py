@@ -21,7 +21,7 @@ from ..errors import ConfigError
 class Reporter:
     """Fan-out of events to sinks."""
 
-    def __init__(self, sinks: list["Sink"] | None = None):
+    def __init__(self, sinks: list[Sink] | None = None):
         self.sinks = sinks or []
 
     def event(self, kind: str, /, **fields: Any) -> None:

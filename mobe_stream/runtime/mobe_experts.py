@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint.families import EXPERTS_MODULE as EXPERTS
-from ..checkpoint.mobe_format import PROJECTIONS as PROJS, factor_name
+from ..checkpoint.mobe_format import PROJECTIONS as PROJS
+from ..checkpoint.mobe_format import factor_name
 from ..factorize.model import mixed_bases
 from .moe import OriginalExperts
 from .ops import swiglu
 from .unit_weights import UnitWeights
-
 
 
 class MixedBasisCache:

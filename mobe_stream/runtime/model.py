@@ -17,11 +17,11 @@ from ..checkpoint.families import EXPERTS_MODULE, detect_layout
 from ..checkpoint.mobe_format import factor_name
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ConfigError
+from ..sizes import parse_size
 from .attention_gqa import gqa_attention
 from .attention_mla import mla_attention
 from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
-from ..sizes import parse_size
 from .device_map import Device, check_gpus, parse_max_memory, plan_device_map
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
