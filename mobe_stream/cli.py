@@ -39,7 +39,8 @@ def compress(
     activation: str = typer.Option("silu", help="silu or tanh."),
     groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
     solver: str = typer.Option("adam", help="adam (paper) or als (closed-form A, faster)."),
-    init: str = typer.Option("clustered", help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous expert-id runs, as published), or fitted (paper bases, least-squares A)."),
+    init: str = typer.Option("clustered", help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous "
+                             "expert-id runs, as published), or fitted (paper bases, least-squares A)."),
     steps: int = typer.Option(1000, help="Optimisation steps per projection (one step = pass over all experts)."),
     lr: float = typer.Option(0.07, help="Adam learning rate."),
     tol: float | None = typer.Option(None, help="Stop a projection early when the loss stops improving by this relative amount."),
@@ -49,7 +50,8 @@ def compress(
     dtype: str = typer.Option("auto", help="Storage dtype of the factors: auto (the source experts': FP8 sources get FP8 "
                                            "factors with 128x128 block scales), fp8, bf16, fp16, fp32."),
     max_shard_size: str = typer.Option("5GB", help="Shard size cap (accelerate units: 5GB, 4GiB ...)."),
-    max_gpu_memory: str | None = typer.Option(None, help="Device memory the solver may use; experts are streamed in batches beyond it."),
+    max_gpu_memory: str | None = typer.Option(
+        None, help="Device memory the solver may use; experts are streamed in batches beyond it."),
     checkpoint_every: float = typer.Option(300.0, help="Seconds between solver checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
@@ -61,9 +63,9 @@ def compress(
     from .pipeline.compress import compress as run
     from .pipeline.options import CompressOptions
 
-    opts = CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, activation=activation, groups=groups,
-                           solver=solver, init=init, steps=steps, lr=lr, tol=tol, layers=layers, device=device, seed=seed,
-                           dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
+    opts = CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, activation=activation,
+                           groups=groups, solver=solver, init=init, steps=steps, lr=lr, tol=tol, layers=layers,
+                           device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force)
     reporter = _reporter(quiet, log_json)
     try:
@@ -115,7 +117,8 @@ def inspect_cmd(
         t.add_row("parameters after", f"{pr['params_after']:,} (-{100 * pr['reduction_total']:.1f}% model, "
                                       f"-{100 * pr['reduction_experts']:.1f}% experts)")
         t.add_row("output size", _gb(pr["output_bytes"]))
-        t.add_row("peak RAM / device per layer", f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
+        t.add_row("peak RAM / device per layer",
+                  f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
     Console().print(t)
 
 

@@ -88,7 +88,8 @@ def _expect(reader: CheckpointReader, name: str, shape: tuple, problems: list[st
     if name not in reader:
         problems.append(f"{reader.model_dir}: tensor {name} is missing")
     elif tuple(reader.info(name).shape) != tuple(shape):
-        problems.append(f"{reader.model_dir}: tensor {name} has shape {tuple(reader.info(name).shape)}, config implies {tuple(shape)}")
+        problems.append(f"{reader.model_dir}: tensor {name} has shape {tuple(reader.info(name).shape)}, "
+                        f"config implies {tuple(shape)}")
 
 
 def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:

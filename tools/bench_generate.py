@@ -97,8 +97,8 @@ def run_one(args) -> dict:
     placed = {str(v) for v in m.plan.values()}
     m.close()
     written = sum(f.stat().st_size for f in Path(args.offload).rglob("*") if f.is_file()) if args.offload else 0
-    return {"offload_written": written, "tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s), "peak_rss": r.peak_rss_bytes, "devices": sorted(placed),
-            "mixed_bases": m.mobe_mixed}
+    return {"offload_written": written, "tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s),
+            "peak_rss": r.peak_rss_bytes, "devices": sorted(placed), "mixed_bases": m.mobe_mixed}
 
 
 def _hf_max_memory(s: str) -> dict:

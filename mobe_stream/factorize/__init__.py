@@ -10,6 +10,7 @@ from .model import ACTIVATIONS, MoBEFactors, MoBESpec, mixed_bases, prepare_targ
 from .storage import refit_for_storage
 
 __all__ = ["METHODS", "LowRankFactors", "MethodPlan", "factors_from_tensors", "fit_baseline", "fit_lowrank",
-           "plan_method", "AdamSolver", "AlternatingSolver", "solve_A", "INITS", "init_fitted", "initial_factors", "init_grouped_svd", "choose_bases_rank", "expert_cut",
+           "plan_method", "AdamSolver", "AlternatingSolver", "solve_A", "INITS", "init_fitted", "initial_factors",
+           "init_grouped_svd", "choose_bases_rank", "expert_cut",
            "param_fraction", "relative_error", "working_set_bytes", "ACTIVATIONS", "MoBEFactors", "MoBESpec",
            "mixed_bases", "prepare_targets", "refit_for_storage"]

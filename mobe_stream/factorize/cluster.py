@@ -35,7 +35,6 @@ def similarity(W: torch.Tensor, device: str | torch.device = "cpu", rows: int = 
 
 def balanced_clusters(sim: torch.Tensor, sizes: list[int], iters: int = 20) -> list[torch.Tensor]:
     """Partition experts 0..E-1 into len(sizes) sets of exactly these sizes, similar experts together."""
-    E = sim.shape[0]
     n = len(sizes)
     # farthest-point seeds: start from the expert most similar to all, then least similar to the chosen
     seeds = [int(sim.sum(1).argmax())]

@@ -260,7 +260,8 @@ class Solver:
         meta = {"solver": type(self).__name__, "step": self.step_count, "best_loss": self.best_loss,
                 "best_step": self.best_step, "last_loss": self.last_loss, "lr": self.lr, "seed": self.seed,
                 "history": self.history, "converged": self.converged,
-                "shape": [self.E, self.p, self.d], "spec": [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]}
+                "shape": [self.E, self.p, self.d],
+                "spec": [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:

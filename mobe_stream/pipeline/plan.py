@@ -45,7 +45,8 @@ def parse_layers(spec: str | None, available: list[int]) -> list[int]:
         raise ValueError(f"--layers {spec!r} names no layer (use e.g. 1-3,7)")
     missing = sorted(chosen - set(available))
     if missing:
-        raise ValueError(f"--layers names layers that are not MoE layers: {missing} (MoE layers: {available[0]}..{available[-1]})" if available else "model has no MoE layers")
+        raise ValueError(f"--layers names layers that are not MoE layers: {missing} "
+                         f"(MoE layers: {available[0]}..{available[-1]})" if available else "model has no MoE layers")
     return sorted(chosen)
 
 

@@ -86,7 +86,7 @@ class MobeExperts(OriginalExperts):
             mixed = mixed_bases(self.alpha[pr][ids.to(self.alpha[pr].device)], self.B[pr], ids, self.num_experts,
                                 self.act).to(dtype)
             self.mixed += len(todo)
-            for e, m in zip(todo, mixed):
+            for e, m in zip(todo, mixed, strict=True):
                 self.M[pr, e] = m
                 if self.cache is not None:
                     self.cache.put((self.layer, pr, e), m.clone() if len(todo) > 1 else m)

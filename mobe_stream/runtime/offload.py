@@ -52,7 +52,7 @@ class WeightStore:
             w = load_unit(reader, cfg, unit, dtype)
             if isinstance(dev, int):
                 cuda = torch.device("cuda", dev)
-                w = w.map(lambda v: v.to(cuda))
+                w = w.map(lambda v, cuda=cuda: v.to(cuda))
             elif self.has_gpu:
                 w = w.map(lambda v: v.pin_memory())
             self.resident[unit] = w
