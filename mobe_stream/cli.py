@@ -19,9 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _reporter(quiet: bool, log_json: Path | None):
-    from .pipeline.events import JsonLinesSink, PlainSink, Reporter, RichSink
+    from .pipeline.events import JsonLinesSink, PlainSink, Reporter, RichSink, Sink
 
-    sinks = [PlainSink()] if quiet else [RichSink()]
+    sinks: list[Sink] = [PlainSink()] if quiet else [RichSink()]
     if log_json:
         sinks.append(JsonLinesSink(str(log_json)))
     return Reporter(sinks)

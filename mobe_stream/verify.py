@@ -96,8 +96,8 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
     problems: list[str] = []
     try:
         fam = get_family(reader.config, reader)
-    except MobeError as e:
-        return [str(e)]
+    except MobeError as err:
+        return [str(err)]
     E, p, hid = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
     mobe = reader.config.get("mobe")
     mobe_layers = set(mobe["layers"]) if mobe else set()
@@ -124,8 +124,8 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
         shapes = plan.shapes(E, p, hid)
         for layer in mobe["layers"]:
             for proj in mobe.get("projections", mobe_format.PROJECTIONS):
-                for suffix, shape in shapes.items():
-                    _expect(reader, mobe_format.factor_name(fam.experts_prefix(layer), proj, suffix), shape, problems)
+                for suffix, factor_shape in shapes.items():
+                    _expect(reader, mobe_format.factor_name(fam.experts_prefix(layer), proj, suffix), factor_shape, problems)
     return problems
 
 

@@ -92,7 +92,7 @@ class CheckpointReader:
         self.config: dict = load_json(self.config_path, "config")
         if not isinstance(self.config, dict):
             raise CheckpointError("config is not a JSON object", self.config_path)
-        self._headers: dict[str, ShardHeader] = {}
+        self._headers: dict[str, _ShardSummary] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: OrderedDict[str, Any] = OrderedDict()
         weight_map = self._weight_map()
@@ -137,31 +137,32 @@ class CheckpointReader:
     def _load_headers(self, weight_map: dict[str, str] | None) -> None:
         shards = [SINGLE_NAME] if weight_map is None else list(dict.fromkeys(weight_map.values()))
         owner: dict[str, str] = {}
+        headers: dict[str, ShardHeader] = {}
         for shard in shards:
             path = self.model_dir / shard
             if not path.is_file():
                 raise CheckpointError(f"shard listed in {INDEX_NAME} is missing", path)
             header = read_header(path)
-            self._headers[shard] = header
+            headers[shard] = header
             for name in header.tensors:
                 if name in owner:
                     raise CheckpointError(f"duplicate tensor {name}: stored in two shards ({owner[name]} and {shard})", path)
                 owner[name] = shard
         names = list(owner) if weight_map is None else list(weight_map)
         for name in names:
-            shard = owner.get(name)
-            want = shard if weight_map is None else weight_map[name]
-            if shard != want:
+            stored = owner.get(name)
+            want = owner[name] if weight_map is None else weight_map[name]
+            if stored != want:
                 path = self.model_dir / want
-                if shard is None:
+                if stored is None:
                     raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but not in the shard header", path)
-                raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} for {want} but stored in {shard}", path)
-            header = self._headers[shard]
+                raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} for {want} but stored in {stored}", path)
+            header = headers[want]
             e = header.tensors[name]
-            self._infos[name] = TensorInfo(name, shard, e.dtype, e.shape, e.nbytes, header.data_start + e.begin)
+            self._infos[name] = TensorInfo(name, want, e.dtype, e.shape, e.nbytes, header.data_start + e.begin)
         # keep only what fingerprint() needs: per-tensor header objects would double the metadata
         # (about 1 KB per tensor, i.e. ~70 MB for Kimi-K2's 69k tensors)
-        for shard, header in self._headers.items():
+        for shard, header in headers.items():
             self._headers[shard] = _ShardSummary(header.file_size, header.data_start,
                                                  hashlib.sha256(header.raw).digest(), len(header.raw))
 

@@ -115,11 +115,11 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     end = 8 + n + max((e.end for e in entries), default=0)
     if end > file_size:  # checked before the per-tensor sizes: a cut file is the likelier story
         raise _fail(path, f"truncated: header says data ends at {end} bytes but file is {file_size} bytes")
-    for e in entries:
-        want = math.prod(e.shape) * ITEMSIZE[e.dtype]
-        if e.nbytes != want:
-            raise _fail(path, f"corrupt header: tensor {e.name} data_offsets [{e.begin}, {e.end}] span {e.nbytes} "
-                              f"bytes but {e.dtype}{list(e.shape)} needs {want}")
+    for ent in entries:  # not `e`: that name is the except clauses' above
+        want = math.prod(ent.shape) * ITEMSIZE[ent.dtype]
+        if ent.nbytes != want:
+            raise _fail(path, f"corrupt header: tensor {ent.name} data_offsets [{ent.begin}, {ent.end}] span {ent.nbytes} "
+                              f"bytes but {ent.dtype}{list(ent.shape)} needs {want}")
     _check_layout(path, entries, 8 + n, file_size)
     entries.sort(key=lambda e: (e.begin, e.end))
     return ShardHeader(path, file_size, 8 + n, {e.name: e for e in entries}, metadata, head + body)
@@ -179,7 +179,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def _header_bytes(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> bytes:

@@ -39,7 +39,7 @@ class MethodPlan:
         if self.method in ("mobe", "molae"):
             mg = self.num_bases // G
             return {"mobe_A": (E, p, r), "mobe_B": (G, mg, r, d), "mobe_alpha": (E, mg)}
-        shapes = {"lowrank_U": (E, p, r), "lowrank_V": (E, r, d)}
+        shapes: dict[str, tuple[int, ...]] = {"lowrank_U": (E, p, r), "lowrank_V": (E, r, d)}
         if self.method == "delta":
             shapes["lowrank_mean"] = (G, p, d)
         return shapes

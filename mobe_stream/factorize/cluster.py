@@ -43,13 +43,14 @@ def balanced_clusters(sim: torch.Tensor, sizes: list[int], iters: int = 20) -> l
         closest[seeds] = float("inf")
         seeds.append(int(closest.argmin()))
     score = sim[:, seeds].clone()  # [E, n]
-    assign = None
+    assign: torch.Tensor | None = None
     for _ in range(iters):
         new = _greedy_assign(score, sizes)
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
         score = torch.stack([sim[:, assign == c].mean(dim=1) for c in range(n)], dim=1)
+    assert assign is not None, "iters must be >= 1"
     return [torch.nonzero(assign == c).flatten() for c in range(n)]
 
 

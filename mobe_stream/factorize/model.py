@@ -5,6 +5,7 @@ Bases B are shared by the experts of a group (g(e) = e // (E / G)); A_e and α_e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,8 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 # identity: MoLAE (one basis per group, no activation) shares MoBE's storage and code
-ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": _identity}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": _identity}
 
 
 @dataclass(frozen=True)

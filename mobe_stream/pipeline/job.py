@@ -97,7 +97,7 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
                       checkpoint_every=opts.checkpoint_every)
     out_dtype = opts.output_dtype(source_expert_dtype(reader, family, layers))
     output = OutputSpec(out_dtype, parse_size(opts.max_shard_size, "--max-shard-size"),
-                        tuple(reader.fp8_block or fp8.DEFAULT_BLOCK))
+                        reader.scale_block)
     return CompressJob(src, out, reader, family, spec, plan, layers,
                        settings_for_journal(opts, m, r, layers, out_dtype), fit, output, opts)
 

@@ -60,7 +60,7 @@ def plan_units(names: list[str], compress_layers: list[int], excluded: set[str])
     units: list[Unit] = []
     if None in by_layer:
         units.append(Unit("globals", "copy", None, None, by_layer.pop(None)))
-    for layer in sorted(set(by_layer) | set(compress_layers)):
+    for layer in sorted({k for k in by_layer if k is not None} | set(compress_layers)):
         if layer in compress_layers:
             for proj in PROJECTIONS:
                 units.append(Unit(f"layer.{layer}.{proj}", "factorize", layer, proj))

@@ -115,15 +115,17 @@ class LowRankExperts(OriginalExperts):
 
     def _proj(self, pr: str, e: int, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.linear(x, self.V[pr][e]), self.U[pr][e])
-        if self.mean[pr] is not None:
-            y = y + F.linear(x, self.mean[pr][e // self.per_group])
+        mean = self.mean[pr]
+        if mean is not None:
+            y = y + F.linear(x, mean[e // self.per_group])
         return y
 
     def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for pr in PROJS:
             W = self.U[pr][e] @ self.V[pr][e]
-            out.append(W if self.mean[pr] is None else W + self.mean[pr][e // self.per_group])
+            mean = self.mean[pr]
+            out.append(W if mean is None else W + mean[e // self.per_group])
         return out[0], out[1]
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:

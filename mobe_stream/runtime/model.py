@@ -36,6 +36,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 
 
 class MoEModel:
+    unit_sizes: dict[str, int]  # bytes per placement unit, set by load_model
+
     def __init__(self, reader: CheckpointReader, store: WeightStore, cfg: RuntimeConfig, dtype: torch.dtype,
                  mobe_cache: MixedBasisCache | None = None, materialize_all: bool = False):
         self.reader, self.store, self.cfg, self.dtype = reader, store, cfg, dtype
@@ -67,7 +69,7 @@ class MoEModel:
         S = tokens.shape[1]
         w = self.store.get("embed")
         h = F.embedding(tokens.to(w["weight"].device), w["weight"])
-        per_device: dict[torch.device, tuple] = {}
+        per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for i in range(self.cfg.num_layers):
             unit = f"layers.{i}"
             w = self.store.get(unit)
