@@ -106,9 +106,6 @@ class LowRankFactors:
             W += self.mean.float()[idx // (E // G)]
         return self.scale * W
 
-    def num_params(self) -> int:
-        return self.U.numel() + self.V.numel() + (self.mean.numel() if self.mean is not None else 0)
-
 
 def _batch(p: int, d: int, max_bytes: int = 256 * 2**20) -> int:
     return max(1, max_bytes // (4 * p * d * 3))  # input, U·S and Vh of one batch

@@ -39,13 +39,6 @@ class MoBESpec:
         return self.num_bases // self.groups
 
 
-def group_of(num_experts: int, groups: int) -> torch.Tensor:
-    """Group index of every expert (contiguous groups)."""
-    if num_experts % groups:
-        raise ValueError(f"{num_experts} experts cannot be split into {groups} equal groups")
-    return torch.arange(num_experts) // (num_experts // groups)
-
-
 MIX_CHUNK = 1 << 22  # basis elements converted to fp32 at a time when B is stored in a narrower dtype
 
 
@@ -103,9 +96,6 @@ class MoBEFactors:
         A, B, alpha = self.A.float(), self.B.float(), self.alpha.float()
         M = mixed_bases(alpha[idx], B, idx, E, activation or self.activation)
         return self.scale * torch.bmm(A[idx], M)
-
-    def num_params(self) -> int:
-        return self.A.numel() + self.B.numel() + self.alpha.numel()
 
     def to(self, device) -> MoBEFactors:
         return MoBEFactors(self.A.to(device), self.B.to(device), self.alpha.to(device), self.scale, self.activation)

@@ -118,13 +118,6 @@ class WeightStore:
                 self._pending[nxt] = self._pool.submit(self._fetch, nxt)
         return w
 
-    def resident_bytes(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for unit, w in self.resident.items():
-            key = str(self.plan[unit])
-            out[key] = out.get(key, 0) + w.nbytes()
-        return out
-
     def close(self) -> None:
         if self._pool is not None:
             for f in self._pending.values():
