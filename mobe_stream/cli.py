@@ -6,23 +6,22 @@ import faulthandler
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from . import __version__
-from .cli_runtime import register as register_runtime
 from .cli_common import friendly
+from .cli_runtime import register as register_runtime
 from .errors import MobeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Streaming Mixture-of-Basis-Experts compression and offloaded inference for giant MoE models.")
 
 
-def _reporter(quiet: bool, log_json: Optional[Path]):
-    from .pipeline.events import JsonLinesSink, PlainSink, Reporter, RichSink
+def _reporter(quiet: bool, log_json: Path | None):
+    from .pipeline.events import JsonLinesSink, PlainSink, Reporter, RichSink, Sink
 
-    sinks = [PlainSink()] if quiet else [RichSink()]
+    sinks: list[Sink] = [PlainSink()] if quiet else [RichSink()]
     if log_json:
         sinks.append(JsonLinesSink(str(log_json)))
     return Reporter(sinks)
@@ -34,37 +33,39 @@ def compress(
     src: Path = typer.Argument(..., help="Source model directory (safetensors)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the MoBE checkpoint."),
     method: str = typer.Option("mobe", help="mobe, or a baseline at the same parameter budget: svd, molae, delta."),
-    num_bases: Optional[int] = typer.Option(None, help="Bases per MoE layer (m), over all groups."),
-    rank: Optional[int] = typer.Option(None, help="Rank r of each basis (default: moe_intermediate_size)."),
-    reduction: Optional[float] = typer.Option(None, help="Target cut of expert parameters, e.g. 0.25 (default when m/r not given)."),
+    num_bases: int | None = typer.Option(None, help="Bases per MoE layer (m), over all groups."),
+    rank: int | None = typer.Option(None, help="Rank r of each basis (default: moe_intermediate_size)."),
+    reduction: float | None = typer.Option(None, help="Target cut of expert parameters, e.g. 0.25 (default when m/r not given)."),
     activation: str = typer.Option("silu", help="silu or tanh."),
     groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
     solver: str = typer.Option("adam", help="adam (paper) or als (closed-form A, faster)."),
-    init: str = typer.Option("clustered", help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous expert-id runs, as published), or fitted (paper bases, least-squares A)."),
+    init: str = typer.Option("clustered", help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous "
+                             "expert-id runs, as published), or fitted (paper bases, least-squares A)."),
     steps: int = typer.Option(1000, help="Optimisation steps per projection (one step = pass over all experts)."),
     lr: float = typer.Option(0.07, help="Adam learning rate."),
-    tol: Optional[float] = typer.Option(None, help="Stop a projection early when the loss stops improving by this relative amount."),
-    layers: Optional[str] = typer.Option(None, help="MoE layers to compress, e.g. 1-3,7 (default all)."),
+    tol: float | None = typer.Option(None, help="Stop a projection early when the loss stops improving by this relative amount."),
+    layers: str | None = typer.Option(None, help="MoE layers to compress, e.g. 1-3,7 (default all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     seed: int = typer.Option(0),
     dtype: str = typer.Option("auto", help="Storage dtype of the factors: auto (the source experts': FP8 sources get FP8 "
                                            "factors with 128x128 block scales), fp8, bf16, fp16, fp32."),
     max_shard_size: str = typer.Option("5GB", help="Shard size cap (accelerate units: 5GB, 4GiB ...)."),
-    max_gpu_memory: Optional[str] = typer.Option(None, help="Device memory the solver may use; experts are streamed in batches beyond it."),
+    max_gpu_memory: str | None = typer.Option(
+        None, help="Device memory the solver may use; experts are streamed in batches beyond it."),
     checkpoint_every: float = typer.Option(300.0, help="Seconds between solver checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     force: bool = typer.Option(False, "--force", help="Warn instead of refusing when disk/RAM look too small."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    log_json: Optional[Path] = typer.Option(None, help="Append one JSON line per event to this file."),
+    log_json: Path | None = typer.Option(None, help="Append one JSON line per event to this file."),
 ):
     """Compress an MoE checkpoint with MoBE, one layer at a time, resumably."""
     from .pipeline.compress import compress as run
     from .pipeline.options import CompressOptions
 
-    opts = CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, activation=activation, groups=groups,
-                           solver=solver, init=init, steps=steps, lr=lr, tol=tol, layers=layers, device=device, seed=seed,
-                           dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
+    opts = CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, activation=activation,
+                           groups=groups, solver=solver, init=init, steps=steps, lr=lr, tol=tol, layers=layers,
+                           device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force)
     reporter = _reporter(quiet, log_json)
     try:
@@ -80,11 +81,12 @@ def compress(
 @friendly
 def inspect_cmd(
     model: Path = typer.Argument(..., help="Model directory."),
-    num_bases: Optional[int] = typer.Option(None),
-    rank: Optional[int] = typer.Option(None),
-    reduction: Optional[float] = typer.Option(None, help="Target cut of expert parameters (default 0.25)."),
+    num_bases: int | None = typer.Option(None),
+    rank: int | None = typer.Option(None),
+    reduction: float | None = typer.Option(None, help="Target cut of expert parameters (default 0.25)."),
     groups: int = typer.Option(1),
-    dtype: str = typer.Option("auto", help="Output dtype to project sizes for: auto (the experts' stored dtype), fp8, bf16, fp16, fp32."),
+    dtype: str = typer.Option("auto", help="Output dtype to project sizes for: auto (the experts' stored dtype), "
+                                           "fp8, bf16, fp16, fp32."),
     method: str = typer.Option("mobe", help="mobe, or a baseline at the same budget: svd, molae, delta."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -116,7 +118,8 @@ def inspect_cmd(
         t.add_row("parameters after", f"{pr['params_after']:,} (-{100 * pr['reduction_total']:.1f}% model, "
                                       f"-{100 * pr['reduction_experts']:.1f}% experts)")
         t.add_row("output size", f"{_gb(pr['output_bytes'])} ({100 * pr['source_bytes_ratio']:.1f}% of the source)")
-        t.add_row("peak RAM / device per layer", f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
+        t.add_row("peak RAM / device per layer",
+                  f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
     Console().print(t)
 
 
@@ -127,7 +130,7 @@ def _gb(n: int) -> str:
 @app.command()
 @friendly
 def demo(
-    workdir: Optional[Path] = typer.Option(None, "--dir", help="Keep the demo files here (default: a temp dir, removed)."),
+    workdir: Path | None = typer.Option(None, "--dir", help="Keep the demo files here (default: a temp dir, removed)."),
     family: str = typer.Option("deepseek_v3", help="qwen3_moe, deepseek_v3 or kimi_k2."),
     steps: int = typer.Option(300, help="Solver steps per projection."),
     solver: str = typer.Option("adam", help="adam or als."),
@@ -148,10 +151,11 @@ def export(
     resume: bool = typer.Option(False, "--resume"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
-    log_json: Optional[Path] = typer.Option(None),
+    log_json: Path | None = typer.Option(None),
 ):
     """Rebuild standard expert weights so vLLM/SGLang/transformers can serve the compressed model."""
-    from .pipeline.export import ExportOptions, export as run
+    from .pipeline.export import ExportOptions
+    from .pipeline.export import export as run
 
     reporter = _reporter(quiet, log_json)
     try:

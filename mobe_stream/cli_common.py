@@ -20,15 +20,15 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except MobeError as e:
             print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(e.exit_code)
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             print("error: aborted", file=sys.stderr)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 where = f"{e.filename}: " if e.filename else ""
                 print(f"error: {where}disk full ({e.strerror}); free space and rerun with --resume", file=sys.stderr)
-                raise typer.Exit(2)
+                raise typer.Exit(2) from None
             raise
 
     return wrapper

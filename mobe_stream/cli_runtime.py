@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from .runtime.tokenizer import Tokenizer
 
 
-def _load(model: Path, tok: Tokenizer, dtype: str, device_map: str, max_memory: Optional[str],
-          offload_folder: Optional[Path], mobe_cache: Optional[str], print_map: bool, expert_cache: Optional[str] = None):
+def _load(model: Path, tok: Tokenizer, dtype: str, device_map: str, max_memory: str | None,
+          offload_folder: Path | None, mobe_cache: str | None, print_map: bool, expert_cache: str | None = None):
     """Load weights; the caller builds `tok` first so that a bad tokenizer or chat template fails before."""
     from .runtime.device_map import format_plan
     from .runtime.model import load_model
@@ -29,8 +29,8 @@ def _load(model: Path, tok: Tokenizer, dtype: str, device_map: str, max_memory: 
     return m
 
 
-def _dry_run(model: Path, dtype: str, device_map: str, max_memory: Optional[str],
-             expert_cache: Optional[str] = None) -> None:
+def _dry_run(model: Path, dtype: str, device_map: str, max_memory: str | None,
+             expert_cache: str | None = None) -> None:
     """Plan from the shard headers for the devices max_memory names (present here or not), print the
     plan on stdout, read no weight."""
     from .checkpoint.reader import CheckpointReader
@@ -70,17 +70,17 @@ def register(app: typer.Typer) -> None:
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as one user turn of the model's chat template."),
         max_new_tokens: int = typer.Option(32, help="Stop after this many new tokens (or at EOS)."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
-        top_k: Optional[int] = typer.Option(None, help="Sample only from the k most likely tokens."),
-        top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass."),
-        seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+        top_k: int | None = typer.Option(None, help="Sample only from the k most likely tokens."),
+        top_p: float | None = typer.Option(None, help="Nucleus sampling mass."),
+        seed: int | None = typer.Option(None, help="Sampling seed."),
         device_map: str = typer.Option("auto", help=DEVICE_MAP_HELP),
-        max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
-        offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
+        max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
+        offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
-        mobe_cache: Optional[str] = typer.Option(None, help="LRU cache of mixed MoBE bases, e.g. 2GiB."),
-        expert_cache: Optional[str] = typer.Option(None, help=EXPERT_CACHE_HELP),
+        mobe_cache: str | None = typer.Option(None, help="LRU cache of mixed MoBE bases, e.g. 2GiB."),
+        expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
     ):
         """Generate text, streaming tokens to stdout; speed and peak memory to stderr."""
@@ -115,13 +115,13 @@ def register(app: typer.Typer) -> None:
         text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
         ctx: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
         device_map: str = typer.Option("auto", help=DEVICE_MAP_HELP),
-        max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
-        offload_folder: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
+        max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
+        offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
-        mobe_cache: Optional[str] = typer.Option(None),
-        expert_cache: Optional[str] = typer.Option(None, help=EXPERT_CACHE_HELP),
+        mobe_cache: str | None = typer.Option(None),
+        expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
     ):
         """Perplexity of MODEL on a text file."""

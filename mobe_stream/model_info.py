@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from .checkpoint import fp8
-from .checkpoint.families import PROJS as EXPERT_PROJS, get_family
+from .checkpoint.families import PROJS as EXPERT_PROJS
+from .checkpoint.families import get_family
 from .checkpoint.mobe_format import PROJECTIONS, projection_bytes
 from .checkpoint.reader import CheckpointReader
-from .pipeline.options import CompressOptions, dtype_name, resolve_dtype
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
+from .pipeline.options import CompressOptions, dtype_name, resolve_dtype
 
 
 def _numel(shape) -> int:
@@ -77,7 +76,7 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             after = 2 * plan.params(E, p, d)
             saved = (before - after) * len(moe)
             # gate/up bytes as stored now vs as factor tensors in the output dtype (alpha is always fp32)
-            block = tuple(reader.fp8_block or fp8.DEFAULT_BLOCK)
+            block = reader.fp8_block or fp8.DEFAULT_BLOCK
             mobe_bytes = len(moe) * 2 * projection_bytes(plan.shapes(E, p, d), out_dtype, block)
             output_bytes = size - stored_gate_up + mobe_bytes
             ws = working_set_bytes(E, p, d, m, r, groups)

@@ -12,13 +12,14 @@ is not a directory is bad input (CheckpointError), not a finding.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .checkpoint import mobe_format
-from .checkpoint.families import PROJS as EXPERT_PROJS, FUSED, fused_name, get_family, per_expert_name
+from .checkpoint.families import FUSED, fused_name, get_family, per_expert_name
+from .checkpoint.families import PROJS as EXPERT_PROJS
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.writer import MANIFEST_NAME, verify_manifest
 from .errors import CheckpointError, MobeError
@@ -87,15 +88,16 @@ def _expect(reader: CheckpointReader, name: str, shape: tuple, problems: list[st
     if name not in reader:
         problems.append(f"{reader.model_dir}: tensor {name} is missing")
     elif tuple(reader.info(name).shape) != tuple(shape):
-        problems.append(f"{reader.model_dir}: tensor {name} has shape {tuple(reader.info(name).shape)}, config implies {tuple(shape)}")
+        problems.append(f"{reader.model_dir}: tensor {name} has shape {tuple(reader.info(name).shape)}, "
+                        f"config implies {tuple(shape)}")
 
 
 def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
     problems: list[str] = []
     try:
         fam = get_family(reader.config, reader)
-    except MobeError as e:
-        return [str(e)]
+    except MobeError as err:
+        return [str(err)]
     E, p, hid = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
     mobe = reader.config.get("mobe")
     mobe_layers = set(mobe["layers"]) if mobe else set()
@@ -122,8 +124,8 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
         shapes = plan.shapes(E, p, hid)
         for layer in mobe["layers"]:
             for proj in mobe.get("projections", mobe_format.PROJECTIONS):
-                for suffix, shape in shapes.items():
-                    _expect(reader, mobe_format.factor_name(fam.experts_prefix(layer), proj, suffix), shape, problems)
+                for suffix, factor_shape in shapes.items():
+                    _expect(reader, mobe_format.factor_name(fam.experts_prefix(layer), proj, suffix), factor_shape, problems)
     return problems
 
 

@@ -10,14 +10,22 @@ import torch
 
 from mobe_stream.checkpoint.families import get_family
 from mobe_stream.checkpoint.reader import CheckpointReader
-from mobe_stream.factorize import (LowRankFactors, MethodPlan, MoBESpec, factors_from_tensors, fit_baseline, fit_lowrank,
-                                   plan_method, relative_error)
+from mobe_stream.factorize import (
+    LowRankFactors,
+    MethodPlan,
+    MoBESpec,
+    factors_from_tensors,
+    fit_baseline,
+    fit_lowrank,
+    plan_method,
+    relative_error,
+)
+from mobe_stream.model_info import describe
 from mobe_stream.pipeline.compress import compress
 from mobe_stream.pipeline.export import ExportOptions, export
 from mobe_stream.pipeline.options import CompressOptions
 from mobe_stream.runtime.model import load_model
 from mobe_stream.synth import make_tiny_moe
-from mobe_stream.model_info import describe
 from mobe_stream.verify import verify
 
 from .helpers import run_cli

@@ -57,15 +57,18 @@ def test_compress_families(tmp_path, family, kw):
             continue
         assert out_t[name].dtype == t.dtype and torch.equal(out_t[name].view(torch.uint8), t.view(torch.uint8)), name
     # the MoBE tensors, per FORMAT.md
+    factor_dtype = torch.float8_e4m3fn if kw.get("fp8") else kw.get("dtype", torch.bfloat16)
     for layer in mobe["layers"]:
         for proj in ("gate_proj", "up_proj"):
             pre = f"model.layers.{layer}.mlp.experts.{proj}."
-            assert out_t[pre + "mobe_A"].shape == (E, p, 16) and out_t[pre + "mobe_A"].dtype == torch.bfloat16
+            # --dtype auto: the factors take the source experts' storage dtype (FP8 with block scales)
+            assert out_t[pre + "mobe_A"].shape == (E, p, 16) and out_t[pre + "mobe_A"].dtype == factor_dtype
             assert out_t[pre + "mobe_B"].shape == (1, 4, 16, d)
             assert out_t[pre + "mobe_alpha"].shape == (E, 4) and out_t[pre + "mobe_alpha"].dtype == torch.float32
             assert 0 < mobe["errors"][str(layer)][proj] < 1.0
+    suffixes = ["mobe_A", "mobe_B", "mobe_alpha"] + (["mobe_A_scale_inv", "mobe_B_scale_inv"] if kw.get("fp8") else [])
     assert set(out_t) == (set(src_t) - compressed) | {
-        f"model.layers.{l}.mlp.experts.{p}.mobe_{x}" for l in mobe["layers"] for p in ("gate_proj", "up_proj") for x in "A B alpha".split()}
+        f"model.layers.{n}.mlp.experts.{p}.{x}" for n in mobe["layers"] for p in ("gate_proj", "up_proj") for x in suffixes}
     # index + manifest + side files
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(out_t)
@@ -93,8 +96,8 @@ def test_reconstruction_matches_reported_error(tmp_path):
         W = fam.expert_stack(rs, layer, "gate_proj", torch.float32)
         pre = f"model.layers.{layer}.mlp.experts.gate_proj."
         f = MoBEFactors(A=ro.get(pre + "mobe_A"), B=ro.get(pre + "mobe_B"), alpha=ro.get(pre + "mobe_alpha"), scale=1.0)
-        rel = (torch.linalg.norm(W - f.reconstruct(activation=cfg["mobe"]["activation"]) if _takes_act(f) else W - f.reconstruct())
-               / torch.linalg.norm(W)).item()
+        diff = W - f.reconstruct(activation=cfg["mobe"]["activation"]) if _takes_act(f) else W - f.reconstruct()
+        rel = (torch.linalg.norm(diff) / torch.linalg.norm(W)).item()
     assert rel == pytest.approx(cfg["mobe"]["errors"][str(layer)]["gate_proj"], rel=1e-3)
 
 
@@ -166,7 +169,7 @@ def test_cli_compress_inspect_and_errors(tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "log.jsonl"
     run_cli("compress", str(src), "--out", str(out), "--steps", "10", "--quiet", "--log-json", str(log), check=True)
-    events = [json.loads(l)["event"] for l in log.read_text().splitlines()]
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
     assert events[0] == "plan" and events[-1] == "summary" and "unit_done" in events
     again = run_cli("compress", str(src), "--out", str(out), "--steps", "10", "--quiet")
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and str(out) in again.stderr

@@ -6,9 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mobe_stream.factorize import (AdamSolver, AlternatingSolver, MoBEFactors, MoBESpec, choose_bases_rank,
-                                   expert_cut, init_fitted, init_grouped_svd, mixed_bases, param_fraction, prepare_targets, relative_error,
-                                   solve_A, working_set_bytes)
+from mobe_stream.factorize import (
+    AdamSolver,
+    AlternatingSolver,
+    MoBEFactors,
+    MoBESpec,
+    choose_bases_rank,
+    expert_cut,
+    init_fitted,
+    init_grouped_svd,
+    mixed_bases,
+    param_fraction,
+    prepare_targets,
+    relative_error,
+    solve_A,
+    working_set_bytes,
+)
 
 SOLVERS = [AdamSolver, AlternatingSolver]
 
@@ -189,6 +202,7 @@ def test_groups_use_only_their_own_bases():
 
 
 def test_param_fraction_and_working_set():
-    assert param_fraction(256, 2048, 7168, 64, 2048) == pytest.approx(1 / 3 + 2 * 2048 / (3 * 7168) + 2 * 64 * 2048 / (3 * 256 * 2048))
+    assert param_fraction(256, 2048, 7168, 64, 2048) == pytest.approx(
+        1 / 3 + 2 * 2048 / (3 * 7168) + 2 * 64 * 2048 / (3 * 256 * 2048))
     ws = working_set_bytes(16, 32, 48, 4, 32)
     assert ws["host"] >= 4 * 16 * 32 * 48 and ws["device"] > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mobe_stream.errors import ConfigError
-from mobe_stream.factorize import choose_bases_rank, expert_cut, init_grouped_svd, MoBESpec
+from mobe_stream.factorize import MoBESpec, choose_bases_rank, expert_cut, init_grouped_svd
 from mobe_stream.pipeline.compress import compress
 from mobe_stream.pipeline.options import CompressOptions
 from mobe_stream.synth import make_tiny_moe
@@ -146,8 +146,8 @@ def test_nan_rollbacks_end_and_honour_a_stop(src, tmp_path):
     assert proc.returncode == 2 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
     from mobe_stream.pipeline import fit as fit_mod
-    from mobe_stream.pipeline.job import FitSettings, StopFlag
     from mobe_stream.pipeline.events import Reporter
+    from mobe_stream.pipeline.job import FitSettings, StopFlag
 
     stop = StopFlag()
     W = torch.randn(8, 16, 32)

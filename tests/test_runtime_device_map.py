@@ -9,8 +9,8 @@ import torch
 
 from mobe_stream.errors import ConfigError, ResourceError
 from mobe_stream.runtime.device_map import parse_max_memory, plan_device_map
-from mobe_stream.sizes import parse_size
 from mobe_stream.runtime.model import load_model
+from mobe_stream.sizes import parse_size
 from mobe_stream.synth import make_tiny_moe
 
 SIZES = {"embed": 100, "layers.0": 300, "layers.1": 300, "layers.2": 300, "layers.3": 300, "norm": 1, "lm_head": 100}
@@ -44,7 +44,7 @@ def test_layers_never_split_and_order_kept():
     plan = plan_device_map(SIZES, {0: 750, "cpu": 650, "disk": math.inf})
     devs = [plan[u] for u in SIZES]
     rank = {0: 0, "cpu": 1, "disk": 2}
-    assert all(rank[a] <= rank[b] for a, b in zip(devs, devs[1:]))  # monotone in module order
+    assert all(rank[a] <= rank[b] for a, b in zip(devs, devs[1:], strict=False))  # monotone in module order
 
 
 def test_balanced_over_gpus_and_cpu_strategy():

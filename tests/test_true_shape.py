@@ -44,8 +44,10 @@ def kimi(tmp_path_factory):
 def test_names_shapes_dtypes_and_config(kimi):
     cfg = json.loads((kimi / "config.json").read_text())
     assert (cfg["model_type"], cfg["architectures"]) == ("kimi_k2", ["DeepseekV3ForCausalLM"])
-    assert (cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (D, P, 18432, L)
-    assert (cfg["n_routed_experts"], cfg["n_shared_experts"], cfg["num_experts_per_tok"], cfg["first_k_dense_replace"]) == (E, 1, 8, 1)
+    dims = ("hidden_size", "moe_intermediate_size", "intermediate_size", "num_hidden_layers")
+    assert tuple(cfg[k] for k in dims) == (D, P, 18432, L)
+    moe = ("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace")
+    assert tuple(cfg[k] for k in moe) == (E, 1, 8, 1)
     assert (cfg["n_group"], cfg["topk_group"], cfg["routed_scaling_factor"], cfg["vocab_size"]) == (1, 1, 2.827, V)
     assert (cfg["q_lora_rank"], cfg["kv_lora_rank"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"],
             cfg["num_attention_heads"]) == (1536, 512, 128, 64, 128, 64)

@@ -66,7 +66,8 @@ def test_verify_reports_unfinished_run(tmp_path):
 
 def test_verify_finds_nan_in_any_floating_tensor(tmp_path):
     src = make_tiny_moe(tmp_path / "bf16")
-    shard = _poke(src, "model.embed_tokens.weight", torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes())
+    nan = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    shard = _poke(src, "model.embed_tokens.weight", nan)
     proc = run_cli("verify", str(src))
     assert proc.returncode == 1
     assert f"{src / shard}: tensor model.embed_tokens.weight contains NaN or Inf" in proc.stdout

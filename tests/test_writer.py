@@ -11,10 +11,9 @@ from safetensors import safe_open
 from mobe_stream.checkpoint import safetensors_io
 from mobe_stream.checkpoint.reader import CheckpointReader
 from mobe_stream.checkpoint.safetensors_io import sha256_file, write_safetensors
-from mobe_stream.sizes import parse_size
-from mobe_stream.checkpoint.writer import (ShardRecord, ShardWriter, verify_manifest,
-                                           write_index_and_manifest)
+from mobe_stream.checkpoint.writer import ShardRecord, ShardWriter, verify_manifest, write_index_and_manifest
 from mobe_stream.errors import ConfigError
+from mobe_stream.sizes import parse_size
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

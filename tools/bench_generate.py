@@ -101,7 +101,8 @@ def run_one(args) -> dict:
     ec = r.expert_cache
     m.close()
     written = sum(f.stat().st_size for f in Path(args.offload).rglob("*") if f.is_file()) if args.offload else 0
-    return {"offload_written": written, "tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s), "peak_rss": r.peak_rss_bytes, "devices": sorted(placed),
+    return {"offload_written": written, "tokens": r.new_tokens, "tok_s": r.new_tokens / (r.prefill_s + r.decode_s),
+            "peak_rss": r.peak_rss_bytes, "devices": sorted(placed),
             "mixed_bases": m.mobe_mixed, "expert_hit_rate": ec["hit_rate"] if ec else None}
 
 
@@ -158,7 +159,8 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="FP8 block-scaled source (deepseek_v3 / kimi_k2 only)")
     ap.add_argument("--forms", default="original,mobe", help="which checkpoints to run (original, mobe)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--expert-plans", action="store_true", help="also --device-map experts (experts in RAM; on disk with a 25%% cache)")
+    ap.add_argument("--expert-plans", action="store_true",
+                    help="also --device-map experts (experts in RAM; on disk with a 25%% cache)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="mobe", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

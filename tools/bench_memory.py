@@ -75,9 +75,11 @@ def main() -> None:
         rows.append((depth, size, secs, maxrss, sampled))
     print(f"Kimi-shaped wide models: {args.experts} experts, hidden {args.hidden}, moe_intermediate {args.intermediate}, "
           f"{'fp8' if args.fp8 else 'bf16'}, steps {args.steps}, {args.extra}")
-    print(f"{'layers':>6} {'source GB':>10} {'time s':>8} {'s/MoE layer':>11} {'peak RSS MiB (wait4)':>21} {'peak RSS MiB (psutil)':>22}")
+    print(f"{'layers':>6} {'source GB':>10} {'time s':>8} {'s/MoE layer':>11} "
+          f"{'peak RSS MiB (wait4)':>21} {'peak RSS MiB (psutil)':>22}")
     for depth, size, secs, maxrss, sampled in rows:
-        print(f"{depth:>6} {size / 1e9:>10.3f} {secs:>8.1f} {secs / max(1, depth - 1):>11.2f} {maxrss / 2**20:>21.1f} {sampled / 2**20:>22.1f}")
+        print(f"{depth:>6} {size / 1e9:>10.3f} {secs:>8.1f} {secs / max(1, depth - 1):>11.2f} "
+              f"{maxrss / 2**20:>21.1f} {sampled / 2**20:>22.1f}")
     if len(rows) >= 2:
         a, b = rows[0][3], rows[-1][3]
         print(f"peak RSS ratio deepest/shallowest: {b / a:.3f} ({'within' if abs(b / a - 1) <= 0.15 else 'OUTSIDE'} 15%)")

@@ -70,7 +70,7 @@ class PeakSampler:
             self.peak_anon = max(self.peak_anon, m.rss - getattr(m, "shared", 0))
             time.sleep(0.01)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._t.start()
         return self
 

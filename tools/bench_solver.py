@@ -16,9 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mobe_stream.factorize import (MoBESpec, expert_cut, fit_baseline, plan_method, prepare_targets,  # noqa: E402
-                                   relative_error)
-from mobe_stream.pipeline.solvers import SOLVERS  # noqa: E402
+from mobe_stream.factorize import MoBESpec, expert_cut, fit_baseline, plan_method, prepare_targets, relative_error
+from mobe_stream.pipeline.solvers import SOLVERS
 
 
 def synthetic(E: int, p: int, d: int, clusters: int = 8, seed: int = 0, shuffle: bool = False) -> torch.Tensor:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # works from a fresh clone without installing
 
-import torch  # noqa: E402
+import torch
 
-from mobe_stream.synth import FAMILIES, TOKENIZERS, make_tiny_moe, make_wide_kimi  # noqa: E402
-from mobe_stream.synth.true_shape import TRUE_SHAPES, make_true_shape  # noqa: E402
+from mobe_stream.synth import FAMILIES, TOKENIZERS, make_tiny_moe, make_wide_kimi
+from mobe_stream.synth.true_shape import TRUE_SHAPES, make_true_shape
 
 
 def main(argv: list[str] | None = None) -> int:

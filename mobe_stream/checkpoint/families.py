@@ -18,9 +18,10 @@ keep the fused tensor (there is no way to store half of it).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -131,7 +132,7 @@ def find_spec(config: dict) -> FamilySpec | None:
 class Family:
     """A FamilySpec bound to one checkpoint's config (and its tensor names, for the layout)."""
 
-    def __init__(self, spec: FamilySpec, config: dict, reader: "CheckpointReader | None" = None,
+    def __init__(self, spec: FamilySpec, config: dict, reader: CheckpointReader | None = None,
                  config_path: Path | None = None):
         self.spec = spec
         self.config = config
@@ -168,7 +169,7 @@ class Family:
     def experts_prefix(self, layer: int) -> str:
         return self.layer_prefix(layer) + EXPERTS_MODULE
 
-    def layer_tensor_names(self, reader: "CheckpointReader", layer: int) -> list[str]:
+    def layer_tensor_names(self, reader: CheckpointReader, layer: int) -> list[str]:
         pre = self.layer_prefix(layer)
         return [n for n in reader.names() if n.startswith(pre)]
 
@@ -206,7 +207,7 @@ class Family:
                 out.append(s)
         return out
 
-    def expert_weight(self, reader: "CheckpointReader", layer: int, expert: int, proj: str,
+    def expert_weight(self, reader: CheckpointReader, layer: int, expert: int, proj: str,
                       dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """One expert's `proj` as [out, in] (gate/up [p, d], down [d, p]), FP8 dequantized to dtype."""
         _check_proj(proj)
@@ -228,7 +229,7 @@ class Family:
         half = both[:p] if proj == "gate_proj" else both[p:]
         return half.clone()  # don't keep the other half alive through a view
 
-    def expert_stack(self, reader: "CheckpointReader", layer: int, proj: str,
+    def expert_stack(self, reader: CheckpointReader, layer: int, proj: str,
                      dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """[E, out, in] for one projection, reading one expert at a time (peak = result + 1 expert)."""
         first = self.expert_weight(reader, layer, 0, proj, dtype)
@@ -264,7 +265,7 @@ def detect_layout(names: list[str], where: Path | None = None) -> str:
     return FUSED if fused else PER_EXPERT
 
 
-def get_family(config: dict, reader: "CheckpointReader | None" = None) -> Family:
+def get_family(config: dict, reader: CheckpointReader | None = None) -> Family:
     """The Family for this config, bound to the reader's tensor names (for the storage layout)."""
     config_path = reader.config_path if reader is not None else None
     spec = find_spec(config)

@@ -107,7 +107,7 @@ def quantize_stack(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> t
     (float8_e4m3fn [..., M, N], fp32 scale_inv [..., ceil(M/bm), ceil(N/bn)])."""
     if w.dim() == 2:
         return quantize(w, block)
-    sm, sn = scale_shape(tuple(w.shape[-2:]), block)
+    sm, sn = scale_shape((w.shape[-2], w.shape[-1]), block)
     q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty((*w.shape[:-2], sm, sn), dtype=torch.float32, device=w.device)
     qf, sf = _matrices(q), _matrices(scale)

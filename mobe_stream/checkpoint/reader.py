@@ -22,7 +22,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from . import fp8
 from .fingerprint import SourceFingerprint
-from .safetensors_io import ShardHeader, read_header
+from .safetensors_io import read_header
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -94,7 +94,7 @@ class CheckpointReader:
         self.config: dict = load_json(self.config_path, "config")
         if not isinstance(self.config, dict):
             raise CheckpointError("config is not a JSON object", self.config_path)
-        self._headers: dict[str, ShardHeader] = {}
+        self._headers: dict[str, _ShardSummary] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: OrderedDict[str, Any] = OrderedDict()
         with _gc_paused():
@@ -150,7 +150,8 @@ class CheckpointReader:
             start = header.data_start
             for name, e in header.tensors.items():
                 if name in found:
-                    raise CheckpointError(f"duplicate tensor {name}: stored in two shards ({found[name].shard} and {shard})", path)
+                    raise CheckpointError(f"duplicate tensor {name}: stored in two shards ({found[name].shard} and {shard})",
+                                          path)
                 found[name] = TensorInfo(name, shard, e.dtype, e.shape, e.end - e.begin, start + e.begin)
             # keep only what fingerprint() needs: per-tensor header objects would double the metadata
             # (about 1 KB per tensor, i.e. ~140 MB for Kimi-K2's 140k tensors)
@@ -320,7 +321,7 @@ class CheckpointReader:
         self._handles.clear()
         self._read_through.clear()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -114,14 +114,14 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     if not isinstance(metadata, dict):
         raise _fail(path, "corrupt header: __metadata__ is not an object")
     entries = [_entry(path, name, spec) for name, spec in doc.items()]
-    end = 8 + n + max((e.end for e in entries), default=0)
+    end = 8 + n + max((ent.end for ent in entries), default=0)
     if end > file_size:  # checked before the per-tensor sizes: a cut file is the likelier story
         raise _fail(path, f"truncated: header says data ends at {end} bytes but file is {file_size} bytes")
-    for e in entries:
-        want = math.prod(e.shape) * ITEMSIZE[e.dtype]
-        if e.end - e.begin != want:
-            raise _fail(path, f"corrupt header: tensor {e.name} data_offsets [{e.begin}, {e.end}] span {e.nbytes} "
-                              f"bytes but {e.dtype}{list(e.shape)} needs {want}")
+    for ent in entries:
+        want = math.prod(ent.shape) * ITEMSIZE[ent.dtype]
+        if ent.end - ent.begin != want:
+            raise _fail(path, f"corrupt header: tensor {ent.name} data_offsets [{ent.begin}, {ent.end}] span "
+                              f"{ent.nbytes} bytes but {ent.dtype}{list(ent.shape)} needs {want}")
     entries.sort(key=attrgetter("begin", "end"))
     _check_layout(path, entries, 8 + n, file_size)
     return ShardHeader(path, file_size, 8 + n, {e.name: e for e in entries}, metadata, head + body)
@@ -181,7 +181,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def _header_bytes(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> bytes:

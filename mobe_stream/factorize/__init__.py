@@ -1,15 +1,16 @@
 """MoBE factorization: pure tensor code (no file I/O), device-agnostic."""
 
 from .adam import AdamSolver
-from .baselines import METHODS, LowRankFactors, MethodPlan, factors_from_tensors, fit_baseline, fit_lowrank, plan_method
 from .als import AlternatingSolver
-from .lstsq import solve_A
+from .baselines import METHODS, LowRankFactors, MethodPlan, factors_from_tensors, fit_baseline, fit_lowrank, plan_method
 from .init import INITS, init_fitted, init_grouped_svd, initial_factors
+from .lstsq import solve_A
 from .metrics import choose_bases_rank, expert_cut, param_fraction, relative_error, working_set_bytes
-from .storage import refit_for_storage
 from .model import ACTIVATIONS, MoBEFactors, MoBESpec, mixed_bases, prepare_targets
+from .storage import refit_for_storage
 
 __all__ = ["METHODS", "LowRankFactors", "MethodPlan", "factors_from_tensors", "fit_baseline", "fit_lowrank",
-           "plan_method", "AdamSolver", "AlternatingSolver", "solve_A", "INITS", "init_fitted", "initial_factors", "init_grouped_svd", "choose_bases_rank", "expert_cut",
+           "plan_method", "AdamSolver", "AlternatingSolver", "solve_A", "INITS", "init_fitted", "initial_factors",
+           "init_grouped_svd", "choose_bases_rank", "expert_cut",
            "param_fraction", "relative_error", "working_set_bytes", "ACTIVATIONS", "MoBEFactors", "MoBESpec",
            "mixed_bases", "prepare_targets", "refit_for_storage"]

@@ -12,6 +12,7 @@ from .lstsq import solve_A
 from .model import MoBEFactors, mixed_bases
 from .solver_base import Solver
 
+
 class AlternatingSolver(Solver):
     per_expert = ("alpha",)
 

@@ -39,7 +39,7 @@ class MethodPlan:
         if self.method in ("mobe", "molae"):
             mg = self.num_bases // G
             return {"mobe_A": (E, p, r), "mobe_B": (G, mg, r, d), "mobe_alpha": (E, mg)}
-        shapes = {"lowrank_U": (E, p, r), "lowrank_V": (E, r, d)}
+        shapes: dict[str, tuple[int, ...]] = {"lowrank_U": (E, p, r), "lowrank_V": (E, r, d)}
         if self.method == "delta":
             shapes["lowrank_mean"] = (G, p, d)
         return shapes
@@ -58,7 +58,7 @@ class MethodPlan:
                 "activation": self.activation}
 
     @classmethod
-    def from_config(cls, block: dict) -> "MethodPlan":
+    def from_config(cls, block: dict) -> MethodPlan:
         return cls(block.get("method", "mobe"), int(block["rank"]), int(block["num_bases"]), int(block["groups"]),
                    block.get("activation", "silu"))
 
@@ -105,9 +105,6 @@ class LowRankFactors:
             G = self.mean.shape[0]
             W += self.mean.float()[idx // (E // G)]
         return self.scale * W
-
-    def num_params(self) -> int:
-        return self.U.numel() + self.V.numel() + (self.mean.numel() if self.mean is not None else 0)
 
 
 def _batch(p: int, d: int, max_bytes: int = 256 * 2**20) -> int:

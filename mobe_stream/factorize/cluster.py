@@ -35,7 +35,6 @@ def similarity(W: torch.Tensor, device: str | torch.device = "cpu", rows: int = 
 
 def balanced_clusters(sim: torch.Tensor, sizes: list[int], iters: int = 20) -> list[torch.Tensor]:
     """Partition experts 0..E-1 into len(sizes) sets of exactly these sizes, similar experts together."""
-    E = sim.shape[0]
     n = len(sizes)
     # farthest-point seeds: start from the expert most similar to all, then least similar to the chosen
     seeds = [int(sim.sum(1).argmax())]
@@ -44,13 +43,14 @@ def balanced_clusters(sim: torch.Tensor, sizes: list[int], iters: int = 20) -> l
         closest[seeds] = float("inf")
         seeds.append(int(closest.argmin()))
     score = sim[:, seeds].clone()  # [E, n]
-    assign = None
+    assign: torch.Tensor | None = None
     for _ in range(iters):
         new = _greedy_assign(score, sizes)
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
         score = torch.stack([sim[:, assign == c].mean(dim=1) for c in range(n)], dim=1)
+    assert assign is not None, "iters must be >= 1"
     return [torch.nonzero(assign == c).flatten() for c in range(n)]
 
 

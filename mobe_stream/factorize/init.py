@@ -41,7 +41,7 @@ def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device
     alpha = torch.zeros((E, mg), dtype=torch.float32)
     for g in range(G):
         experts = torch.arange(g * per_group, (g + 1) * per_group)
-        subs = torch.tensor_split(experts, mg)
+        subs = list(torch.tensor_split(experts, mg))
         if cluster and mg > 1:
             sim = similarity(W[experts[0]:experts[-1] + 1], device, seed=seed)
             subs = [experts[c] for c in balanced_clusters(sim, [len(s) for s in subs])]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .model import MoBEFactors
 
+if TYPE_CHECKING:
+    from .baselines import LowRankFactors
 
-def relative_error(W: torch.Tensor, factors: MoBEFactors, expert_batch: int | None = None) -> float:
+
+def relative_error(W: torch.Tensor, factors: MoBEFactors | LowRankFactors, expert_batch: int | None = None) -> float:
     """||W - Ŵ||_F / ||W||_F over the whole layer, a batch of experts at a time (default: about
     64 MiB of reconstruction per batch) so it never builds a second full-layer tensor."""
     E, p, d = W.shape

@@ -5,17 +5,20 @@ Bases B are shared by the experts of a group (g(e) = e // (E / G)); A_e and α_e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
 # identity: MoLAE (one basis per group, no activation) shares MoBE's storage and code
-ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": _identity}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": _identity}
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,6 @@ class MoBESpec:
     @property
     def bases_per_group(self) -> int:
         return self.num_bases // self.groups
-
-
-def group_of(num_experts: int, groups: int) -> torch.Tensor:
-    """Group index of every expert (contiguous groups)."""
-    if num_experts % groups:
-        raise ValueError(f"{num_experts} experts cannot be split into {groups} equal groups")
-    return torch.arange(num_experts) // (num_experts // groups)
 
 
 MIX_CHUNK = 1 << 22  # basis elements converted to fp32 at a time when B is stored in a narrower dtype
@@ -101,10 +97,7 @@ class MoBEFactors:
         M = mixed_bases(alpha[idx], B, idx, E, activation or self.activation)
         return self.scale * torch.bmm(A[idx], M)
 
-    def num_params(self) -> int:
-        return self.A.numel() + self.B.numel() + self.alpha.numel()
-
-    def to(self, device) -> "MoBEFactors":
+    def to(self, device) -> MoBEFactors:
         return MoBEFactors(self.A.to(device), self.B.to(device), self.alpha.to(device), self.scale, self.activation)
 
 

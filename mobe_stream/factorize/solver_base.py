@@ -33,6 +33,12 @@ EPS = 1e-8
 CPU_BATCH_BYTES = 256 * 2**20  # CPU temporaries per batch: fixed, so results never depend on free RAM
 
 
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    """t.grad after backward() (None there would mean t was not part of the loss: a bug)."""
+    assert t.grad is not None, "tensor took no part in the loss"
+    return t.grad
+
+
 def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> None:
     b1, b2 = BETAS
     m.mul_(b1).add_(g, alpha=1 - b1)
@@ -189,11 +195,11 @@ class Solver:
             (loss / self.N).backward()
             total += loss.detach()
             for k in self.shared:
-                gB[k] += Bg[k].grad
+                gB[k] += _grad(Bg[k])
             with torch.no_grad():
                 for k in self.per_expert:
                     p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]
-                    _adam_(p_, per[k].grad, m, v, self.lr, t)
+                    _adam_(p_, _grad(per[k]), m, v, self.lr, t)
                     if self.streaming:  # else p_, m, v alias the home tensors: updated in place
                         self.params[k][e0:e1].copy_(p_, non_blocking=True)
                         self.m[k][e0:e1].copy_(m, non_blocking=True)
@@ -260,7 +266,8 @@ class Solver:
         meta = {"solver": type(self).__name__, "step": self.step_count, "best_loss": self.best_loss,
                 "best_step": self.best_step, "last_loss": self.last_loss, "lr": self.lr, "seed": self.seed,
                 "history": self.history, "converged": self.converged,
-                "shape": [self.E, self.p, self.d], "spec": [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]}
+                "shape": [self.E, self.p, self.d],
+                "spec": [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:

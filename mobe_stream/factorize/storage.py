@@ -9,7 +9,7 @@ Cholesky solve per expert), once per projection.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import fp8
 from ..checkpoint.reader import CheckpointReader
-from ..errors import CheckpointError, MobeError
+from ..errors import CheckpointError
 from ..factorize import fit_baseline, prepare_targets, refit_for_storage, relative_error
 from ..memory import pin_mmap_threshold
 from ..verify import check_source, verify

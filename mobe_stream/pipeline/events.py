@@ -12,7 +12,7 @@ import time
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..errors import ConfigError
@@ -21,7 +21,7 @@ from ..errors import ConfigError
 class Reporter:
     """Fan-out of events to sinks."""
 
-    def __init__(self, sinks: list["Sink"] | None = None):
+    def __init__(self, sinks: list[Sink] | None = None):
         self.sinks = sinks or []
 
     def event(self, kind: str, /, **fields: Any) -> None:
@@ -65,8 +65,8 @@ class RichSink(Sink):
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=self.console, transient=False,
         )
-        self.overall = None
-        self.current = None
+        self.overall: TaskID | None = None
+        self.current: TaskID | None = None
         self.started = False
 
     def _start(self) -> None:

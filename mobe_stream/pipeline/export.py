@@ -147,7 +147,7 @@ def _plan(reader: CheckpointReader) -> list[tuple[str, int | None, list[str]]]:
     by_layer: dict[int | None, list[str]] = {}
     for name in reader.names():
         by_layer.setdefault(layer_of(name), []).append(name)
-    units = [("globals", None, by_layer.pop(None))] if None in by_layer else []
+    units: list[tuple[str, int | None, list[str]]] = [("globals", None, by_layer.pop(None))] if None in by_layer else []
     units += [(f"layer.{layer}", layer, names) for layer, names in sorted(by_layer.items())]
     return units
 

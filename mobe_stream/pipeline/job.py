@@ -98,7 +98,7 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
                       checkpoint_every=opts.checkpoint_every)
     out_dtype = resolve_dtype(opts.dtype, source_expert_dtypes(reader, family, layers))
     output = OutputSpec(out_dtype, parse_size(opts.max_shard_size, "--max-shard-size"),
-                        tuple(reader.fp8_block or fp8.DEFAULT_BLOCK))
+                        reader.scale_block)
     return CompressJob(src, out, reader, family, spec, plan, layers,
                        settings_for_journal(opts, m, r, layers, out_dtype), fit, output, opts)
 

@@ -26,7 +26,7 @@ class Journal:
         self.data = data
 
     @classmethod
-    def create(cls, out_dir: Path, settings: dict, source_fingerprint: SourceFingerprint) -> "Journal":
+    def create(cls, out_dir: Path, settings: dict, source_fingerprint: SourceFingerprint) -> Journal:
         j = cls(out_dir, {
             "format": FORMAT,
             "settings": settings,
@@ -39,7 +39,7 @@ class Journal:
         return j
 
     @classmethod
-    def load(cls, out_dir: Path) -> "Journal | None":
+    def load(cls, out_dir: Path) -> Journal | None:
         path = Path(out_dir) / JOURNAL_NAME
         if not path.exists():
             return None

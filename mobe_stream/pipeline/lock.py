@@ -19,8 +19,8 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..checkpoint.mobe_format import LOCK_NAME
 from ..errors import MobeError
@@ -56,7 +56,7 @@ class OutputLock:
         self.held = False
         self._fd: int | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(_ATTEMPTS):
             try:
@@ -103,7 +103,7 @@ class OutputLock:
                 self._fd, self.held = None, False
                 atexit.unregister(self.release)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

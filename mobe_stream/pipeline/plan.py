@@ -45,7 +45,8 @@ def parse_layers(spec: str | None, available: list[int]) -> list[int]:
         raise ValueError(f"--layers {spec!r} names no layer (use e.g. 1-3,7)")
     missing = sorted(chosen - set(available))
     if missing:
-        raise ValueError(f"--layers names layers that are not MoE layers: {missing} (MoE layers: {available[0]}..{available[-1]})" if available else "model has no MoE layers")
+        raise ValueError(f"--layers names layers that are not MoE layers: {missing} "
+                         f"(MoE layers: {available[0]}..{available[-1]})" if available else "model has no MoE layers")
     return sorted(chosen)
 
 
@@ -59,7 +60,7 @@ def plan_units(names: list[str], compress_layers: list[int], excluded: set[str])
     units: list[Unit] = []
     if None in by_layer:
         units.append(Unit("globals", "copy", None, None, by_layer.pop(None)))
-    for layer in sorted(set(by_layer) | set(compress_layers)):
+    for layer in sorted({k for k in by_layer if k is not None} | set(compress_layers)):
         if layer in compress_layers:
             for proj in PROJECTIONS:
                 units.append(Unit(f"layer.{layer}.{proj}", "factorize", layer, proj))

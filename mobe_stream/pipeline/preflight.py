@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
-
 import torch
 
 from ..checkpoint.families import Family

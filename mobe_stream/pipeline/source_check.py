@@ -12,7 +12,7 @@ and the journal's source fingerprint refuses a replaced source.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.writer import MANIFEST_NAME, read_manifest, shard_problem

@@ -17,7 +17,7 @@ class KVCache:
     def update(self, layer: int, *new: torch.Tensor, seq_dim: int) -> tuple[torch.Tensor, ...]:
         """Append `new` (same structure every call) and return the full cached tensors."""
         old = self.layers[layer]
-        full = new if old is None else tuple(torch.cat([o.to(n.device), n], dim=seq_dim) for o, n in zip(old, new))
+        full = new if old is None else tuple(torch.cat([o.to(n.device), n], dim=seq_dim) for o, n in zip(old, new, strict=True))
         self.layers[layer] = full
         return full
 

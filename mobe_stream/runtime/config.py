@@ -7,7 +7,7 @@ ever see the normalised values below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..checkpoint import families
@@ -82,11 +82,12 @@ def parse_config(cfg: dict, config_path: Path | None = None) -> RuntimeConfig:
     eos = cfg.get("eos_token_id")
     eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])
     heads = int(cfg["num_attention_heads"])
-    common = dict(
+    common = RuntimeConfig(
         family=name, vocab_size=int(cfg["vocab_size"]), hidden_size=fam.hidden_size,
         intermediate_size=int(_get(cfg, "intermediate_size", default=0)),
         moe_intermediate_size=fam.moe_intermediate_size, num_layers=fam.num_layers, num_heads=heads,
         num_kv_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
+        head_dim=fam.hidden_size // heads,  # each family's own below
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", default=1e-6)), num_experts=fam.num_experts,
         top_k=fam.top_k, norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=name != "qwen3_moe")),
         moe_layers=fam.moe_layers(), rope=_rope(cfg), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -95,15 +96,14 @@ def parse_config(cfg: dict, config_path: Path | None = None) -> RuntimeConfig:
     )
     if name in QWEN_TYPES:
         if cfg.get("norm_topk_prob") is None:
-            common["norm_topk_prob"] = False  # transformers' Qwen3MoeConfig default
+            common.norm_topk_prob = False  # transformers' Qwen3MoeConfig default
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-        return RuntimeConfig(head_dim=int(_get(cfg, "head_dim", default=fam.hidden_size // heads)),
-                             sliding_window=window, **common)
+        return replace(common, head_dim=int(_get(cfg, "head_dim", default=common.head_dim)), sliding_window=window)
     nope, rope = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
-    return RuntimeConfig(
-        head_dim=nope + rope, q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=int(cfg["kv_lora_rank"]),
+    return replace(
+        common, head_dim=nope + rope, q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=int(cfg["kv_lora_rank"]),
         qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=int(cfg["v_head_dim"]),
         n_group=int(_get(cfg, "n_group", default=1)), topk_group=int(_get(cfg, "topk_group", default=1)),
         routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", default=1.0)),
         n_shared_experts=int(_get(cfg, "n_shared_experts", default=0)),
-        rope_interleave=bool(_get(cfg, "rope_interleave", default=True)), **common)
+        rope_interleave=bool(_get(cfg, "rope_interleave", default=True)))

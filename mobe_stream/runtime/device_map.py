@@ -38,7 +38,8 @@ def parse_max_memory(spec: str | dict | None) -> dict[Device, float]:
             items.append((k, v or None))
     out: dict[Device, float] = {}
     for k, v in items:
-        out[_device_key(k)] = math.inf if v is None or v == "" or v == math.inf else parse_size(v, f"max_memory[{k}]", allow_zero=True)
+        out[_device_key(k)] = (math.inf if v is None or v == "" or v == math.inf
+                               else parse_size(v, f"max_memory[{k}]", allow_zero=True))
     return out
 
 

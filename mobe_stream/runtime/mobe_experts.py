@@ -64,7 +64,7 @@ class MobeExperts(OriginalExperts):
             mixed = mixed_bases(self.alpha[pr][ids.to(self.alpha[pr].device)], self.B[pr], ids, self.num_experts,
                                 self.act).to(dtype)
             self.mixed += len(todo)
-            for e, m in zip(todo, mixed):
+            for e, m in zip(todo, mixed, strict=True):
                 self.M[pr, e] = m
                 if self.cache is not None:
                     self.cache.put((self.layer, pr, e), m.clone() if len(todo) > 1 else m)
@@ -93,15 +93,17 @@ class LowRankExperts(OriginalExperts):
 
     def _proj(self, pr: str, e: int, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.linear(x, self.w.expert(self.V[pr], e)), self.w.expert(self.U[pr], e))
-        if self.mean[pr] is not None:
-            y = y + F.linear(x, self.mean[pr][e // self.per_group])
+        mean = self.mean[pr]
+        if mean is not None:
+            y = y + F.linear(x, mean[e // self.per_group])
         return y
 
     def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for pr in PROJS:
             W = self.w.expert(self.U[pr], e) @ self.w.expert(self.V[pr], e)
-            out.append(W if self.mean[pr] is None else W + self.mean[pr][e // self.per_group])
+            mean = self.mean[pr]
+            out.append(W if mean is None else W + mean[e // self.per_group])
         return out[0], out[1]
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:

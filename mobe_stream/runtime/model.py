@@ -17,13 +17,14 @@ from ..checkpoint.families import EXPERTS_MODULE, detect_layout
 from ..checkpoint.mobe_format import factor_name
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ConfigError
+from ..sizes import parse_size
 from .attention_gqa import gqa_attention
 from .attention_mla import mla_attention
 from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
-from ..sizes import parse_size
 from .device_map import Device, check_gpus, parse_max_memory, plan_device_map
-from .expert_plan import STRATEGY as EXPERTS_STRATEGY, plan_experts
+from .expert_plan import STRATEGY as EXPERTS_STRATEGY
+from .expert_plan import plan_experts
 from .expert_store import ExpertWeightStore
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
@@ -38,6 +39,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 
 
 class MoEModel:
+    unit_sizes: dict[str, int]  # bytes per placement unit, set by load_model
+
     def __init__(self, reader: CheckpointReader, store: WeightStore | ExpertWeightStore, cfg: RuntimeConfig, dtype: torch.dtype,
                  mobe_cache: MixedBasisCache | None = None, materialize_all: bool = False):
         self.reader, self.store, self.cfg, self.dtype = reader, store, cfg, dtype
@@ -73,7 +76,7 @@ class MoEModel:
         S = tokens.shape[1]
         w = self.store.get("embed")
         h = F.embedding(tokens.to(w["weight"].device), w["weight"])
-        per_device: dict[torch.device, tuple] = {}
+        per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for i in range(self.cfg.num_layers):
             unit = f"layers.{i}"
             w = self.store.get(unit)

@@ -45,14 +45,14 @@ class WeightStore:
         self.order = list(plan)
         self.offloaded = [u for u in self.order if self._is_offloaded(u)]
         self.resident: dict[str, Weights] = {}
-        self._handles: dict[Path, object] = {}  # mmapped shards (page cache, not private RAM)
+        self._handles: dict[Path, safe_open] = {}  # mmapped shards (page cache, not private RAM)
         for unit, dev in plan.items():
             if dev == "disk":
                 continue
             w = load_unit(reader, cfg, unit, dtype)
             if isinstance(dev, int):
                 cuda = torch.device("cuda", dev)
-                w = w.map(lambda v: v.to(cuda))
+                w = w.map(lambda v: v.to(cuda))  # noqa: B023 (map() applies it at once, inside this iteration)
             elif self.has_gpu:
                 w = w.map(lambda v: v.pin_memory())
             self.resident[unit] = w
@@ -103,6 +103,7 @@ class WeightStore:
         """Weights of `unit` ready for compute; starts fetching the next offloaded unit."""
         if unit not in self.offloaded:
             return self.resident[unit]
+        assert self._pool is not None  # created whenever a unit is offloaded
         fut = self._pending.pop(unit, None) or self._pool.submit(self._fetch, unit)
         w, ev = fut.result()
         if ev is not None:
@@ -116,13 +117,6 @@ class WeightStore:
             if nxt != unit and nxt not in self._pending:
                 self._pending[nxt] = self._pool.submit(self._fetch, nxt)
         return w
-
-    def resident_bytes(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for unit, w in self.resident.items():
-            key = str(self.plan[unit])
-            out[key] = out.get(key, 0) + w.nbytes()
-        return out
 
     def close(self) -> None:
         if self._pool is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+FP8_QUANT: dict[str, object] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": [128, 128]}
 
 
 def qwen3_moe_config(*, num_layers: int, num_experts: int, hidden: int, moe_inter: int, vocab: int,
@@ -48,7 +49,7 @@ def deepseek_v3_config(*, num_layers: int, num_experts: int, hidden: int, moe_in
                        dtype: str, kimi: bool, fp8: bool) -> dict:
     heads = 4
     rank_unit = 64 if fp8 else 16
-    cfg = {
+    cfg: dict[str, object] = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2" if kimi else "deepseek_v3",
         "vocab_size": vocab,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class _Values:
         return torch.randn(spec.shape, generator=self._gen(spec.name)) * 0.02
 
     def expert(self, spec: Spec, E: int) -> torch.Tensor:
+        assert spec.layer is not None and spec.proj is not None, "expert specs name their layer and projection"
         if spec.expert is None:  # fused [E, ...]
             if spec.proj == "gate_up_proj":
                 p = spec.shape[1] // 2
@@ -110,7 +112,7 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    kw = dict(num_layers=num_layers or 3, num_experts=num_experts or 8,
+    kw: dict[str, Any] = dict(num_layers=num_layers or 3, num_experts=num_experts or 8,
               hidden=hidden_size or (256 if fp8 else 64), moe_inter=moe_intermediate_size or (192 if fp8 else 32),
               vocab=vocab_size or (TIKTOKEN_VOCAB if tokenizer == "tiktoken" else 512), dtype=DTYPE_NAMES[dtype])
     fused = layout == "fused"

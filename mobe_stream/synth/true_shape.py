@@ -83,7 +83,7 @@ def true_entries(family: str) -> list[list[tuple[str, str, tuple[int, ...]]]]:
     block = tuple(cfg["quantization_config"]["weight_block_size"]) if "quantization_config" in cfg else None
 
     def entries(s: Spec) -> list[tuple[str, str, tuple[int, ...]]]:
-        return stored(s, "BF16", block)  # type: ignore[arg-type]
+        return stored(s, "BF16", block)
 
     def nbytes(s: Spec) -> int:
         return sum(math.prod(shape) * ITEMSIZE[dt] for _, dt, shape in entries(s))
