@@ -150,13 +150,22 @@ def test_runner_plans_kimi_fp8_as_stored(kimi):
     Layer-granular arithmetic: the model is 958.5 GiB as stored; accelerate's rule reserves room for
     the largest unit (16.2 GiB) on every device but the last, so 70 GiB + 900 GiB leaves 5 layers
     on disk (they were 48 of 61 when FP8 was planned as bf16); 70 GiB + 960 GiB holds everything.
+    At 900 GiB `auto` therefore takes the expert-granular plan, which keeps everything off the disk.
     """
     devices, sizes = _dry_run_plan(kimi, "0=70GiB,cpu=960GiB,disk")
     assert len(devices) == 61 + 3 and "disk" not in devices.values()
     assert devices["layers.0"] == "0" and "cpu" in devices.values()
     assert 16.5e9 < sizes["layers.5"] < 18.5e9  # ~17 GB stored, not ~34 GB dequantized
-    devices, _ = _dry_run_plan(kimi, "0=70GiB,cpu=900GiB,disk")
-    assert list(devices.values()).count("disk") <= 6
+    devices, _ = _dry_run_plan(kimi, "0=70GiB,cpu=900GiB,disk")  # the issue's command
+    assert "disk" not in devices.values() and "expert_cache" in devices  # auto took the expert-granular plan
+
+
+def test_layer_granular_plan_at_900_gib_spills_five_layers(kimi):
+    proc = run_cli("generate", str(kimi), "--prompt", "x", "--dry-run", "--device-map", "sequential",
+                   "--max-memory", "0=70GiB,cpu=900GiB,disk", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    devices = [line.split()[2] for line in proc.stdout.splitlines() if "->" in line]
+    assert 0 < devices.count("disk") <= 6
 
 
 def test_expert_plan_keeps_all_of_kimi_off_the_disk(kimi):

@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from ..checkpoint.families import EXPERTS_MODULE, detect_layout
 from ..checkpoint.mobe_format import factor_name
 from ..checkpoint.reader import CheckpointReader
-from ..errors import ConfigError
+from ..errors import ConfigError, ResourceError
 from ..sizes import parse_size
 from .attention_gqa import gqa_attention
 from .attention_mla import mla_attention
 from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
 from .device_map import Device, check_gpus, parse_max_memory, plan_device_map
+from .expert_plan import CACHE_KEY, plan_experts
 from .expert_plan import STRATEGY as EXPERTS_STRATEGY
-from .expert_plan import plan_experts
 from .expert_store import ExpertWeightStore
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
@@ -173,7 +173,9 @@ def plan_model(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype,
 
     dry_run plans for the devices max_memory names whether or not this machine has them; otherwise
     a GPU that is not here is refused (one-line ConfigError) before anything is loaded. device_map
-    "experts" plans expert-granular placement (expert_plan.py; its plan has extra entries)."""
+    "experts" plans expert-granular placement (expert_plan.py; its plan has extra entries). "auto"
+    goes past accelerate once: when a GPU computes, whole layers would spill to disk and the
+    expert-granular plan keeps everything off the disk, that plan is used instead."""
     if max_memory is not None and not dry_run:
         check_gpus(parse_max_memory(max_memory), "max_memory")
     if expert_cache is not None and device_map != EXPERTS_STRATEGY:
@@ -191,9 +193,23 @@ def plan_model(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype,
         plan = {u: device_map[u] for u in sizes}
     else:
         plan = plan_device_map(sizes, max_memory, device_map or "auto")
+        gpu = any(isinstance(d, int) for d in plan.values())
+        if (device_map or "auto") == "auto" and gpu and "disk" in plan.values() and cfg.moe_layers:
+            # Whole layers would spill to disk; routed experts in RAM (or whole on the GPU) may not.
+            try:
+                eplan, esizes = plan_experts(reader, cfg, dtype, max_memory, None)
+            except ResourceError:
+                eplan = None
+            if eplan is not None and "disk" not in eplan.values():
+                plan, sizes = eplan, esizes
     if not dry_run:
         check_gpus(plan.values(), "device map")
     return plan, sizes
+
+
+def is_expert_plan(plan: dict[str, Device]) -> bool:
+    """Plans from expert_plan.py carry the expert cache entry (auto may pick one, see plan_model)."""
+    return CACHE_KEY in plan
 
 
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
@@ -218,7 +234,7 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         if on_plan is not None:
             on_plan(plan, sizes)
         store: WeightStore | ExpertWeightStore
-        if device_map == EXPERTS_STRATEGY:
+        if is_expert_plan(plan):
             store = ExpertWeightStore(reader, cfg, dtype, plan, sizes)
         else:
             store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
