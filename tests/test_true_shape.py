@@ -124,6 +124,7 @@ def test_compress_refuses_cleanly(kimi, tmp_path):
     proc = run_cli("compress", str(kimi), "--out", str(tmp_path / "out"), "--reduction", "0.25", "--quiet", timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "--force" in proc.stderr
+    assert not any((tmp_path / "out").iterdir())  # refused before any journal or shard
 
 
 def test_fp8_stored_bytes_blocks_per_matrix():

@@ -46,15 +46,18 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
         outdir.prepare(out)
         warn = lambda t: reporter.event("warning", text=t)  # noqa: E731
         with OutputLock(out, warn=warn), catch_signals(job.stop, reporter):
-            journal = outdir.open_journal(out, job.settings, reader.fingerprint(), resume=opts.resume,
-                                          overwrite=opts.overwrite, reporter=reporter,
-                                          side_files=[e.name for e in outdir.side_files(src)])
             units = _plan(job)
-            todo = [u for u in units if not journal.done(u.key)]
+            # disk and RAM are judged before the journal exists: a refused run leaves no state behind
+            earlier = Journal.load(out) if opts.resume else None
+            todo = [u for u in units if earlier is None or not earlier.done(u.key)]
             need_disk = preflight.projected_output_bytes(reader, job.family, job.plan, todo, job.output.dtype, job.output.block,
                                                         outdir.side_files_bytes(src))
             need_ram = preflight.layer_ram_bytes(job.family, job.spec) if any(u.kind == "factorize" for u in todo) else None
             preflight.check(out, need_disk, need_ram, force=opts.force, warn=warn)
+            journal = outdir.open_journal(out, job.settings, reader.fingerprint(), resume=opts.resume,
+                                          overwrite=opts.overwrite, reporter=reporter,
+                                          side_files=[e.name for e in outdir.side_files(src)])
+            todo = [u for u in units if not journal.done(u.key)]
             reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),
                            num_bases=job.spec.num_bases, rank=job.spec.rank, layers=job.layers)
             for unit in todo:
