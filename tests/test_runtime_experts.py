@@ -108,9 +108,15 @@ def test_dry_run_shows_the_split_for_a_gpu_plan(tmp_path):
                 "--expert-cache", "1MiB", "--dry-run", check=True)
     lines = {k.strip(): v.split() for k, v in (line.split(" -> ") for line in p.stdout.splitlines() if " -> " in line)}
     assert lines["layers.0"][0] == lines["lm_head"][0] == "0"  # non-expert weights on the GPU
-    # cpu=2MB holds one MoE layer's experts (1.18 MB each); the next spills to the source shards
-    assert lines[experts_key(1)][0] == "cpu" and lines[experts_key(2)][0] == "disk"
+    # cpu=2MB holds one MoE layer's experts (1.18 MB each); the next stays whole on the GPU
+    assert lines[experts_key(1)][0] == "cpu" and lines[experts_key(2)][0] == "0"
     assert lines[CACHE_KEY] == ["0", "1,048,576", "B"]
+    # a GPU with no room beyond the resident part and the cache: that layer goes to the source shards
+    resident = sum(int(v[1].replace(",", "")) for k, v in lines.items() if v[0] == "0" and not k.endswith(".experts"))
+    p = run_cli("generate", str(path), "-p", "x", "--device-map", "experts", "--max-memory",
+                f"0={resident + 1000},cpu=2MB,disk", "--expert-cache", "1MiB", "--dry-run", check=True)
+    lines = {k.strip(): v.split() for k, v in (line.split(" -> ") for line in p.stdout.splitlines() if " -> " in line)}
+    assert lines[experts_key(1)][0] == "cpu" and lines[experts_key(2)][0] == "disk"
 
 
 def test_cli_generate_and_budget_errors(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import fp8
+from ..checkpoint.families import get_family
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
 from ..factorize import fit_baseline, prepare_targets, refit_for_storage, relative_error
@@ -41,8 +42,8 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
     pin_mmap_threshold()  # layer-sized buffers never fragment the heap: peak RSS stays flat with depth
     reader = CheckpointReader(src)
     try:
+        check_source(reader, get_family(reader.config, reader))  # names a bad tensor before any dtype talk
         job = make_job(src, out, opts, reader)
-        check_source(reader, job.family)
         outdir.prepare(out)
         warn = lambda t: reporter.event("warning", text=t)  # noqa: E731
         with OutputLock(out, warn=warn), catch_signals(job.stop, reporter):
