@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -12,13 +13,6 @@ from .checkpoint.mobe_format import PROJECTIONS, projection_bytes
 from .checkpoint.reader import CheckpointReader
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
 from .pipeline.options import CompressOptions, dtype_name, resolve_dtype
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | None = None,
@@ -45,7 +39,7 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
                 stored_gate_up += info.nbytes
             if name.endswith(("_scale_inv", "rotary_emb.inv_freq")):
                 continue
-            n = _numel(info.shape)
+            n = math.prod(info.shape)
             dtypes[info.dtype] += n
             total += n
             if name in expert_names:

@@ -29,6 +29,17 @@ def all_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
         return {n: r.get(n).clone() for n in r.names()}
 
 
+def tiny_source_and_mobe(root: Path) -> dict[str, Path]:
+    """A tiny qwen3_moe source and its MoBE compression: {"compress": src, "export": mobe}."""
+    from mobe_stream.pipeline.compress import compress
+    from mobe_stream.pipeline.options import CompressOptions
+    from mobe_stream.synth import make_tiny_moe
+
+    src = make_tiny_moe(root / "src", family="qwen3_moe")
+    compress(src, root / "mobe", CompressOptions(num_bases=4, rank=16, steps=5, checkpoint_every=1e9))
+    return {"compress": src, "export": root / "mobe"}
+
+
 def run_cli(*args: str, check: bool = False, timeout: float = 600, extra_env: dict | None = None,
             **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))

@@ -12,7 +12,7 @@ import torch
 
 from mobe_stream.synth import make_tiny_moe
 
-from .helpers import all_tensors, dir_digest, run_cli
+from .helpers import all_tensors, dir_digest, run_cli, tiny_source_and_mobe
 
 ARGS = ["--num-bases", "4", "--rank", "16", "--steps", "10", "--quiet", "--max-shard-size", "200KB"]
 
@@ -116,13 +116,7 @@ SMALL_FILES = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mobe_stream.pipeline.compress import compress
-    from mobe_stream.pipeline.options import CompressOptions
-
-    root = tmp_path_factory.mktemp("tiny")
-    src = make_tiny_moe(root / "src", family="qwen3_moe")
-    compress(src, root / "mobe", CompressOptions(num_bases=4, rank=16, steps=5, checkpoint_every=1e9))
-    return {"compress": src, "export": root / "mobe"}
+    return tiny_source_and_mobe(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.mark.parametrize("command,suffix,written", SMALL_FILES, ids=[f"{c}-{s}" for c, s, _ in SMALL_FILES])

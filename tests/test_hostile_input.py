@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mobe_stream.synth import make_tiny_moe
 
-from .helpers import dir_digest, run_cli
+from .helpers import dir_digest, run_cli, tiny_source_and_mobe
 
 
 def _index(src: Path) -> dict:
@@ -186,13 +186,7 @@ OUT_CASES = [out_is_a_file, out_on_read_only_fs, log_json_is_a_directory, log_js
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny source and its MoBE compression, shared by the cases (neither is ever modified)."""
-    from mobe_stream.pipeline.compress import compress
-    from mobe_stream.pipeline.options import CompressOptions
-
-    root = tmp_path_factory.mktemp("models")
-    src = make_tiny_moe(root / "src", family="qwen3_moe")
-    compress(src, root / "mobe", CompressOptions(num_bases=4, rank=16, steps=5, checkpoint_every=1e9))
-    return {"compress": src, "export": root / "mobe"}
+    return tiny_source_and_mobe(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import fp8
-from ..checkpoint.families import get_family
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
 from ..factorize import fit_baseline, prepare_targets, refit_for_storage, relative_error
 from ..memory import pin_mmap_threshold
-from ..verify import check_source, verify
+from ..verify import verify
 from . import mobe_output, outdir, preflight
 from .events import Reporter
 from .fit import ProjectionFit, StopRequested
@@ -42,7 +41,6 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
     pin_mmap_threshold()  # layer-sized buffers never fragment the heap: peak RSS stays flat with depth
     reader = CheckpointReader(src)
     try:
-        check_source(reader, get_family(reader.config, reader))  # names a bad tensor before any dtype talk
         job = make_job(src, out, opts, reader)
         outdir.prepare(out)
         warn = lambda t: reporter.event("warning", text=t)  # noqa: E731

@@ -34,10 +34,11 @@ from .events import Reporter
 from .job import StopFlag
 from .journal import Journal
 from .lock import OutputLock
+from .options import DTYPES
 from .signals import catch_signals
 from .source_check import SourceShards
 
-EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": fp8.FP8_DTYPE}
+EXPORT_DTYPES = {k: DTYPES[k] for k in ("bf16", "fp16", "fp32", "fp8")}  # the short names of the one --dtype table
 
 
 @dataclass

@@ -20,6 +20,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..errors import ConfigError
 from ..factorize import MethodPlan, MoBESpec, choose_bases_rank, plan_method
 from ..sizes import parse_size
+from ..verify import check_source
 from .options import CompressOptions, resolve_dtype, settings_for_journal
 from .plan import parse_layers
 
@@ -79,6 +80,7 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
     """Resolve `opts` against the source; every failure is a ConfigError naming the option."""
     opts.validate()
     family = get_family(reader.config, reader)
+    check_source(reader, family)  # names a bad tensor and its shard before any dtype talk
     E, p, d = family.num_experts, family.moe_intermediate_size, family.hidden_size
     try:
         layers = parse_layers(opts.layers, family.moe_layers())

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..checkpoint import fp8, mobe_format
@@ -67,12 +69,6 @@ def stored_factors(plan: MethodPlan, experts_prefix: str, proj: str, tensors: di
     return f
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
 
 def mobe_block(job: CompressJob, journal: Journal) -> dict:
     errors: dict[str, dict[str, float]] = {}
@@ -114,7 +110,7 @@ def summarize(job: CompressJob, journal: Journal) -> dict:
             "params_before": before_layer,
             "params_after": after_layer,
         })
-    total_before = sum(_numel(job.reader.info(n).shape) for n in job.reader.names()
+    total_before = sum(math.prod(job.reader.info(n).shape) for n in job.reader.names()
                        if not n.endswith(("_scale_inv", "rotary_emb.inv_freq")))
     saved = (before_layer - after_layer) * len(job.layers)
     n_moe = len(fam.moe_layers())

@@ -9,6 +9,7 @@ it (see unit_weights.py). Planned sizes come from the shard headers alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 
 import torch
@@ -80,12 +81,6 @@ def unit_scales(reader: CheckpointReader, tensors: dict[str, str]) -> dict[str, 
     return out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
 
 def tensor_stored_bytes(reader: CheckpointReader, cfg: RuntimeConfig, rel: str, name: str, scale: str | None,
                         dtype: torch.dtype) -> int:
@@ -94,7 +89,7 @@ def tensor_stored_bytes(reader: CheckpointReader, cfg: RuntimeConfig, rel: str, 
     info = reader.info(name)
     if scale is not None:
         return info.nbytes + reader.info(scale).nbytes
-    return _numel(info.shape) * target_dtype(cfg, rel, stored_dtype(reader, name), dtype).itemsize
+    return math.prod(info.shape) * target_dtype(cfg, rel, stored_dtype(reader, name), dtype).itemsize
 
 
 def unit_stored_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> int:
@@ -129,7 +124,7 @@ def unit_working_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, 
     for rel in unit_scales(reader, tensors):
         shape = reader.info(tensors[rel]).shape
         key = _dequant_group(rel)
-        groups[key] = groups.get(key, 0) + _numel(shape[-2:]) * dtype.itemsize
+        groups[key] = groups.get(key, 0) + math.prod(shape[-2:]) * dtype.itemsize
         temps = max(temps, fp8.dequant_temp_bytes(shape, reader.scale_block))
     return max(groups.values(), default=0) + temps
 
