@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from . import __version__
+from . import __version__, defaults
 from .cli_common import friendly
 from .cli_runtime import register as register_runtime
 from .errors import MobeError
@@ -38,11 +38,14 @@ def compress(
     reduction: float | None = typer.Option(None, help="Target cut of expert parameters, e.g. 0.25 (default when m/r not given)."),
     activation: str = typer.Option("silu", help="silu or tanh."),
     groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
-    solver: str = typer.Option("adam", help="adam (paper) or als (closed-form A, faster)."),
-    init: str = typer.Option("clustered", help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous "
+    solver: str = typer.Option(defaults.SOLVER, help="als (variable projection: A in closed form, no per-expert "
+                               "optimizer state) or adam (the paper's: A, B and α all by Adam)."),
+    init: str = typer.Option(defaults.INIT, help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous "
                              "expert-id runs, as published), or fitted (paper bases, least-squares A)."),
-    steps: int = typer.Option(1000, help="Optimisation steps per projection (one step = pass over all experts)."),
-    lr: float = typer.Option(0.07, help="Adam learning rate."),
+    steps: int = typer.Option(defaults.STEPS, help="Optimisation steps per projection (one step = pass over all experts)."),
+    precision: str = typer.Option(defaults.PRECISION, help="Matmul precision of the solver: auto (bf16 on CUDA, fp32 on "
+                                  "CPU), fp32, tf32, bf16; fp32 accumulation and fp32 master bases either way."),
+    lr: float = typer.Option(defaults.LR, help="Adam learning rate."),
     tol: float | None = typer.Option(None, help="Stop a projection early when the loss stops improving by this relative amount."),
     layers: str | None = typer.Option(None, help="MoE layers to compress, e.g. 1-3,7 (default all)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
@@ -64,7 +67,8 @@ def compress(
     from .pipeline.options import CompressOptions
 
     opts = CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, activation=activation,
-                           groups=groups, solver=solver, init=init, steps=steps, lr=lr, tol=tol, layers=layers,
+                           groups=groups, solver=solver, init=init, steps=steps, precision=precision, lr=lr, tol=tol,
+                           layers=layers,
                            device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force)
     reporter = _reporter(quiet, log_json)

@@ -241,6 +241,28 @@ class Family:
         return out
 
 
+    def expert_stack_stored(self, reader: CheckpointReader, layer: int, proj: str
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[E, out, in] in the source's own precision, plus the [E, sm, sn] fp32 block scales when it
+        is FP8 (else None): the solver keeps targets this way (a quarter of fp32's bytes for FP8).
+        bf16/fp16/fp32 come back as stored; other encodings (and fused FP8, which no released model
+        uses) are dequantized to fp32."""
+        pre = self.experts_prefix(layer)
+        name = per_expert_name(pre, 0, proj) if self.layout == PER_EXPERT else fused_name(pre, proj)
+        info = reader.info(name)
+        scaled = reader.scale_of(name) is not None
+        if (scaled and self.layout != PER_EXPERT) or (not scaled and info.dtype not in ("BF16", "F16", "F32")):
+            return self.expert_stack(reader, layer, proj, torch.float32), None
+        data = self.expert_stack(reader, layer, proj, None)
+        if not scaled:
+            return data, None
+        first = reader.get(fp8.scale_name(per_expert_name(pre, 0, proj)))
+        scales = torch.empty((self.num_experts, *first.shape), dtype=torch.float32)
+        for e in range(self.num_experts):
+            scales[e] = reader.get(fp8.scale_name(per_expert_name(pre, e, proj)))
+        return data, scales
+
+
 def per_expert_name(experts_prefix: str, expert: int, proj: str) -> str:
     """Hub per-expert layout: `<prefix>E.<proj>.weight`, [out, in]."""
     return f"{experts_prefix}{expert}.{proj}.weight"

@@ -130,6 +130,24 @@ def dequantize_stack(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
     return out
 
 
+def dequantize_batch(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch of matrices [k, M, N] in one vectorized pass on q's device (the solver dequantizes
+    an expert batch of device-resident FP8 targets inside every step; a per-matrix Python loop
+    would dominate the step). Same values as `dequantize_stack`; the temporary is the output size."""
+    k, m, n = q.shape
+    bm, bn = block
+    sm, sn = scale_shape((m, n), block)
+    if tuple(scale_inv.shape) != (k, sm, sn):
+        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weights {tuple(q.shape)} (want {(k, sm, sn)})")
+    s = scale_inv.to(device=q.device, dtype=torch.float32)
+    if m % bm == 0 and n % bn == 0:  # the usual case: a broadcast over whole blocks, no expanded copy
+        out = q.to(torch.float32).view(k, sm, bm, sn, bn) * s[:, :, None, :, None]
+        return out.view(k, m, n).to(out_dtype)
+    full = s.repeat_interleave(bm, dim=1)[:, :m].repeat_interleave(bn, dim=2)[:, :, :n]
+    return (q.to(torch.float32) * full).to(out_dtype)
+
+
 def roundtrip(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
     """What `w` reads back as after FP8 storage, in fp32."""
     q, s = quantize_stack(w, block)

@@ -10,6 +10,7 @@ from .solver_base import Solver
 
 class AdamSolver(Solver):
     per_expert = ("A", "alpha")
+    cost_kind = "adam"
 
     def _params_from(self, f: MoBEFactors) -> dict[str, torch.Tensor]:
         return {"A": f.A.to(self.home, torch.float32).clone(), "alpha": f.alpha.to(self.home, torch.float32).clone(),
@@ -17,7 +18,7 @@ class AdamSolver(Solver):
 
     def _batch_loss(self, W, per, B, idx: range):
         M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
-        R = torch.baddbmm(W, per["A"], M, beta=-1.0)  # A M - W
+        R = W - self.precision.bmm(per["A"], M)
         return (R * R).sum()
 
     def best_factors(self) -> MoBEFactors:

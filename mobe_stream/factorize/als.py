@@ -15,6 +15,7 @@ from .solver_base import Solver
 
 class AlternatingSolver(Solver):
     per_expert = ("alpha",)
+    cost_kind = "als"
 
     def _params_from(self, f: MoBEFactors) -> dict[str, torch.Tensor]:
         return {"alpha": f.alpha.to(self.home, torch.float32).clone(), "B": f.B.to(self.device, torch.float32).clone()}
@@ -22,8 +23,8 @@ class AlternatingSolver(Solver):
     def _batch_loss(self, W, per, B, idx: range):
         M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
         with torch.no_grad():
-            A = solve_A(W, M)
-        R = torch.baddbmm(W, A, M, beta=-1.0)
+            A = solve_A(W, M, self.precision.bmm)
+        R = W - self.precision.bmm(A, M)
         return (R * R).sum()
 
     def best_factors(self) -> MoBEFactors:
@@ -34,5 +35,5 @@ class AlternatingSolver(Solver):
             for e0 in range(0, self.E, self.batch):
                 e1 = min(self.E, e0 + self.batch)
                 M = mixed_bases(alpha[e0:e1].to(self.device), B, range(e0, e1), self.E, self.spec.activation)
-                A[e0:e1] = solve_A(self.W[e0:e1].to(self.device), M).cpu()
+                A[e0:e1] = solve_A(self.T.slice(e0, e1).to(self.device).batch(), M).cpu()  # fp32: the stored A
         return MoBEFactors(A, self.best["B"].cpu().clone(), alpha.cpu().clone(), 1.0, self.spec.activation)

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import torch
 
+from .targets import Targets
+
 SKETCH_ROWS = 64
 
 
-def similarity(W: torch.Tensor, device: str | torch.device = "cpu", rows: int = SKETCH_ROWS, seed: int = 0) -> torch.Tensor:
+def similarity(W: torch.Tensor | Targets, device: str | torch.device = "cpu", rows: int = SKETCH_ROWS,
+               seed: int = 0) -> torch.Tensor:
     """[E, E] row-space similarity in [0, 1] (1 on the diagonal), fp32 on the CPU."""
-    E, p, d = W.shape
+    T = Targets.of(W)
+    E, p, d = T.shape
     k = min(rows, p)
     S = torch.randn((k, p), generator=torch.Generator().manual_seed(seed)).to(device) / k**0.5
-    Z = torch.stack([S @ W[e].to(device, torch.float32) for e in range(E)])  # [E, k, d]
+    Z = torch.stack([S @ T.slice(e, e + 1).to(device).batch()[0] for e in range(E)])  # [E, k, d]
     sim = torch.empty((E, E), dtype=torch.float64, device=device)
     for i in range(E):  # one row of pairs at a time ([E-i, k, k] temporaries), mirrored
         row = (torch.matmul(Z[i], Z[i:].transpose(1, 2)) ** 2).sum(dim=(1, 2)).double()

@@ -19,64 +19,70 @@ import torch
 from .cluster import balanced_clusters, similarity
 from .lstsq import solve_A
 from .model import MoBEFactors, MoBESpec, mixed_bases
+from .targets import Targets
 
 INITS = ("paper", "clustered", "fitted")
 SLOPE_AT_ZERO = {"silu": 0.5, "tanh": 1.0, "identity": 1.0}
 
 
-def init_grouped_svd(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "cpu",
-                     cluster: bool = False, seed: int = 0) -> MoBEFactors:
+def init_grouped_svd(W: torch.Tensor | Targets, spec: MoBESpec, device: str | torch.device = "cpu",
+                     cluster: bool = False, seed: int = 0, need_A: bool = True) -> MoBEFactors:
     """Each basis from the SVD of one sub-group of experts: contiguous index runs (the paper), or
     with `cluster` balanced sets of similar experts (cluster.py), same sizes either way. `seed`
-    draws the clustering's random row sketch (the only random choice of any init)."""
-    E, p, d = W.shape
+    draws the clustering's random row sketch (the only random choice of any init). Without
+    `need_A` (the variable-projection solver solves A itself) A is a zero view that holds no memory
+    (for Kimi-K2 it would be 22.5 GB of host RAM per projection)."""
+    T = Targets.of(W)
+    E, p, d = T.shape
     G, mg, r = spec.groups, spec.bases_per_group, spec.rank
     if E % G:
         raise ValueError(f"{E} experts cannot be split into {G} groups")
     per_group = E // G
     if mg > per_group:
         raise ValueError(f"{mg} bases per group need at least as many experts per group (have {per_group})")
-    A = torch.zeros((E, p, r), dtype=torch.float32)
+    A = torch.zeros((E, p, r), dtype=torch.float32) if need_A else torch.zeros((), dtype=torch.float32).expand(E, p, r)
     B = torch.zeros((G, mg, r, d), dtype=torch.float32)
     alpha = torch.zeros((E, mg), dtype=torch.float32)
     for g in range(G):
         experts = torch.arange(g * per_group, (g + 1) * per_group)
         subs = list(torch.tensor_split(experts, mg))
         if cluster and mg > 1:
-            sim = similarity(W[experts[0]:experts[-1] + 1], device, seed=seed)
+            sim = similarity(T.slice(int(experts[0]), int(experts[-1]) + 1), device, seed=seed)
             subs = [experts[c] for c in balanced_clusters(sim, [len(s) for s in subs])]
         for i, sub in enumerate(subs):
-            stacked = W[sub].to(device, torch.float32).reshape(-1, d)  # [k*p, d]
+            stacked = T.take(sub).to(device).batch().reshape(-1, d)  # [k*p, d] fp32
             U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
             k = min(r, S.numel())
             B[g, i, :k] = Vh[:k].cpu()
-            A[sub, :, :k] = (U[:, :k] * S[:k]).reshape(len(sub), p, k).cpu()
+            if need_A:
+                A[sub, :, :k] = (U[:, :k] * S[:k]).reshape(len(sub), p, k).cpu()
             alpha[sub, i] = 1.0
     return MoBEFactors(A, B, alpha, 1.0, spec.activation)
 
 
-def init_fitted(W: torch.Tensor, spec: MoBESpec, device: str | torch.device = "cpu", logit: float = 8.0,
+def init_fitted(W: torch.Tensor | Targets, spec: MoBESpec, device: str | torch.device = "cpu", logit: float = 8.0,
                 expert_batch: int = 16) -> MoBEFactors:
     """Grouped-SVD bases through the activation's inverse slope, near one-hot α, least-squares A."""
-    f = init_grouped_svd(W, spec, device)
+    T = Targets.of(W)
+    f = init_grouped_svd(T, spec, device, need_A=False)
     B = f.B / SLOPE_AT_ZERO[spec.activation]
     alpha = f.alpha * logit
-    E = W.shape[0]
-    A = torch.empty_like(f.A)
+    E, p, _ = T.shape
+    A = torch.empty((E, p, spec.rank), dtype=torch.float32)
     Bd = B.to(device)
     for e0 in range(0, E, expert_batch):
         idx = range(e0, min(E, e0 + expert_batch))
         M = mixed_bases(alpha[e0:idx.stop].to(device), Bd, idx, E, spec.activation)
-        A[e0:idx.stop] = solve_A(W[e0:idx.stop].to(device, torch.float32), M).cpu()
+        A[e0:idx.stop] = solve_A(T.slice(e0, idx.stop).to(device).batch(), M).cpu()
     return MoBEFactors(A, B, alpha, 1.0, spec.activation)
 
 
-def initial_factors(W: torch.Tensor, spec: MoBESpec, method: str = "paper", device: str | torch.device = "cpu",
-                    seed: int = 0) -> MoBEFactors:
+def initial_factors(W: torch.Tensor | Targets, spec: MoBESpec, method: str = "paper",
+                    device: str | torch.device = "cpu", seed: int = 0, need_A: bool = True) -> MoBEFactors:
     if method == "paper":
-        return init_grouped_svd(W, spec, device)
+        return init_grouped_svd(W, spec, device, need_A=need_A)
     if method == "clustered":
-        return init_grouped_svd(W, spec, device, cluster=True, seed=seed)
+        return init_grouped_svd(W, spec, device, cluster=True, seed=seed, need_A=need_A)
     if method == "fitted":
         return init_fitted(W, spec, device)
     raise ValueError(f"unknown init {method!r}; use one of {', '.join(INITS)}")

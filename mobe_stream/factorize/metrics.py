@@ -6,21 +6,25 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .model import MoBEFactors
+from .cost import plan_memory
+from .model import MoBEFactors, MoBESpec
+from .targets import Targets
 
 if TYPE_CHECKING:
     from .baselines import LowRankFactors
 
 
-def relative_error(W: torch.Tensor, factors: MoBEFactors | LowRankFactors, expert_batch: int | None = None) -> float:
+def relative_error(W: torch.Tensor | Targets, factors: MoBEFactors | LowRankFactors,
+                   expert_batch: int | None = None) -> float:
     """||W - Ŵ||_F / ||W||_F over the whole layer, a batch of experts at a time (default: about
     64 MiB of reconstruction per batch) so it never builds a second full-layer tensor."""
-    E, p, d = W.shape
+    T = Targets.of(W)
+    E, p, d = T.shape
     expert_batch = expert_batch or max(1, (64 * 2**20) // (4 * p * d))
     num = den = 0.0
-    for e0 in range(0, W.shape[0], expert_batch):
-        idx = torch.arange(e0, min(W.shape[0], e0 + expert_batch))
-        Wb = W[idx].float()
+    for e0 in range(0, E, expert_batch):
+        idx = torch.arange(e0, min(E, e0 + expert_batch))
+        Wb = T.batch(e0, int(idx[-1]) + 1)
         num += float(((factors.reconstruct(idx) - Wb) ** 2).sum())
         den += float((Wb**2).sum())
     return (num / max(den, 1e-30)) ** 0.5
@@ -90,15 +94,16 @@ def choose_bases_rank(E: int, p: int, d: int, reduction: float | None = None, gr
                      f"(E={E}, p={p}, d={d}, groups={groups}); lower --reduction or --rank")
 
 
-def working_set_bytes(E: int, p: int, d: int, m: int, r: int, groups: int = 1, device: str = "cpu") -> dict[str, int]:
-    """Peak bytes of one projection's fit: host (targets, A + Adam moments + best + scratch, plus the
-    batch temporaries when computing on the CPU) and device (bases state + one batch, or everything)."""
-    from .solver_base import CPU_BATCH_BYTES
-
-    W = 4 * E * p * d
-    A = 4 * E * p * r
-    shared = 5 * 4 * m * r * d
-    state = W + 5 * A + shared  # targets, A (+2 moments, best, scratch), bases state
-    sketch = 4 * E * min(64, p) * d  # clustered init's row sketches (cluster.py), freed before the fit
-    host = max(state + (CPU_BATCH_BYTES if device == "cpu" else 0), W + A + sketch)
-    return {"host": int(host), "device": int(state)}  # device: all resident; less is streamed in batches
+def working_set_bytes(E: int, p: int, d: int, m: int, r: int, groups: int = 1, device: str = "cpu",
+                      solver: str = "als", target_bytes: int | None = None, budget: int | None = None) -> dict[str, int]:
+    """Peak bytes of one projection's fit: host (targets as stored, state kept on the host, the CPU
+    batch, or the init's sketch and SVD input) and device (cost.plan_memory; on the CPU: what a
+    device would need to hold everything). `target_bytes` default: fp32 targets."""
+    spec = MoBESpec(m, r, "silu", groups)
+    tb = 4 * E * p * d if target_bytes is None else target_bytes
+    cpu = plan_memory(solver, E, p, d, spec, tb, "cpu")
+    init = tb + 4 * E * min(64, p) * d + (4 * E * p * r if solver == "adam" else 0)  # sketches, SVD'd A
+    if device == "cpu":
+        return {"host": int(max(cpu.host_bytes, init)), "device": int(cpu.host_bytes)}
+    dev = plan_memory(solver, E, p, d, spec, tb, device, budget)
+    return {"host": int(max(dev.host_bytes + tb, init)), "device": int(dev.device_bytes)}

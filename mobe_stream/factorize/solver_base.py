@@ -1,11 +1,14 @@
 """What every MoBE solver shares: expert batching through the device, Adam updates, best-iterate
 tracking, convergence stopping and an exact, pickle-free state dict.
 
-One step is one full pass over all experts. Per-expert parameters (A_e, α_e) and their Adam moments
-live on the "home" device (the compute device when everything fits, else host memory) and travel
-with their batch; the shared bases B stay on the compute device and their gradient accumulates over
-the pass. Adam is elementwise and per-expert parameters only get gradient from their own expert, so
-updating them batch by batch equals the full-batch update; only B's gradient summation order
+One step is one full pass over all experts. The targets stay in their storage precision (FP8 +
+block scales, bf16 or fp32; targets.py) and each batch is dequantized and z-scored on the compute
+device inside the step. Targets, per-expert parameters (A_e, α_e) and their Adam moments live on the
+"home" device: the compute device when they fit beside the bases (cost.plan_memory decides), else
+host memory, from where they travel with their batch; the shared bases B stay on the compute device
+and their gradient accumulates over the pass (autograd accumulates into one leaf). Adam is
+elementwise and per-expert parameters only get gradient from their own expert, so updating them
+batch by batch equals the full-batch update; only B's gradient summation order
 depends on the batch size (results then agree to float rounding).
 
 Host syncs: when everything is resident on a CUDA device the best iterate is tracked on the device
@@ -15,7 +18,7 @@ the host, the next batch is copied on a side stream while the current one comput
 ends with one sync (the host-side best iterate must know whether the loss improved).
 
 `best_factors()` returns factors of the *scaled* targets with scale 1.0: the caller folds the
-std from `prepare_targets` in (see FORMAT.md: it goes into A).
+std from `zscored` in (see FORMAT.md: it goes into A).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import weakref
 
 import torch
 
+from .cost import DEVICE_FRACTION, MemoryPlan, plan_memory
 from .init import initial_factors
 from .model import MoBEFactors, MoBESpec
+from .precision import Precision
+from .targets import Targets
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-CPU_BATCH_BYTES = 256 * 2**20  # CPU temporaries per batch: fixed, so results never depend on free RAM
 
 
 def _grad(t: torch.Tensor) -> torch.Tensor:
@@ -45,12 +50,6 @@ def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, l
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     denom = (v / (1 - b2**t)).sqrt_().add_(EPS)
     p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-
-
-def batch_bytes_per_expert(p: int, d: int, r: int) -> int:
-    """Device bytes one expert needs during a step (targets, mixed basis + pre-activation,
-    residual, their gradients, A and its moments), fp32."""
-    return 4 * (2 * p * d + 4 * r * d + 6 * p * r)
 
 
 def _pin_in_place(t: torch.Tensor, owner: object) -> bool:
@@ -70,25 +69,32 @@ def _pin_in_place(t: torch.Tensor, owner: object) -> bool:
 class Solver:
     per_expert: tuple[str, ...] = ()
     shared: tuple[str, ...] = ("B",)
+    cost_kind = ""  # the row of cost.py that describes this solver's memory and FLOPs
 
-    def __init__(self, W: torch.Tensor, spec: MoBESpec, *, lr: float = 0.07, device: str | torch.device = "cpu",
-                 expert_batch: int | None = None, max_device_bytes: int | None = None, init: MoBEFactors | str = "paper",
-                 seed: int = 0, tol: float | None = None, patience: int = 20):
+    def __init__(self, W: torch.Tensor | Targets, spec: MoBESpec, *, lr: float = 0.07,
+                 device: str | torch.device = "cpu", expert_batch: int | None = None,
+                 max_device_bytes: int | None = None, init: MoBEFactors | str = "paper", seed: int = 0,
+                 tol: float | None = None, patience: int = 20, precision: str = "fp32"):
         # seed: the clustered init's row sketch (the only random draw); kept in the state dict
         self.spec, self.lr, self.tol, self.patience, self.seed = spec, float(lr), tol, patience, seed
         self.device = torch.device(device)
-        E, p, d = W.shape
+        self.precision = Precision(precision, self.device)
+        targets = Targets.of(W)
+        E, p, d = targets.shape
         self.E, self.p, self.d, self.N = E, p, d, E * p * d
-        self.batch = max(1, min(E, expert_batch or self._auto_batch(max_device_bytes)))
-        self.home = self.device if self.batch >= E else torch.device("cpu")
+        self.plan = self._plan(targets, max_device_bytes, expert_batch)
+        self.batch = self.plan.batch
+        self.home = self.device if self.plan.resident else torch.device("cpu")
         self.streaming = self.home != self.device
-        self.W = W.to(self.home, torch.float32)
-        factors = initial_factors(W, spec, init, self.device, seed) if isinstance(init, str) else init
+        self.T = targets.to(self.home)
+        factors = initial_factors(self.T, spec, init, self.device, seed, need_A="A" in self.per_expert) \
+            if isinstance(init, str) else init
         self.params = self._params_from(factors)
+        del factors
         self.m = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.v = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.best = {k: v.clone() for k, v in self.params.items()}
-        self.cand = {k: torch.empty_like(v) for k, v in self.params.items()}
+        self.cand = {k: torch.empty_like(self.params[k]) for k in self.per_expert}
         self._side = None
         if self.streaming and self.device.type == "cuda":
             self._side = torch.cuda.Stream(self.device)
@@ -128,29 +134,28 @@ class Solver:
         return int(self._best_step)
 
     # -- mechanics
-    def _auto_batch(self, max_device_bytes: int | None) -> int:
-        p, d, r = self.p, self.d, self.spec.rank
-        per = batch_bytes_per_expert(p, d, r)
-        if max_device_bytes is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                max_device_bytes = int(free * 0.9)
-            else:
-                return max(1, CPU_BATCH_BYTES // per)
-        shared = 5 * 4 * self.spec.num_bases * r * d
-        return max(1, (max_device_bytes - shared) // per)
+    def _plan(self, targets: Targets, max_device_bytes: int | None, expert_batch: int | None) -> MemoryPlan:
+        budget = max_device_bytes
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * DEVICE_FRACTION)
+        return plan_memory(self.cost_kind, self.E, self.p, self.d, self.spec, targets.nbytes, self.device.type,
+                           budget, expert_batch)
 
     def _home(self, name: str) -> torch.device:
         return self.home if name in self.per_expert else self.device
 
     def _pin_home(self) -> None:
-        for t in [self.W] + [d[k] for d in (self.params, self.m, self.v) for k in self.per_expert]:
+        for t in self.T.tensors() + [d[k] for d in (self.params, self.m, self.v) for k in self.per_expert]:
             _pin_in_place(t, self)
 
     def _load(self, e0: int, e1: int) -> dict[str, torch.Tensor]:
         """A batch's targets, per-expert params and moments on the device (views when resident)."""
         dev = self.device
-        out = {"W": self.W[e0:e1].to(dev, non_blocking=True)}
+        stored = self.T.slice(e0, e1)
+        out = {"W": stored.data.to(dev, non_blocking=True)}
+        if stored.scale_inv is not None:
+            out["W.scale_inv"] = stored.scale_inv.to(dev, non_blocking=True)
         for k in self.per_expert:
             out[k] = self.params[k][e0:e1].to(dev, non_blocking=True)
             out["m." + k] = self.m[k][e0:e1].to(dev, non_blocking=True)
@@ -172,56 +177,62 @@ class Solver:
                 t.record_stream(main)  # allocated on the side stream, used (and freed) on the main one
         return batch
 
+    def _targets(self, cur: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's fp32 z-scored targets, made on the device from the stored copy."""
+        return Targets(cur["W"], cur.get("W.scale_inv"), self.T.block, self.T.scale).batch()
+
     def step(self) -> torch.Tensor:
         """One full pass over all experts and one Adam update. Returns the loss of the parameters
         the pass started from as a 0-d device tensor (float() it to read; that syncs)."""
         t = self.step_count + 1
         dev = self.device
         total = torch.zeros((), dtype=torch.float32, device=dev)
-        B = {k: self.params[k] for k in self.shared}
-        gB = {k: torch.zeros_like(v) for k, v in B.items()}
+        # one leaf per shared tensor for the whole pass: backward() accumulates every batch's
+        # gradient into its .grad (no second accumulator)
+        leaves = {k: self.params[k].detach().requires_grad_(True) for k in self.shared}
         ranges = [(e0, min(self.E, e0 + self.batch)) for e0 in range(0, self.E, self.batch)]
         pending = self._prefetch(*ranges[0])
-        for i, (e0, e1) in enumerate(ranges):
-            cur = self._take(pending)
-            if i + 1 < len(ranges):
-                pending = self._prefetch(*ranges[i + 1])
-            per = {}
-            for k in self.per_expert:
-                self.cand[k][e0:e1].copy_(self.params[k][e0:e1])
-                per[k] = cur[k].detach().requires_grad_(True)
-            Bg = {k: v.detach().requires_grad_(True) for k, v in B.items()}
-            loss = self._batch_loss(cur["W"], per, Bg["B"], range(e0, e1))
-            (loss / self.N).backward()
-            total += loss.detach()
-            for k in self.shared:
-                gB[k] += _grad(Bg[k])
-            with torch.no_grad():
+        with self.precision.active():
+            for i, (e0, e1) in enumerate(ranges):
+                cur = self._take(pending)
+                if i + 1 < len(ranges):
+                    pending = self._prefetch(*ranges[i + 1])
+                per = {}
                 for k in self.per_expert:
-                    p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]
-                    _adam_(p_, _grad(per[k]), m, v, self.lr, t)
-                    if self.streaming:  # else p_, m, v alias the home tensors: updated in place
-                        self.params[k][e0:e1].copy_(p_, non_blocking=True)
-                        self.m[k][e0:e1].copy_(m, non_blocking=True)
-                        self.v[k][e0:e1].copy_(v, non_blocking=True)
+                    self.cand[k][e0:e1].copy_(self.params[k][e0:e1])
+                    per[k] = cur[k].detach().requires_grad_(True)
+                loss = self._batch_loss(self._targets(cur), per, leaves["B"], range(e0, e1))
+                (loss / self.N).backward()
+                total += loss.detach()
+                with torch.no_grad():
+                    for k in self.per_expert:
+                        p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]
+                        _adam_(p_, _grad(per[k]), m, v, self.lr, t)
+                        if self.streaming:  # else p_, m, v alias the home tensors: updated in place
+                            self.params[k][e0:e1].copy_(p_, non_blocking=True)
+                            self.m[k][e0:e1].copy_(m, non_blocking=True)
+                            self.v[k][e0:e1].copy_(v, non_blocking=True)
         with torch.no_grad():
-            for k in self.shared:
-                self.cand[k].copy_(self.params[k])
-                _adam_(self.params[k], gB[k], self.m[k], self.v[k], self.lr, t)
             loss_t = total / self.N
             self.step_count = t
             self._last_loss = loss_t
+            # the shared tensors still hold the values the loss was measured at: track first, then step
             if self.sync_each_step:
                 self._track_best_host(float(loss_t), t)  # also waits for the D2H copies of a streamed pass
             else:
                 self._track_best_device(loss_t, t)
+            for k in self.shared:
+                _adam_(self.params[k], _grad(leaves[k]), self.m[k], self.v[k], self.lr, t)
         return loss_t
 
     def _track_best_host(self, loss: float, t: int) -> None:
         if loss < self.best_loss:  # NaN compares False: a non-finite iterate is never the best
             self._best_loss.fill_(loss)
             self._best_step.fill_(t - 1)
-            self.best, self.cand = self.cand, self.best  # cand holds the params this loss was measured at
+            for k in self.shared:
+                self.best[k].copy_(self.params[k])
+            for k in self.per_expert:  # cand holds the params this loss was measured at
+                self.best[k], self.cand[k] = self.cand[k], self.best[k]
         if not math.isfinite(loss):
             return
         self.history.append(loss)
@@ -233,7 +244,7 @@ class Solver:
     def _track_best_device(self, loss: torch.Tensor, t: int) -> None:
         better = loss < self._best_loss
         for k in self.best:
-            torch.where(better, self.cand[k], self.best[k], out=self.best[k])
+            torch.where(better, self.cand[k] if k in self.cand else self.params[k], self.best[k], out=self.best[k])
         self._best_loss = torch.where(better, loss, self._best_loss)
         self._best_step = torch.where(better, torch.full_like(self._best_step, t - 1), self._best_step)
 
@@ -281,7 +292,8 @@ class Solver:
             self.m[k] = tensors[f"m.{k}"].to(self._home(k)).clone()
             self.v[k] = tensors[f"v.{k}"].to(self._home(k)).clone()
             self.best[k] = tensors[f"best.{k}"].to(self._home(k)).clone()
-            self.cand[k] = torch.empty_like(self.params[k])
+            if k in self.cand:
+                self.cand[k] = torch.empty_like(self.params[k])
         if self._side is not None:
             self._pin_home()
         self.step_count = int(meta["step"])

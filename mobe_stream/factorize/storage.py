@@ -16,23 +16,25 @@ import torch
 from .baselines import LowRankFactors
 from .lstsq import solve_A
 from .model import MoBEFactors, mixed_bases
+from .targets import Targets
 
 Roundtrip = Callable[[torch.Tensor], torch.Tensor]  # a tensor as it reads back after storage (fp32)
 
 
-def refit_for_storage(W: torch.Tensor, factors: MoBEFactors | LowRankFactors, roundtrip: Roundtrip,
+def refit_for_storage(W: torch.Tensor | Targets, factors: MoBEFactors | LowRankFactors, roundtrip: Roundtrip,
                       device: str | torch.device = "cpu", expert_batch: int = 16) -> MoBEFactors | LowRankFactors:
     """Factors of W [E, p, d] whose shared part is `roundtrip(shared)` and whose per-expert part is
     the least-squares fit against it (in fp32; the caller rounds it when storing)."""
-    E = W.shape[0]
+    T = Targets.of(W)
+    E, p, _ = T.shape
     if isinstance(factors, MoBEFactors):
         B = roundtrip(factors.B.float()).to(device)
         alpha = factors.alpha.float()
-        A = torch.empty((E, W.shape[1], B.shape[2]), dtype=torch.float32)
+        A = torch.empty((E, p, B.shape[2]), dtype=torch.float32)
         for e0 in range(0, E, expert_batch):
             e1 = min(E, e0 + expert_batch)
             M = mixed_bases(alpha[e0:e1], B, range(e0, e1), E, factors.activation)
-            A[e0:e1] = solve_A(W[e0:e1].to(device, torch.float32) / factors.scale, M).cpu()
+            A[e0:e1] = solve_A(T.slice(e0, e1).to(device).batch() / factors.scale, M).cpu()
         return MoBEFactors(A, B.cpu(), alpha, factors.scale, factors.activation)
     mean = None if factors.mean is None else roundtrip(factors.mean.float())
     V = roundtrip(factors.V.float())
@@ -40,7 +42,7 @@ def refit_for_storage(W: torch.Tensor, factors: MoBEFactors | LowRankFactors, ro
     G = 1 if mean is None else mean.shape[0]
     for e0 in range(0, E, expert_batch):
         e1 = min(E, e0 + expert_batch)
-        target = W[e0:e1].to(device, torch.float32) / factors.scale
+        target = T.slice(e0, e1).to(device).batch() / factors.scale
         if mean is not None:
             target = target - mean.to(device)[torch.arange(e0, e1) // (E // G)]
         U[e0:e1] = solve_A(target, V[e0:e1].to(device)).cpu()

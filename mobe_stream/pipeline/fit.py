@@ -15,7 +15,7 @@ import torch
 
 from .. import faults
 from ..errors import ResourceError
-from ..factorize import MoBESpec
+from ..factorize import MoBESpec, Targets
 from .events import Reporter
 from .job import FitSettings, StopFlag
 from .solvers import make_solver
@@ -35,7 +35,7 @@ class ProjectionFit:
     `run_settings` identify the run: a checkpoint written under other settings is not resumed.
     """
 
-    def __init__(self, W_scaled: torch.Tensor, key: str, spec: MoBESpec, fit: FitSettings, run_settings: dict,
+    def __init__(self, W_scaled: torch.Tensor | Targets, key: str, spec: MoBESpec, fit: FitSettings, run_settings: dict,
                  state_path: Path, stop: StopFlag, reporter: Reporter):
         self.W, self.key, self.spec, self.fit, self.run_settings = W_scaled, key, spec, fit, run_settings
         self.state_path, self.stop, self.reporter = state_path, stop, reporter
@@ -49,7 +49,7 @@ class ProjectionFit:
     def _new_solver(self):
         f = self.fit
         return make_solver(f.solver, self.W, self.spec, lr=f.lr, device=f.device, max_device_bytes=f.max_device_bytes,
-                           seed=f.seed, tol=f.tol, expert_batch=self.batch, init=f.init)
+                           seed=f.seed, tol=f.tol, expert_batch=self.batch, init=f.init, precision=f.precision)
 
     def _event(self, kind: str, /, **fields) -> None:
         self.reporter.event(kind, unit=self.key, **fields)

@@ -39,6 +39,7 @@ class FitSettings:
     solver: str
     init: str
     steps: int
+    precision: str  # resolved: fp32, tf32 or bf16
     lr: float
     tol: float | None
     seed: int
@@ -94,7 +95,8 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
         plan = plan_method(opts.method, E, p, d, spec)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    fit = FitSettings(solver=opts.solver, init=opts.init, steps=opts.steps, lr=opts.lr, tol=opts.tol, seed=opts.seed,
+    fit = FitSettings(solver=opts.solver, init=opts.init, steps=opts.steps, precision=opts.resolved_precision(),
+                      lr=opts.lr, tol=opts.tol, seed=opts.seed,
                       device=opts.resolved_device(),
                       max_device_bytes=parse_size(opts.max_gpu_memory, "--max-gpu-memory") if opts.max_gpu_memory else None,
                       checkpoint_every=opts.checkpoint_every)

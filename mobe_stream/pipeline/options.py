@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import defaults
 from ..checkpoint import fp8
 from ..checkpoint.safetensors_io import ST_TO_TORCH
 from ..errors import ConfigError
-from ..factorize import INITS, METHODS
+from ..factorize import INITS, METHODS, PRECISIONS
 from ..sizes import parse_size
 from .solvers import SOLVERS
 
@@ -27,6 +28,10 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32, "fp8": fp8.FP8_DTYPE, "float8_e4m3fn": fp8.FP8_DTYPE}
 AUTO = "auto"
 DTYPE_CHOICES = (AUTO, *DTYPES)
+PRECISION_CHOICES = (AUTO, *PRECISIONS)
+# --precision auto: the fastest precision whose final error stays within 1% of fp32's, per device
+# kind (measured: see CHANGELOG 0.5.0 and tools/bench_solver.py --precisions)
+AUTO_PRECISION = {"cuda": "bf16", "cpu": "fp32"}
 ACTIVATIONS = ("silu", "tanh")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LAYERS = re.compile(r"^\s*(all|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)\s*$")
@@ -81,10 +86,11 @@ class CompressOptions:
     reduction: float | None = None
     activation: str = "silu"
     groups: int = 1
-    solver: str = "adam"
-    init: str = "clustered"
-    steps: int = 1000
-    lr: float = 0.07
+    solver: str = defaults.SOLVER
+    init: str = defaults.INIT
+    steps: int = defaults.STEPS
+    precision: str = defaults.PRECISION
+    lr: float = defaults.LR
     tol: float | None = None
     layers: str | None = None
     device: str = "auto"
@@ -102,6 +108,7 @@ class CompressOptions:
         _choice("--method", self.method, METHODS)
         _choice("--solver", self.solver, SOLVERS)
         _choice("--init", self.init, INITS)
+        _choice("--precision", self.precision, PRECISION_CHOICES)
         _choice("--activation", self.activation, ACTIVATIONS)
         _choice("--dtype", self.dtype, DTYPE_CHOICES)
         for option, value in (("--num-bases", self.num_bases), ("--rank", self.rank)):
@@ -126,6 +133,15 @@ class CompressOptions:
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
+
+    def resolved_precision(self) -> str:
+        return resolve_precision(self.precision, self.resolved_device())
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`--precision` for a resolved device (`auto` by device kind, AUTO_PRECISION)."""
+    _choice("--precision", precision, PRECISION_CHOICES)
+    return AUTO_PRECISION[device.partition(":")[0]] if precision == AUTO else precision
 
 
 def resolve_dtype(dtype: str, source_dtypes: set[str]) -> torch.dtype:
@@ -156,6 +172,7 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
         "method": opts.method,
         "solver": opts.solver,
         "init": opts.init,
+        "precision": opts.precision,  # as asked: `auto` on a resume elsewhere is the same run
         "num_bases": num_bases,
         "rank": rank,
         "activation": opts.activation,

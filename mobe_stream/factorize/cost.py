@@ -1,0 +1,110 @@
+"""What one solver step costs: device memory, host memory, PCIe traffic, FLOPs and memory traffic.
+
+The one owner of these formulas: the solvers size their expert batch with `plan_memory`, inspect
+and the compress preflight print `plan_memory` + `step_flops` + `step_traffic_bytes` through the
+estimate (pipeline/estimate.py). All bytes are exact counts of the tensors the code allocates,
+rounded up where autograd's temporaries are not fully predictable (the batch term).
+
+Kimi-K2, one gate or up projection (E=384, p=2048, d=7168, m=128 as 2 groups of 64, r=p), with
+FP8 targets and the variable-projection solver (als), resident on one device:
+  targets 5.64 GB (FP8) + 0.0014 GB scales; bases B 7.52 GB fp32, held 5 times (value, two Adam
+  moments, best iterate, gradient) = 37.6 GB; α and its state 0.5 MB; per expert in a batch
+  ~0.44 GB of temporaries -> 43.3 GB + batch: an 80 GB card (72 GB usable at 90%) runs batches of
+  ~65 experts with nothing crossing PCIe per step. Adam additionally holds A with two moments,
+  best and candidate (5 x 22.5 GB): it cannot be resident and streams 4 x 22.5 GB + targets per step.
+FLOPs per step (als): 2Er²d (Gram) + 2Eprd (MWᵀ) + Er³/3 + 2Er²p (Cholesky solves) + 4Eprd
+(A·M and Aᵀ·dR) + 6E·m_g·r·d (mixing, both passes) = 102 TFLOP; Adam: 6Eprd + 6E·m_g·r·d = 71 TFLOP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import MoBESpec
+
+F32 = 4
+SHARED_COPIES = 5  # B: value, Adam m and v, best iterate, gradient (autograd accumulates into it)
+CPU_BATCH_BYTES = 256 * 2**20  # CPU temporaries per batch: fixed, so results never depend on free RAM
+DEVICE_FRACTION = 0.9  # of free device memory, when no budget is given (accelerate's default too)
+
+
+def per_expert_state_bytes(kind: str, p: int, r: int, spec: MoBESpec) -> int:
+    """Per-expert parameters with their Adam moments, best and candidate copies (fp32)."""
+    n = spec.bases_per_group + (p * r if kind == "adam" else 0)
+    return 5 * F32 * n
+
+
+def shared_state_bytes(spec: MoBESpec, d: int) -> int:
+    return SHARED_COPIES * F32 * spec.num_bases * spec.rank * d
+
+
+def batch_bytes_per_expert(kind: str, p: int, d: int, r: int) -> int:
+    """Device temporaries one expert adds to a batch (fp32): its dequantized targets, the mixed
+    basis before and after the activation with their gradients, the residual and its gradient, and
+    the least-squares system (als) or A with its gradient (adam)."""
+    common = 3 * p * d + 5 * r * d
+    extra = (3 * p * r + 2 * r * r) if kind == "als" else 4 * p * r
+    return F32 * (common + extra)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    resident: bool  # targets and per-expert state live on the compute device for the whole fit
+    batch: int  # experts per batch
+    device_bytes: int  # peak device bytes of a step
+    host_bytes: int  # peak host bytes of the fit (targets as stored + state kept on the host)
+    pcie_bytes_per_step: int  # host<->device bytes per step (0 when resident or on the CPU)
+
+
+def plan_memory(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_bytes: int, device_type: str,
+                budget: int | None = None, expert_batch: int | None = None) -> MemoryPlan:
+    """Where the fit's tensors live and how many experts a batch takes.
+
+    `target_bytes`: the targets as stored (FP8 + scales, bf16, or fp32). On the CPU everything is
+    "resident" and the batch is sized from a fixed CPU_BATCH_BYTES (or from `budget`). On a device with `budget` bytes:
+    resident when targets + all state + one expert's temporaries fit, the batch filling the rest;
+    otherwise targets and per-expert state stay on the host (pinned) and stream through the device
+    in double-buffered batches, each step moving the targets in and the per-expert state in and out.
+    """
+    r = spec.rank
+    per_batch = batch_bytes_per_expert(kind, p, d, r)
+    shared = shared_state_bytes(spec, d)
+    per_state = per_expert_state_bytes(kind, p, r, spec)
+    state = shared + E * per_state
+    if device_type == "cpu":  # a budget here caps the batch temporaries only (host RAM is checked elsewhere)
+        room = CPU_BATCH_BYTES if budget is None else budget - shared
+        batch = min(E, expert_batch or max(1, room // per_batch))
+        host = target_bytes + state + batch * per_batch
+        return MemoryPlan(True, batch, 0, host, 0)
+    assert budget is not None, "a device plan needs a byte budget"
+    resident_base = target_bytes + state
+    if resident_base + per_batch <= budget:
+        batch = min(E, expert_batch or max(1, (budget - resident_base) // per_batch))
+        return MemoryPlan(True, batch, resident_base + batch * per_batch, 0, 0)
+    moved = per_state * 3 // 5  # params and both moments travel; best and candidate stay on the host
+    in_flight = 2 * (target_bytes // E + moved)  # a batch being computed and the next one arriving
+    batch = min(E, expert_batch or max(1, (budget - shared) // (per_batch + in_flight)))
+    pcie = target_bytes + 2 * E * moved  # targets in; per-expert state in and back out
+    return MemoryPlan(False, batch, shared + batch * (per_batch + in_flight), target_bytes + E * per_state, pcie)
+
+
+def step_flops(kind: str, E: int, p: int, d: int, spec: MoBESpec) -> int:
+    """Matmul FLOPs of one step (one pass over all experts, forward and backward)."""
+    r, mg = spec.rank, spec.bases_per_group
+    mixing = 6 * E * mg * r * d
+    if kind == "als":
+        return 2 * E * r * r * d + 2 * E * p * r * d + E * r**3 // 3 + 2 * E * r * r * p + 4 * E * p * r * d + mixing
+    return 6 * E * p * r * d + mixing
+
+
+def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_elem_bytes: float) -> int:
+    """Memory traffic of the step's elementwise work (dequantize, activation and its gradient,
+    residual, Adam updates), read + write, counted per element pass: the part of a step that is
+    bound by memory bandwidth rather than by matmul throughput."""
+    r = spec.rank
+    targets = E * p * d * (target_elem_bytes + 2 * F32)  # read as stored, write fp32, read again
+    residual = 6 * F32 * E * p * d  # R = W - AM, its square, its gradient
+    mixed = 10 * F32 * E * r * d  # mixing output, activation in/out, their gradients
+    adam = 12 * F32 * (SHARED_COPIES - 1) * spec.num_bases * r * d // 4  # Adam on B: ~12 passes of 4 bytes
+    per_expert = 12 * F32 * E * p * r if kind == "adam" else 0
+    return int(targets + residual + mixed + adam + per_expert)

@@ -1,0 +1,75 @@
+"""Matmul precision of the solver's step: fp32, tf32 or bf16 operands, always fp32 accumulation.
+
+Only the large batched products (A·M, M·Mᵀ, M·Wᵀ and their backward) take the precision; the
+master copies of B and α, the Adam moments, the mixing, the activation and the Cholesky solve stay
+fp32. On an H100 the dense peaks are 67 (fp32), 494 (tf32) and 989 (bf16) TFLOP/s, so the
+precision decides whether a Kimi-K2 projection takes minutes or hours.
+
+- fp32: plain fp32 matmuls (tf32 explicitly off on CUDA).
+- tf32: CUDA tensor cores with tf32 inputs (10-bit mantissa), fp32 accumulation. A CPU has no tf32
+  unit: there the operands are rounded to tf32 exactly as the hardware rounds them and multiplied in
+  fp32, so the error cost can be measured anywhere (slower than fp32 on a CPU, never faster).
+- bf16: operands cast to bf16, products accumulated in fp32 by the kernel (cuBLAS, oneDNN), the
+  result rounded once to bf16 and widened back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 with the low 13 mantissa bits rounded off (round to nearest even), as tf32 inputs are."""
+    i = x.contiguous().view(torch.int32)
+    bias = ((i >> 13) & 1) + 0xFFF
+    rounded = (i + bias) & ~0x1FFF
+    keep = ~torch.isfinite(x)  # NaN/Inf pass through unchanged
+    return torch.where(keep, x, rounded.view(torch.float32))
+
+
+class Precision:
+    def __init__(self, name: str = "fp32", device: torch.device | str = "cpu"):
+        if name not in PRECISIONS:
+            raise ValueError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
+        self.name = name
+        self.device = torch.device(device)
+        self._emulate_tf32 = name == "tf32" and self.device.type != "cuda"
+
+    def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b for batches of fp32 matrices, in this precision, fp32 result (differentiable)."""
+        if self.name == "bf16":
+            return torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16)).to(torch.float32)
+        if self._emulate_tf32:
+            return torch.bmm(_Tf32Round.apply(a), _Tf32Round.apply(b))
+        return torch.bmm(a, b)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Sets CUDA's fp32 matmul mode for the duration of a step (and restores it)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.name == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class _Tf32Round(torch.autograd.Function):
+    """Rounding in the forward pass; the gradient is rounded too (the hardware rounds the operands
+    of the backward products instead: the same error level, not the same bits)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return round_to_tf32(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return round_to_tf32(g)
