@@ -92,6 +92,14 @@ def inspect_cmd(
     dtype: str = typer.Option("auto", help="Output dtype to project sizes for: auto (the experts' stored dtype), "
                                            "fp8, bf16, fp16, fp32."),
     method: str = typer.Option("mobe", help="mobe, or a baseline at the same budget: svd, molae, delta."),
+    estimate: bool = typer.Option(False, "--estimate", help="Project the compress time (per-step FLOPs, device and "
+                                  "PCIe bytes, batch, hours) for --gpu."),
+    gpu: str = typer.Option("h100", help="What --estimate projects for: h100, h200, a100-80g, l40s, rtx4090, or cpu "
+                            "(this machine, measured)."),
+    solver: str = typer.Option(defaults.SOLVER, help="Solver to estimate (as compress --solver)."),
+    precision: str = typer.Option(defaults.PRECISION, help="Precision to estimate (as compress --precision)."),
+    steps: int = typer.Option(defaults.STEPS, help="Steps per projection to estimate."),
+    max_gpu_memory: str | None = typer.Option(None, help="Device memory budget to estimate with (default 90% of the GPU's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Family, layers, dims, dtypes, parameter counts, and what compress will produce and need."""
@@ -99,7 +107,8 @@ def inspect_cmd(
 
     try:
         info = describe(model, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups, dtype=dtype,
-                        method=method)
+                        method=method, estimate_on=gpu if estimate else None, solver=solver, precision=precision,
+                        steps=steps, max_gpu_memory=max_gpu_memory)
     except ValueError as e:
         raise MobeError(str(e)) from None
     if as_json:
@@ -124,7 +133,27 @@ def inspect_cmd(
         t.add_row("output size", f"{_gb(pr['output_bytes'])} ({100 * pr['source_bytes_ratio']:.1f}% of the source)")
         t.add_row("peak RAM / device per layer",
                   f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
+    est = info.get("estimate")
+    if est:
+        for row in estimate_rows(est):
+            t.add_row(*row)
     Console().print(t)
+
+
+def estimate_rows(est: dict) -> list[tuple[str, str]]:
+    """The estimate as (label, value) rows: inspect's table and compress's preflight line share them."""
+    where = "resident on the device" if est["resident"] else "streamed through the device"
+    return [
+        ("estimate for", f"{est['device']}, {est['solver']}, {est['precision']}, {est['steps']} steps x "
+                         f"{est['projections']} projections"),
+        ("per step", f"{est['flops_per_step'] / 1e12:.2f} TFLOP, {_gb(est['traffic_bytes_per_step'])} memory traffic, "
+                     f"{_gb(est['pcie_bytes_per_step'])} over PCIe"),
+        ("device / host bytes", f"{_gb(est['device_bytes'])} / {_gb(est['host_bytes'])} (batch {est['batch']} experts, "
+                                f"{where})"),
+        ("time", f"{est['step_seconds']:.3g} s/step + {est['init_seconds']:.3g} s init per projection: "
+                 f"{est['hours']:.2f} h in all"),
+        ("rates", est["basis"]),
+    ]
 
 
 def _gb(n: int) -> str:

@@ -6,21 +6,33 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from . import defaults
 from .checkpoint import fp8
 from .checkpoint.families import PROJS as EXPERT_PROJS
 from .checkpoint.families import get_family
 from .checkpoint.mobe_format import PROJECTIONS, projection_bytes
 from .checkpoint.reader import CheckpointReader
+from .checkpoint.safetensors_io import ST_TO_TORCH
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
-from .pipeline.options import CompressOptions, dtype_name, resolve_dtype
+from .pipeline.estimate import GPU_CHOICES, estimate, target_bytes
+from .pipeline.options import CompressOptions, dtype_name, resolve_dtype, resolve_precision
+from .sizes import parse_size
 
 
 def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | None = None,
-             reduction: float | None = None, groups: int = 1, dtype: str = "auto", method: str = "mobe") -> dict:
-    """dtype: output dtype of the factors (auto = the experts' stored dtype, so FP8 stays FP8)."""
+             reduction: float | None = None, groups: int = 1, dtype: str = "auto", method: str = "mobe",
+             estimate_on: str | None = None, solver: str = defaults.SOLVER, precision: str = defaults.PRECISION,
+             steps: int = defaults.STEPS, max_gpu_memory: str | None = None) -> dict:
+    """dtype: output dtype of the factors (auto = the experts' stored dtype, so FP8 stays FP8).
+    estimate_on: a GPU of pipeline.estimate.GPUS or "cpu": add the projected time of compress."""
     # the same option checks as compress (one place): a bad value is exit 2 before any header is read
     CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups,
-                    dtype=dtype).validate()
+                    dtype=dtype, solver=solver, precision=precision, steps=steps,
+                    max_gpu_memory=max_gpu_memory).validate()
+    if estimate_on is not None and estimate_on not in GPU_CHOICES:
+        raise ValueError(f"unknown --gpu {estimate_on!r}; choose one of: {', '.join(GPU_CHOICES)}")
     with CheckpointReader(model_dir) as reader:
         fam = get_family(reader.config, reader)
         E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
@@ -73,7 +85,16 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             block = reader.fp8_block or fp8.DEFAULT_BLOCK
             mobe_bytes = len(moe) * 2 * projection_bytes(plan.shapes(E, p, d), out_dtype, block)
             output_bytes = size - stored_gate_up + mobe_bytes
-            ws = working_set_bytes(E, p, d, m, r, groups)
+            stored = ST_TO_TORCH.get(next(iter(gate_up_dtypes))) if len(gate_up_dtypes) == 1 else None
+            tb = target_bytes(E, p, d, stored or torch.float32, block)
+            ws = working_set_bytes(E, p, d, m, r, groups, solver=solver, target_bytes=tb)
+            if estimate_on is not None and plan.method == "mobe":
+                dev_kind = "cpu" if estimate_on == "cpu" else "cuda"
+                budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
+                out["estimate"] = estimate(E, p, d, MoBESpec(m, r, "silu", groups), solver=solver,
+                                           precision=resolve_precision(precision, dev_kind), steps=steps,
+                                           projections=len(moe) * len(PROJECTIONS), targets=tb, device=estimate_on,
+                                           budget=budget).as_dict()
             out["projection"] = {
                 "method": plan.method, "num_bases": plan.num_bases, "rank": plan.rank, "groups": plan.groups,
                 "dtype": dtype_name(out_dtype),

@@ -41,6 +41,7 @@ BAD_COMPRESS = [
     (["--device", "tpu"], "--device"),
     (["--solver", "fooo"], "--solver"),
     (["--init", "fooo"], "--init"),
+    (["--precision", "fp64"], "--precision"),
     (["--method", "fooo"], "--method"),
     (["--activation", "relu"], "--activation"),
     (["--dtype", "int4"], "--dtype"),
@@ -63,7 +64,9 @@ def test_bad_compress_option_is_exit_2_before_any_write(src, tmp_path, args, opt
 
 
 @pytest.mark.parametrize("args,option", [(["--groups", "0"], "--groups"), (["--groups", "-1"], "--groups"),
-                                         (["--method", "x"], "--method"), (["--dtype", "x"], "--dtype")])
+                                         (["--method", "x"], "--method"), (["--dtype", "x"], "--dtype"),
+                                         (["--estimate", "--gpu", "tpu9"], "--gpu"),
+                                         (["--estimate", "--precision", "fp64"], "--precision")])
 def test_bad_inspect_option_is_exit_2(src, args, option):
     proc = run_cli("inspect", str(src), *args, timeout=60)  # --groups 0 used to loop forever here
     assert proc.returncode == 2 and option in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

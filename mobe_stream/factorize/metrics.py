@@ -105,5 +105,7 @@ def working_set_bytes(E: int, p: int, d: int, m: int, r: int, groups: int = 1, d
     init = tb + 4 * E * min(64, p) * d + (4 * E * p * r if solver == "adam" else 0)  # sketches, SVD'd A
     if device == "cpu":
         return {"host": int(max(cpu.host_bytes, init)), "device": int(cpu.host_bytes)}
+    if budget is None:  # resident (the usual case on a big card): the host keeps the targets for the init
+        return {"host": int(init), "device": int(plan_memory(solver, E, p, d, spec, tb, device, 1 << 62).device_bytes)}
     dev = plan_memory(solver, E, p, d, spec, tb, device, budget)
     return {"host": int(max(dev.host_bytes + tb, init)), "device": int(dev.device_bytes)}

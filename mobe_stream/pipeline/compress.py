@@ -51,7 +51,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
             todo = [u for u in units if earlier is None or not earlier.done(u.key)]
             need_disk = preflight.projected_output_bytes(reader, job.family, job.plan, todo, job.output.dtype, job.output.block,
                                                         outdir.side_files_bytes(src))
-            need_ram = preflight.layer_ram_bytes(job.family, job.spec) if any(u.kind == "factorize" for u in todo) else None
+            need_ram = preflight.layer_ram_bytes(job) if any(u.kind == "factorize" for u in todo) else None
             preflight.check(out, need_disk, need_ram, force=opts.force, warn=warn)
             journal = outdir.open_journal(out, job.settings, reader.fingerprint(), resume=opts.resume,
                                           overwrite=opts.overwrite, reporter=reporter,
@@ -59,6 +59,12 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
             todo = [u for u in units if not journal.done(u.key)]
             reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),
                            num_bases=job.spec.num_bases, rank=job.spec.rank, layers=job.layers)
+            fits = sum(u.kind == "factorize" for u in todo)
+            est = preflight.estimate_for(job, fits) if fits and job.plan.method == "mobe" else None
+            if est is not None:
+                reporter.event("estimate", text=f"estimate: {fits} projections x {est.steps} steps, "
+                                                f"{est.step_seconds:.3g} s/step, about {est.hours:.2f} h "
+                                                f"({est.basis})", **est.as_dict())
             for unit in todo:
                 if job.stop.requested:
                     raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")

@@ -98,7 +98,7 @@ class RichSink(Sink):
                 self.progress.advance(self.overall)
             if fields.get("rel_error") is not None:
                 self.progress.console.print(f"  {fields['unit']}: rel.err {fields['rel_error']:.4f} in {fields['seconds']:.1f}s")
-        elif kind in ("warning", "message", "checkpoint", "resume"):
+        elif kind in ("warning", "message", "checkpoint", "resume", "estimate"):
             style = "yellow" if kind == "warning" else "dim"
             self.progress.console.print(f"[{style}]{fields.get('text', '')}[/{style}]")
         elif kind == "summary":

@@ -12,8 +12,12 @@ import torch
 from ..checkpoint.families import Family
 from ..checkpoint.mobe_format import projection_bytes
 from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.safetensors_io import ST_TO_TORCH
 from ..errors import ResourceError
-from ..factorize import MethodPlan, MoBESpec, working_set_bytes
+from ..factorize import MethodPlan, working_set_bytes
+from ..factorize.cost import DEVICE_FRACTION
+from .estimate import Estimate, estimate, hardware_key, target_bytes
+from .job import CompressJob, source_expert_dtypes
 from .plan import Unit
 
 
@@ -32,10 +36,21 @@ def projected_output_bytes(reader: CheckpointReader, family: Family, plan: Metho
     return total
 
 
-def layer_ram_bytes(family: Family, spec: MoBESpec) -> int:
-    ws = working_set_bytes(family.num_experts, family.moe_intermediate_size, family.hidden_size, spec.num_bases,
-                           spec.rank, spec.groups)
+def layer_ram_bytes(job: CompressJob) -> int:
+    """Host RAM of one projection's fit: its targets as stored plus what the solver keeps on the host."""
+    fam, spec = job.family, job.spec
+    ws = working_set_bytes(fam.num_experts, fam.moe_intermediate_size, fam.hidden_size, spec.num_bases, spec.rank,
+                           spec.groups, device="cpu" if job.fit.device == "cpu" else "cuda", solver=job.fit.solver,
+                           target_bytes=_target_bytes(job), budget=job.fit.max_device_bytes)
     return int(ws["host"])
+
+
+def _target_bytes(job: CompressJob) -> int:
+    fam = job.family
+    stored = source_expert_dtypes(job.reader, fam, job.layers)
+    dtype = ST_TO_TORCH.get(next(iter(stored))) if len(stored) == 1 else None
+    return target_bytes(fam.num_experts, fam.moe_intermediate_size, fam.hidden_size, dtype or torch.float32,
+                        job.reader.scale_block)
 
 
 def check(out: Path, need_disk: int, need_ram: int | None, force: bool, warn: Callable[[str], None],
@@ -57,3 +72,20 @@ def check(out: Path, need_disk: int, need_ram: int | None, force: bool, warn: Ca
             warn(p + " (continuing: --force)")
         else:
             raise ResourceError(f"{p}; {remedy}")
+
+
+def estimate_for(job: CompressJob, projections: int) -> Estimate | None:
+    """The projected time of the `projections` fits still to do, on the run's own device (None for a
+    GPU the estimate has no rates for)."""
+    key = hardware_key(job.fit.device)
+    if key is None:
+        return None
+    fam, spec = job.family, job.spec
+    E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
+    tb = _target_bytes(job)
+    budget = job.fit.max_device_bytes
+    if key != "cpu" and budget is None:
+        free, _ = torch.cuda.mem_get_info(torch.device(job.fit.device))
+        budget = int(free * DEVICE_FRACTION)
+    return estimate(E, p, d, spec, solver=job.fit.solver, precision=job.fit.precision, steps=job.fit.steps,
+                    projections=projections, targets=tb, device=key, budget=budget)

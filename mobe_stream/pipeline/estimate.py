@@ -1,0 +1,149 @@
+"""How long a compression will take, before it starts: a roofline over the solver's step.
+
+step_seconds = matmul FLOPs / (peak · MATMUL_EFFICIENCY) + elementwise traffic / (memory bandwidth ·
+MEMORY_EFFICIENCY) + PCIe bytes / PCIe bandwidth + a fixed per-batch overhead; the FLOPs, bytes and
+the batch come from factorize/cost.py (the formulas the solver itself sizes its batch with).
+A GPU's rates are its spec sheet's dense peaks (../shared notes) times the efficiencies below,
+which are assumptions until a GPU run measures them (tools/bench_solver.py prints the achieved
+TFLOP/s to compare). A CPU's rates are measured on the spot (a fraction of a second): a batched
+matmul at the fit's own shapes in the chosen precision and an elementwise pass for bandwidth.
+The init (grouped SVDs, once per projection) is counted at fp32 rate times SVD_EFFICIENCY.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..checkpoint import fp8
+from ..factorize import MoBESpec
+from ..factorize.cost import DEVICE_FRACTION, plan_memory, step_flops, step_traffic_bytes
+
+MATMUL_EFFICIENCY = 0.6  # of the dense spec-sheet peak, for large batched GEMMs (assumed)
+MEMORY_EFFICIENCY = 0.7  # of the spec-sheet bandwidth, for elementwise passes (assumed)
+SVD_EFFICIENCY = 0.05  # of the fp32 peak, for the init's SVDs (LAPACK-style; assumed)
+BATCH_OVERHEAD_S = {"cuda": 2e-4, "cpu": 1e-3}  # Python + kernel launches per expert batch
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    tflops: dict[str, float]  # dense peak per precision
+    memory_bytes: int
+    bandwidth: float  # bytes/s
+    pcie: float  # bytes/s host<->device, pinned
+
+
+# spec-sheet dense peaks (no sparsity); the ../shared notes list their sources
+GPUS = {
+    "h100": Hardware("NVIDIA H100 SXM 80GB", {"fp32": 67, "tf32": 494, "bf16": 989}, 80 * 10**9, 3.35e12, 55e9),
+    "h200": Hardware("NVIDIA H200 141GB", {"fp32": 67, "tf32": 494, "bf16": 989}, 141 * 10**9, 4.8e12, 55e9),
+    "a100-80g": Hardware("NVIDIA A100 80GB", {"fp32": 19.5, "tf32": 156, "bf16": 312}, 80 * 10**9, 2.0e12, 25e9),
+    "l40s": Hardware("NVIDIA L40S 48GB", {"fp32": 92, "tf32": 183, "bf16": 362}, 48 * 10**9, 0.86e12, 25e9),
+    "rtx4090": Hardware("NVIDIA RTX 4090 24GB", {"fp32": 83, "tf32": 83, "bf16": 165}, 24 * 10**9, 1.0e12, 25e9),
+}
+GPU_CHOICES = (*GPUS, "cpu")
+_NAME_HINTS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100-80g"), ("L40S", "l40s"), ("4090", "rtx4090"))
+
+
+def hardware_key(device: str) -> str | None:
+    """The GPUS key for a resolved compress device ("cpu", "cuda:0"), from the CUDA device's name;
+    None for a GPU not in the table (no estimate rather than a wrong one)."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((key for hint, key in _NAME_HINTS if hint in name), None)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    device: str
+    basis: str  # where the rates come from
+    solver: str
+    precision: str
+    steps: int
+    projections: int
+    batch: int
+    resident: bool
+    flops_per_step: int
+    traffic_bytes_per_step: int
+    device_bytes: int
+    host_bytes: int
+    pcie_bytes_per_step: int
+    step_seconds: float
+    init_seconds: float
+    hours: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_bytes(E: int, p: int, d: int, stored_dtype: torch.dtype, block: tuple[int, int]) -> int:
+    """A projection's targets as the solver keeps them: the source's own bytes (FP8 with its scales,
+    bf16, fp16, fp32); any other encoding is dequantized to fp32."""
+    if stored_dtype not in (fp8.FP8_DTYPE, torch.bfloat16, torch.float16, torch.float32):
+        stored_dtype = torch.float32
+    return E * fp8.stored_bytes((p, d), stored_dtype, block)
+
+
+def _timed(fn, repeat: int = 3) -> float:
+    fn()  # warm up (allocator, threads)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_cpu(p: int, d: int, r: int, precision: str, batch: int) -> tuple[float, float]:
+    """(matmul FLOP/s at the fit's A·M shape in this precision, elementwise bytes/s) on this CPU."""
+    from ..factorize import Precision
+
+    k = max(1, min(batch, 8))
+    a, b = torch.randn(k, p, r), torch.randn(k, r, d)
+    prec = Precision(precision, "cpu")
+    mm_s = _timed(lambda: prec.bmm(a, b))
+    x = torch.randn(k * p * d if k * p * d > 2**22 else 2**22)
+    ew_s = _timed(lambda: x.mul_(1.0000001))
+    return 2 * k * p * r * d / mm_s, 2 * 4 * x.numel() / ew_s
+
+
+def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: str, steps: int, projections: int,
+             targets: int, device: str, budget: int | None = None, expert_batch: int | None = None) -> Estimate:
+    """`device`: a key of GPUS or "cpu"; `targets`: bytes of one projection's stored targets."""
+    flops = step_flops(solver, E, p, d, spec)
+    traffic = step_traffic_bytes(solver, E, p, d, spec, targets / (E * p * d))
+    r = spec.rank
+    group_rows = (E // spec.num_bases) * p  # rows of one init SVD
+    svd_flops = spec.num_bases * 4 * group_rows * d * min(group_rows, d)
+    if device == "cpu":
+        plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch)
+        mm_rate, bw = measure_cpu(p, d, r, precision, plan.batch)
+        fp32_rate = mm_rate if precision == "fp32" else measure_cpu(p, d, r, "fp32", plan.batch)[0]
+        basis = f"measured on this CPU: {mm_rate / 1e9:.0f} GFLOP/s {precision} matmul, {bw / 1e9:.1f} GB/s"
+        pcie = 0.0
+        svd_rate = fp32_rate * SVD_EFFICIENCY * 4  # a CPU's LAPACK runs closer to its GEMM rate than a GPU's
+        overhead = BATCH_OVERHEAD_S["cpu"]
+        device_name = "cpu"
+    else:
+        hw = GPUS[device]
+        budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
+        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch)
+        mm_rate = hw.tflops[precision] * 1e12 * MATMUL_EFFICIENCY
+        bw = hw.bandwidth * MEMORY_EFFICIENCY
+        pcie = hw.pcie
+        svd_rate = hw.tflops["fp32"] * 1e12 * SVD_EFFICIENCY
+        basis = (f"{hw.name} spec sheet x {MATMUL_EFFICIENCY:.0%} (matmul) / {MEMORY_EFFICIENCY:.0%} (memory): "
+                 f"assumed, not measured")
+        overhead = BATCH_OVERHEAD_S["cuda"]
+        device_name = device
+    batches = -(-E // plan.batch)
+    pcie_s = plan.pcie_bytes_per_step / pcie if pcie else 0.0
+    step_s = flops / mm_rate + traffic / bw + pcie_s + batches * overhead
+    init_s = svd_flops / svd_rate
+    hours = projections * (steps * step_s + init_s) / 3600
+    return Estimate(device_name, basis, solver, precision, steps, projections, plan.batch, plan.resident, flops, traffic,
+                    plan.device_bytes, plan.host_bytes, plan.pcie_bytes_per_step, step_s, init_s, hours)

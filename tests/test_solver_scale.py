@@ -1,0 +1,150 @@
+"""The solver at true scale: targets kept as stored, matmul precision, memory plan, FLOPs, estimate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mobe_stream.checkpoint import fp8
+from mobe_stream.factorize import AdamSolver, AlternatingSolver, MoBESpec, Targets, relative_error, zscored
+from mobe_stream.factorize.cost import plan_memory, step_flops
+from mobe_stream.factorize.precision import Precision, round_to_tf32
+from mobe_stream.pipeline.estimate import GPUS, estimate, target_bytes
+
+from .helpers import run_cli
+
+KIMI = dict(E=384, p=2048, d=7168)
+KIMI_SPEC = MoBESpec(128, 2048, "silu", groups=2)
+
+
+def _experts(E=8, p=256, d=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(2, p, d, generator=g) * 0.02
+    return torch.stack([base[e % 2] + 0.01 * torch.randn(p, d, generator=g) for e in range(E)])
+
+
+def test_fp8_targets_batch_is_the_format_dequantization():
+    W = _experts(p=200, d=300)  # edge blocks in both dims
+    q, s = fp8.quantize_stack(W)
+    T = Targets(q, s)
+    want = fp8.dequantize_stack(q, s, out_dtype=torch.float32)
+    assert torch.equal(T.batch(), want) and torch.equal(T.batch(2, 5), want[2:5])
+    assert torch.equal(T.take(torch.tensor([5, 1])).batch(), want[[5, 1]])
+    assert T.nbytes == q.numel() + s.numel() * 4  # a quarter of fp32, plus the scales
+    qa, sa = fp8.quantize_stack(_experts())  # whole blocks: the broadcast path
+    assert torch.equal(Targets(qa, sa).batch(), fp8.dequantize_stack(qa, sa, out_dtype=torch.float32))
+
+
+def test_zscored_targets_read_back_scaled_without_a_copy():
+    W = _experts().to(torch.bfloat16)
+    T, std = zscored(W)
+    ref = W.float()
+    assert std == pytest.approx(float(ref.std()), rel=1e-5)
+    assert T.data.data_ptr() == W.data_ptr() and T.dtype == torch.bfloat16
+    torch.testing.assert_close(T.batch(), ref / std, rtol=1e-6, atol=1e-7)
+
+
+def test_solver_on_fp8_targets_keeps_them_as_stored_and_equals_the_fp32_run():
+    W = _experts()
+    q, s = fp8.quantize_stack(W)
+    T8, std = zscored(Targets(q, s))
+    T32 = Targets(T8.batch())  # the same values, held as fp32
+    spec = MoBESpec(4, 64)
+    a = AlternatingSolver(T8, spec, init="paper", expert_batch=3)
+    b = AlternatingSolver(T32, spec, init="paper", expert_batch=3)
+    assert a.T.dtype == fp8.FP8_DTYPE and a.T.nbytes < T32.nbytes // 3
+    a.run(6)
+    b.run(6)
+    assert a.best_loss == b.best_loss and torch.equal(a.best["B"], b.best["B"])
+
+
+def test_tf32_rounding_keeps_ten_mantissa_bits_round_to_nearest_even():
+    x = torch.randn(10_000) * 1e3
+    r = round_to_tf32(x)
+    assert bool(((r.view(torch.int32) & 0x1FFF) == 0).all())
+    assert bool(((r - x).abs() <= x.abs() * 2.0**-11).all())
+    tie = torch.tensor([1 + 2.0**-11, 1 + 3 * 2.0**-11])  # exactly halfway: to the even neighbour
+    assert round_to_tf32(tie).tolist() == [1.0, 1 + 4 * 2.0**-11]
+    assert round_to_tf32(torch.tensor([float("inf"), float("nan")])).isfinite().sum() == 0
+
+
+@pytest.mark.parametrize("cls", [AdamSolver, AlternatingSolver])
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_narrow_precision_changes_the_arithmetic_not_the_fit(cls, precision):
+    W, _ = zscored(_experts(p=64, d=96))
+    spec = MoBESpec(4, 64)
+    ref, low = cls(W, spec, init="paper"), cls(W, spec, init="paper", precision=precision)
+    ref.run(30)
+    low.run(30)
+    assert low.best_loss != ref.best_loss  # the flag reaches the matmuls
+    assert low.best_loss == pytest.approx(ref.best_loss, rel=0.05)
+    assert relative_error(W, low.best_factors()) == pytest.approx(ref.best_loss ** 0.5, rel=0.05)
+
+
+def test_precision_rejects_unknown_names():
+    with pytest.raises(ValueError, match="fp64"):
+        Precision("fp64")
+
+
+def test_kimi_projection_fits_an_80gb_card_with_no_pcie_traffic_under_als():
+    tb = target_bytes(**KIMI, stored_dtype=fp8.FP8_DTYPE, block=(128, 128))
+    assert tb == 384 * (2048 * 7168 + 16 * 56 * 4)
+    budget = int(80e9 * 0.9)
+    als = plan_memory("als", **KIMI, spec=KIMI_SPEC, target_bytes=tb, device_type="cuda", budget=budget)
+    assert als.resident and als.pcie_bytes_per_step == 0 and als.device_bytes <= budget and als.batch >= 8
+    adam = plan_memory("adam", **KIMI, spec=KIMI_SPEC, target_bytes=tb, device_type="cuda", budget=budget)
+    assert not adam.resident and adam.pcie_bytes_per_step > 4 * 384 * 2048 * 2048 * 4  # A and moments, in and out
+    l40s = plan_memory("als", **KIMI, spec=KIMI_SPEC, target_bytes=tb, device_type="cuda", budget=int(48e9 * 0.9))
+    assert not l40s.resident and tb <= l40s.pcie_bytes_per_step < tb + 2**20 and l40s.device_bytes <= 48e9 * 0.9
+
+
+@pytest.mark.parametrize("kind,cls", [("adam", AdamSolver), ("als", AlternatingSolver)])
+def test_step_flops_formula_counts_the_real_matmuls(kind, cls):
+    E, p, d = 6, 32, 48
+    spec = MoBESpec(4, 24, groups=2)
+    s = cls(_experts(E, p, d), spec, init="paper")
+    with FlopCounterMode(display=False) as counter:
+        s.step()
+    counted = counter.get_total_flops()
+    want = step_flops(kind, E, p, d, spec)
+    r = spec.rank
+    if kind == "als":  # the counter does not see the Cholesky factorisation and solves
+        want -= E * r**3 // 3 + 2 * E * r * r * p
+    assert counted == pytest.approx(want, rel=0.02)
+
+
+def test_estimate_is_roofline_over_the_same_plan():
+    tb = target_bytes(**KIMI, stored_dtype=fp8.FP8_DTYPE, block=(128, 128))
+    h100 = estimate(**KIMI, spec=KIMI_SPEC, solver="als", precision="bf16", steps=1000, projections=120, targets=tb,
+                    device="h100")
+    fp32 = estimate(**KIMI, spec=KIMI_SPEC, solver="als", precision="fp32", steps=1000, projections=120, targets=tb,
+                    device="h100")
+    assert h100.resident and h100.pcie_bytes_per_step == 0
+    assert h100.flops_per_step == step_flops("als", **KIMI, spec=KIMI_SPEC)
+    assert fp32.step_seconds > 4 * h100.step_seconds  # 67 vs 989 TFLOP/s dominates
+    assert h100.hours == pytest.approx(120 * (1000 * h100.step_seconds + h100.init_seconds) / 3600)
+    adam = estimate(**KIMI, spec=KIMI_SPEC, solver="adam", precision="bf16", steps=1000, projections=120, targets=tb,
+                    device="h100")
+    assert adam.pcie_bytes_per_step > 0 and adam.step_seconds > adam.pcie_bytes_per_step / GPUS["h100"].pcie
+
+
+def test_inspect_estimate_json_on_header_true_kimi(tmp_path):
+    from mobe_stream.synth.true_shape import make_true_shape
+
+    try:
+        kimi = make_true_shape(tmp_path / "kimi", "kimi_k2", sparse=True)
+    except ValueError as e:
+        pytest.skip(f"filesystem without sparse files: {e}")
+    proc = run_cli("inspect", str(kimi), "--estimate", "--gpu", "h100", "--solver", "als", "--num-bases", "128",
+                   "--groups", "2", "--json", check=True, timeout=300)
+    est = json.loads(proc.stdout)["estimate"]
+    for key in ("hours", "step_seconds", "flops_per_step", "device_bytes", "pcie_bytes_per_step", "batch"):
+        assert est[key] > 0 or key == "pcie_bytes_per_step"
+    assert est["pcie_bytes_per_step"] == 0 and est["device_bytes"] <= 80e9 * 0.9 and est["projections"] == 120
+    assert est["flops_per_step"] == step_flops("als", **KIMI, spec=KIMI_SPEC)
+    table = run_cli("inspect", str(kimi), "--estimate", "--gpu", "a100-80g", "--num-bases", "128", "--groups", "2",
+                    check=True, timeout=300)
+    assert "estimate for" in table.stdout and "a100-80g" in table.stdout
