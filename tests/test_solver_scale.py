@@ -148,3 +148,25 @@ def test_inspect_estimate_json_on_header_true_kimi(tmp_path):
     table = run_cli("inspect", str(kimi), "--estimate", "--gpu", "a100-80g", "--num-bases", "128", "--groups", "2",
                     check=True, timeout=300)
     assert "estimate for" in table.stdout and "a100-80g" in table.stdout
+
+
+@pytest.mark.parametrize("act", ["silu", "tanh", "gelu", "identity"])
+def test_handwritten_als_backward_equals_autograd(act):
+    W, _ = zscored(_experts(E=8, p=24, d=40))
+    s = AlternatingSolver(W, MoBESpec(4, 16, act, groups=2), init="paper")
+    idx = range(2, 7)  # straddles the two groups
+    Wb = W.batch(idx.start, idx.stop)
+    alpha = torch.randn(5, 2, dtype=torch.float64).float()
+    B = s.params["B"] + 0.1 * torch.randn_like(s.params["B"])
+
+    def leaves():
+        return alpha.clone().requires_grad_(True), B.clone().requires_grad_(True)
+
+    a1, b1 = leaves()
+    ref = s._batch_loss(Wb.clone(), {"alpha": a1}, b1, idx)
+    (ref / s.N).backward()
+    a2, b2 = leaves()
+    loss = s._batch_backward(Wb.clone(), {"alpha": a2}, b2, idx)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a2.grad, a1.grad, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(b2.grad, b1.grad, rtol=1e-4, atol=1e-8)

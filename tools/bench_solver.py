@@ -1,14 +1,25 @@
 #!/usr/bin/env python3
-"""Solver and method comparison on structured synthetic experts (or a real checkpoint's layer).
+"""Solver comparison on trained experts (the default: tools/train_tiny_moe.py's cached model), a
+checkpoint's layers, or structured synthetic experts; figures go into issue notes, nothing here is
+asserted.
 
-For each solver: relative error after fixed step budgets and after fixed wall-time budgets,
-steps/s, and the parameter cut. Figures go into issue notes; nothing here is asserted.
+Per solver[:init[:precision]]: relative error (and its square, the reference's MSE / mean square)
+after step and wall-time budgets, steps/s, achieved GFLOP/s (factorize/cost.py's FLOPs), and the
+cost model's predicted step time (pipeline/estimate.py, rates measured on this CPU) against the
+measured one. With --reference PATH/train.py the paper's own code runs unmodified on the same layer
+(as a subprocess, on this checkpoint, same m, r, steps) and its reconstruction is scored the same way.
+
+    python tools/bench_solver.py --trained --layers all --steps 100,500,2000 --solvers adam:paper,als:paper
+    python tools/bench_solver.py --trained --layers 0 --reference /tmp/MoBE/train.py --steps 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mobe_stream.factorize import MoBESpec, expert_cut, fit_baseline, plan_method, prepare_targets, relative_error
+from mobe_stream.factorize import (
+    MoBESpec,
+    Targets,
+    expert_cut,
+    fit_baseline,
+    plan_method,
+    relative_error,
+    zscored,
+)
+from mobe_stream.factorize.cost import step_flops
+from mobe_stream.pipeline.estimate import estimate
 from mobe_stream.pipeline.solvers import SOLVERS
 
 
@@ -35,32 +56,57 @@ def synthetic(E: int, p: int, d: int, clusters: int = 8, seed: int = 0, shuffle:
     return out
 
 
-def from_checkpoint(path: str, layer: int | None, proj: str) -> torch.Tensor:
+def trained_path() -> Path:
+    """The default recipe's model from tools/train_tiny_moe.py (trained on first use, ~15 min)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_tiny_moe as ttm
+
+    recipe = dict(ttm.DEFAULTS)
+    out = ttm.cache_root() / f"trained-qwen3-moe-{ttm.recipe_hash(recipe)}"
+    if not (out / "recipe.json").exists():
+        print(f"training the tiny Qwen3-MoE first (cached at {out})", flush=True)
+        ttm.train(recipe, out, torch.get_num_threads())
+    return out
+
+
+def checkpoint_layers(path: Path, layers: str) -> list[int]:
+    from mobe_stream.checkpoint.families import get_family
+    from mobe_stream.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(path) as r:
+        moe = get_family(r.config, r).moe_layers()
+    return moe if layers == "all" else [int(x) for x in layers.split(",")]
+
+
+def from_checkpoint(path: Path, layer: int, proj: str) -> Targets:
+    """The layer's targets as the solver gets them in compress: in the stored precision."""
     from mobe_stream.checkpoint.families import get_family
     from mobe_stream.checkpoint.reader import CheckpointReader
 
     with CheckpointReader(path) as r:
         fam = get_family(r.config, r)
-        layer = fam.moe_layers()[0] if layer is None else layer
-        return fam.expert_stack(r, layer, proj, torch.float32)
+        data, scales = fam.expert_stack_stored(r, layer, proj)
+        return Targets(data.clone(), scales, r.scale_block)
 
 
-def trajectory(name: str, W: torch.Tensor, spec: MoBESpec, max_steps: int, max_seconds: float, device: str,
-               lr: float) -> tuple[list[tuple[float, int, float]], object]:
+def trajectory(name: str, W: Targets, spec: MoBESpec, max_steps: int, max_seconds: float, device: str, lr: float):
     """(seconds, step, relative error of the best iterate) after every step, until both budgets are
-    spent. The error comes from best_loss (targets are z-scored, so rel = sqrt(best / mean W²))."""
-    solver, _, init = name.partition(":")
-    s = SOLVERS[solver](W, spec, lr=lr, device=device, init=init or "paper")
-    ms = float((W.double() ** 2).mean())
-    out = []
+    spent, plus the per-step times. The error comes from best_loss (z-scored targets: rel = sqrt(best / mean W²))."""
+    solver, _, rest = name.partition(":")
+    init, _, precision = rest.partition(":")
+    s = SOLVERS[solver](W, spec, lr=lr, device=device, init=init or "paper", precision=precision or "fp32")
+    ms = sum(float((W.batch(e, e + 1).double() ** 2).sum()) for e in range(W.shape[0])) / (W.shape[0] * W.shape[1] * W.shape[2])
+    out, times = [], []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
     while s.step_count < max_steps or time.perf_counter() - t0 < max_seconds:
+        t1 = time.perf_counter()
         s.step()
         best = s.best_loss  # syncs
+        times.append(time.perf_counter() - t1)
         out.append((time.perf_counter() - t0, s.step_count, (best / ms) ** 0.5))
-    return out, s
+    return out, s, times
 
 
 def at_step(tr, n):
@@ -76,75 +122,119 @@ def at_time(tr, t):
     return last
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--p", type=int, default=768)
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--num-bases", type=int, default=8)
-    ap.add_argument("--rank", type=int, default=None, help="default p")
-    ap.add_argument("--activation", default="silu")
-    ap.add_argument("--steps", default="100,500,2000")
-    ap.add_argument("--seconds", default="10,30,60")
-    ap.add_argument("--solvers", default="adam,adam:clustered,als:clustered",
-                    help="solver[:init] list; init paper (default), clustered or fitted")
-    ap.add_argument("--methods", default="svd,molae,delta", help="closed-form baselines at the same budget ('' for none)")
-    ap.add_argument("--lr", type=float, default=0.07)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--order", choices=("shuffled", "contiguous"), default="shuffled",
-                    help="synthetic experts: similar experts at random ids (as in trained models) or in contiguous runs")
-    ap.add_argument("--checkpoint", default=None, help="use a layer of this checkpoint instead of synthetic experts")
-    ap.add_argument("--layer", type=int, default=None)
-    ap.add_argument("--proj", default="gate_proj")
-    args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    W = from_checkpoint(args.checkpoint, args.layer, args.proj) if args.checkpoint else synthetic(args.experts, args.p, args.d,
-                                                                                        shuffle=args.order == "shuffled")
+def run_reference(train_py: Path, ckpt: Path, layer: int, proj: str, E: int, p: int, d: int, m: int, r: int,
+                  steps: int, activation: str) -> tuple[Path, float]:
+    """The reference's train.py, unmodified, on one layer; returns its reconstruction file and seconds."""
+    out = Path(tempfile.mkdtemp(prefix="mobe-ref-"))
+    cmd = [sys.executable, str(train_py), "--index_path", str(ckpt / "model.safetensors.index.json"),
+           "--base_dir", str(ckpt), "--save_path", str(out), "--num_matrices", str(E), "--rows_per_matrix", str(p),
+           "--cols", str(d), "--num_epochs", str(steps), "--batch_size", str(E), "--num_batches", "1",
+           "--num_B", str(m), "--truncation", str(r), "--start_layer", str(layer), "--end_layer", str(layer + 1),
+           "--matrix_type", proj, "--activation", activation]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out / f"model_layers_{layer}_mlp_{proj}_weight.safetensors", time.perf_counter() - t0
+
+
+def reference_error(recon: Path, W: Targets, proj: str) -> float:
+    from safetensors import safe_open
+
+    num = den = 0.0
+    with safe_open(str(recon), framework="pt") as f:
+        for e in range(W.shape[0]):
+            w = W.batch(e, e + 1)[0].double()
+            num += float(((f.get_tensor(f"experts_{e}_{proj}_weight").double() - w) ** 2).sum())
+            den += float((w**2).sum())
+    return (num / den) ** 0.5
+
+
+def bench_layer(W: Targets, args, label: str) -> dict[str, float]:
     E, p, d = W.shape
-    W, _ = prepare_targets(W)
     r = args.rank or p
-    spec = MoBESpec(args.num_bases, r, args.activation)
+    spec = MoBESpec(args.num_bases, r, args.activation, args.groups)
+    Wz, _ = zscored(W)
     steps = [int(x) for x in args.steps.split(",")]
-    secs = [float(x) for x in args.seconds.split(",")]
-    order = "" if args.checkpoint else f", {args.order} synthetic clusters"
-    print(f"experts {E} x {p}x{d}{order}, m={args.num_bases}, r={r}, {args.activation}, device {args.device}, "
-          f"expert-parameter cut {100 * expert_cut(E, p, d, args.num_bases, r):.1f}%, threads {torch.get_num_threads()}")
+    secs = [float(x) for x in args.seconds.split(",")] if args.seconds else [0.0]
+    print(f"\n== {label}: experts {E} x {p}x{d} ({W.dtype}), m={args.num_bases}, r={r}, groups={args.groups}, "
+          f"{args.activation}, device {args.device}, expert-parameter cut {100 * expert_cut(E, p, d, args.num_bases, r):.1f}%, "
+          f"threads {torch.get_num_threads()}")
+    finals = {}
     budget = plan_method("mobe", E, p, d, spec).params(E, p, d)
     for method in filter(None, args.methods.split(",")):
         plan = plan_method(method, E, p, d, spec)
-        t0 = time.perf_counter()
-        f = fit_baseline(W, plan, args.device)
-        dt = time.perf_counter() - t0
-        cut = 1 - (E * p * d + 2 * plan.params(E, p, d)) / (3 * E * p * d)
+        f = fit_baseline(Wz.dense(), plan, args.device)
         print(f"{method:>6}: rank {plan.rank}, {plan.params(E, p, d) / budget:.3f} of the MoBE budget, "
-              f"expert-parameter cut {100 * cut:.1f}%, rel.err {relative_error(W, f):.4f} in {dt:.2f}s (closed form)")
+              f"rel.err {relative_error(Wz, f):.4f} (closed form)")
     trs = {}
     for name in args.solvers.split(","):
-        tr, solver = trajectory(name, W, spec, max(steps), max(secs), args.device, args.lr)
+        tr, solver, times = trajectory(name, Wz, spec, max(steps), max(secs), args.device, args.lr)
         trs[name] = tr
-        check = relative_error(W, solver.best_factors())
-        print(f"\n{name}: {tr[-1][1]} steps in {tr[-1][0]:.1f}s ({tr[-1][1] / tr[-1][0]:.2f} steps/s); "
-              f"final rel.err {tr[-1][2]:.4f} (recomputed from factors: {check:.4f})")
-        print(f"  {'budget':>12} {'rel.err':>8} {'time s':>8} {'steps':>6}")
+        kind = name.split(":")[0]
+        precision = (name.split(":") + ["", ""])[2] or "fp32"
+        med = statistics.median(times[1:] or times)
+        pred = estimate(E, p, d, spec, solver=kind, precision=precision, steps=1, projections=1, targets=Wz.nbytes,
+                        device="cpu" if args.device == "cpu" else "h100").step_seconds
+        flops = step_flops(kind, E, p, d, spec)
+        check = relative_error(Wz, solver.best_factors())
+        print(f"{name}: {tr[-1][1]} steps in {tr[-1][0]:.1f}s; step {1e3 * med:.2f} ms measured (median), "
+              f"{1e3 * pred:.2f} ms predicted ({100 * (pred / med - 1):+.0f}%), {flops / med / 1e9:.1f} GFLOP/s; "
+              f"final rel.err {tr[-1][2]:.4f} (sq {tr[-1][2] ** 2:.4f}; recomputed {check:.4f})")
         for n in steps:
             t, k, e = at_step(tr, n)
-            print(f"  {str(n) + ' steps':>12} {e:8.4f} {t:8.1f} {k:6d}")
-        for sec in secs:
+            print(f"  {n:>6} steps: rel.err {e:.4f} (sq {e * e:.4f}) at {t:7.1f}s")
+            finals[f"{name}@{n}"] = e
+        for sec in secs if args.seconds else []:
             t, k, e = at_time(tr, sec)
-            print(f"  {str(sec) + ' s':>12} {e:8.4f} {t:8.1f} {k:6d}")
-    if "adam" in trs:
-        ta, ka, ea = at_step(trs["adam"], max(steps))
-        print(f"\nadam after {ka} steps: rel.err {ea:.4f} in {ta:.1f}s")
-        for name, tr in trs.items():
-            if name == "adam":
-                continue
-            hit = next((x for x in tr if x[2] <= ea), None)
-            if hit:
-                print(f"{name} reaches it after {hit[1]} steps, {hit[0]:.1f}s = {hit[0] / ta:.3f} of adam's time")
-            else:
-                print(f"{name} does not reach it within {tr[-1][0]:.1f}s")
-            _, _, eq = at_time(tr, ta)
-            print(f"at adam's wall time ({ta:.1f}s) {name}: rel.err {eq:.4f} ({100 * (1 - eq / ea):.1f}% lower)")
+            print(f"  {sec:>6}s    : rel.err {e:.4f} (sq {e * e:.4f}) after {k} steps")
+    if args.reference:
+        for n in steps:
+            recon, dt = run_reference(Path(args.reference), args.ckpt, args.current_layer, args.proj, E, p, d,
+                                      args.num_bases, r, n, args.activation)
+            e = reference_error(recon, W, args.proj)
+            finals[f"reference@{n}"] = e
+            print(f"reference train.py, {n} epochs: rel.err {e:.4f} (sq {e * e:.4f}) in {dt:.1f}s (process wall time)")
+    return finals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--trained", action="store_true", help="tools/train_tiny_moe.py's cached model (trains it once)")
+    src.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint's layers")
+    ap.add_argument("--layers", default=None, help="MoE layers of the checkpoint: 0,2 or all (default: the first)")
+    ap.add_argument("--proj", default="gate_proj")
+    ap.add_argument("--experts", type=int, default=64, help="synthetic experts (without --trained/--checkpoint)")
+    ap.add_argument("--p", type=int, default=768)
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--order", choices=("shuffled", "contiguous"), default="shuffled")
+    ap.add_argument("--num-bases", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=None, help="default p")
+    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--activation", default="silu")
+    ap.add_argument("--steps", default="100,500,2000")
+    ap.add_argument("--seconds", default="", help="wall-time budgets too, e.g. 10,30")
+    ap.add_argument("--solvers", default="adam:paper,als:paper",
+                    help="solver[:init[:precision]] list; init paper, clustered or fitted; precision fp32, tf32, bf16")
+    ap.add_argument("--methods", default="", help="closed-form baselines at the same budget (svd,molae,delta)")
+    ap.add_argument("--reference", default=None, help="path of the reference's train.py to run unmodified")
+    ap.add_argument("--lr", type=float, default=0.07)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.ckpt = trained_path() if args.trained else args.checkpoint
+    results = []
+    if args.ckpt is None:
+        W = synthetic(args.experts, args.p, args.d, shuffle=args.order == "shuffled")
+        results.append(bench_layer(Targets(W), args, f"synthetic ({args.order})"))
+    else:
+        for layer in checkpoint_layers(args.ckpt, args.layers or "0"):
+            args.current_layer = layer
+            results.append(bench_layer(from_checkpoint(args.ckpt, layer, args.proj), args, f"layer {layer} {args.proj}"))
+    if len(results) > 1:
+        print("\nmean over layers: " + ", ".join(f"{k} {statistics.mean(r[k] for r in results):.4f}"
+                                                  for k in results[0]))
 
 
 if __name__ == "__main__":

@@ -39,12 +39,14 @@ def shared_state_bytes(spec: MoBESpec, d: int) -> int:
 
 
 def batch_bytes_per_expert(kind: str, p: int, d: int, r: int) -> int:
-    """Device temporaries one expert adds to a batch (fp32): its dequantized targets, the mixed
-    basis before and after the activation with their gradients, the residual and its gradient, and
-    the least-squares system (als) or A with its gradient (adam)."""
-    common = 3 * p * d + 5 * r * d
-    extra = (3 * p * r + 2 * r * r) if kind == "als" else 4 * p * r
-    return F32 * (common + extra)
+    """Device temporaries one expert adds to a batch (fp32). als (backward by hand): the dequantized
+    targets (the residual overwrites them), A·M, the mixed basis before and after the activation, dM
+    and the activation's gradient, and the least-squares system (G, its factor, MWᵀ, A). adam
+    (autograd): targets, residual and its gradient, the mixed basis, its input and their gradients,
+    A with its gradient."""
+    if kind == "als":
+        return F32 * (2 * p * d + 4 * r * d + 3 * p * r + 2 * r * r)
+    return F32 * (3 * p * d + 5 * r * d + 4 * p * r)
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,19 @@ def step_flops(kind: str, E: int, p: int, d: int, spec: MoBESpec) -> int:
 
 
 def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_elem_bytes: float) -> int:
-    """Memory traffic of the step's elementwise work (dequantize, activation and its gradient,
-    residual, Adam updates), read + write, counted per element pass: the part of a step that is
-    bound by memory bandwidth rather than by matmul throughput."""
+    """Memory traffic of the step's elementwise work, read + write, counted per pass over a tensor:
+    the part of a step that is bound by memory bandwidth rather than by matmul throughput.
+    als (backward by hand, als.py): per target element, the stored read and fp32 write of the
+    dequantized batch, A·M written, the residual formed in place (read 8, write 4) and its dot (4);
+    per mixed-basis element, the mixing output, the activation (read, write), dM written and scaled
+    (4 + 8), the fused activation gradient (read 8, write 4). adam (autograd): its saved tensors and
+    elementwise chain are counted the same way, about twice the passes."""
     r = spec.rank
-    targets = E * p * d * (target_elem_bytes + 2 * F32)  # read as stored, write fp32, read again
+    bases = 12 * F32 * spec.num_bases * r * d  # Adam on B: value, grad, two moments, best: ~12 passes
+    if kind == "als":
+        return int(E * p * d * (target_elem_bytes + F32 + 20) + E * r * d * 32 + bases)
+    targets = E * p * d * (target_elem_bytes + 2 * F32)
     residual = 6 * F32 * E * p * d  # R = W - AM, its square, its gradient
     mixed = 10 * F32 * E * r * d  # mixing output, activation in/out, their gradients
-    adam = 12 * F32 * (SHARED_COPIES - 1) * spec.num_bases * r * d // 4  # Adam on B: ~12 passes of 4 bytes
-    per_expert = 12 * F32 * E * p * r if kind == "adam" else 0
-    return int(targets + residual + mixed + adam + per_expert)
+    per_expert = 12 * F32 * E * p * r  # Adam on A
+    return int(targets + residual + mixed + per_expert + bases)

@@ -20,6 +20,15 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "tanh": torch.tanh, "gelu": F.gelu, "identity": _identity}
 
+# d act(x) · g from (g, x, act(x)): for solvers that write their backward pass by hand (one fused
+# kernel each where torch has one, instead of autograd's chain of elementwise ops)
+ACTIVATION_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "silu": lambda g, x, y: torch.ops.aten.silu_backward(g, x),
+    "tanh": lambda g, x, y: g * (1 - y * y),
+    "gelu": lambda g, x, y: torch.ops.aten.gelu_backward(g, x),
+    "identity": lambda g, x, y: g,
+}
+
 
 @dataclass(frozen=True)
 class MoBESpec:

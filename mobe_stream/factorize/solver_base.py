@@ -116,6 +116,13 @@ class Solver:
         """Sum of squared residuals of a batch, differentiable w.r.t. per-expert params and B."""
         raise NotImplementedError
 
+    def _batch_backward(self, W: torch.Tensor, per: dict[str, torch.Tensor], B: torch.Tensor, idx: range) -> torch.Tensor:
+        """The batch's loss (detached), after adding d(loss / N)/d(param) to the .grad of the per-expert
+        leaves and of B. Default: autograd through _batch_loss; a solver may write it by hand."""
+        loss = self._batch_loss(W, per, B, idx)
+        (loss / self.N).backward()
+        return loss.detach()
+
     def best_factors(self) -> MoBEFactors:
         raise NotImplementedError
 
@@ -201,9 +208,7 @@ class Solver:
                 for k in self.per_expert:
                     self.cand[k][e0:e1].copy_(self.params[k][e0:e1])
                     per[k] = cur[k].detach().requires_grad_(True)
-                loss = self._batch_loss(self._targets(cur), per, leaves["B"], range(e0, e1))
-                (loss / self.N).backward()
-                total += loss.detach()
+                total += self._batch_backward(self._targets(cur), per, leaves["B"], range(e0, e1))
                 with torch.no_grad():
                     for k in self.per_expert:
                         p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]

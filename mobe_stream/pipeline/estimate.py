@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..checkpoint import fp8
-from ..factorize import MoBESpec
+from ..factorize import MoBEFactors, MoBESpec
 from ..factorize.cost import DEVICE_FRACTION, plan_memory, step_flops, step_traffic_bytes
 
 MATMUL_EFFICIENCY = 0.6  # of the dense spec-sheet peak, for large batched GEMMs (assumed)
 MEMORY_EFFICIENCY = 0.7  # of the spec-sheet bandwidth, for elementwise passes (assumed)
 SVD_EFFICIENCY = 0.05  # of the fp32 peak, for the init's SVDs (LAPACK-style; assumed)
-BATCH_OVERHEAD_S = {"cuda": 2e-4, "cpu": 1e-3}  # Python + kernel launches per expert batch
+BATCH_OVERHEAD_S = 2e-4  # Python + kernel launches per expert batch on a GPU (~40 ops x 5 us)
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,26 @@ def measure_cpu(p: int, d: int, r: int, precision: str, batch: int) -> tuple[flo
     a, b = torch.randn(k, p, r), torch.randn(k, r, d)
     prec = Precision(precision, "cpu")
     mm_s = _timed(lambda: prec.bmm(a, b))
-    x = torch.randn(k * p * d if k * p * d > 2**22 else 2**22)
+    x = torch.randn(max(k * p * d, 2**24))  # beyond the caches
     ew_s = _timed(lambda: x.mul_(1.0000001))
     return 2 * k * p * r * d / mm_s, 2 * 4 * x.numel() / ew_s
+
+
+def probe_cpu_batch(solver: str, p: int, d: int, spec: MoBESpec, batch: int, precision: str) -> float:
+    """Seconds of one expert batch of a real solver step at the fit's shapes, on random factors.
+
+    Why a probe and not only a roofline: on a CPU, steps of small layers are dominated by the fixed
+    cost of each op (autograd, dispatch, thread start), which no FLOP or byte count predicts."""
+    from .solvers import SOLVERS
+
+    g = torch.Generator().manual_seed(0)
+    mg, r = spec.bases_per_group, spec.rank
+    one = MoBESpec(mg, r, spec.activation, 1)
+    W = torch.randn((batch, p, d), generator=g)
+    factors = MoBEFactors(torch.randn((batch, p, r), generator=g) / r**0.5, torch.randn((1, mg, r, d), generator=g) / d**0.5,
+                          torch.zeros((batch, mg)), 1.0, spec.activation)
+    s = SOLVERS[solver](W, one, init=factors, expert_batch=batch, precision=precision)
+    return _timed(s.step, repeat=2)
 
 
 def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: str, steps: int, projections: int,
@@ -121,27 +138,32 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
     svd_flops = spec.num_bases * 4 * group_rows * d * min(group_rows, d)
     if device == "cpu":
         plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch)
-        mm_rate, bw = measure_cpu(p, d, r, precision, plan.batch)
-        fp32_rate = mm_rate if precision == "fp32" else measure_cpu(p, d, r, "fp32", plan.batch)[0]
-        basis = f"measured on this CPU: {mm_rate / 1e9:.0f} GFLOP/s {precision} matmul, {bw / 1e9:.1f} GB/s"
-        pcie = 0.0
-        svd_rate = fp32_rate * SVD_EFFICIENCY * 4  # a CPU's LAPACK runs closer to its GEMM rate than a GPU's
-        overhead = BATCH_OVERHEAD_S["cpu"]
-        device_name = "cpu"
-    else:
-        hw = GPUS[device]
-        budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
-        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch)
-        mm_rate = hw.tflops[precision] * 1e12 * MATMUL_EFFICIENCY
-        bw = hw.bandwidth * MEMORY_EFFICIENCY
-        pcie = hw.pcie
-        svd_rate = hw.tflops["fp32"] * 1e12 * SVD_EFFICIENCY
-        basis = (f"{hw.name} spec sheet x {MATMUL_EFFICIENCY:.0%} (matmul) / {MEMORY_EFFICIENCY:.0%} (memory): "
-                 f"assumed, not measured")
-        overhead = BATCH_OVERHEAD_S["cuda"]
-        device_name = device
+        mm_rate, bw = measure_cpu(p, d, r, "fp32", plan.batch)
+        batches = -(-E // plan.batch)
+        # the probe times a whole step of one batch (matmuls, elementwise, overheads) including an Adam
+        # update of its m_g bases; a real step has `batches` batches and one update of all m bases
+        probe = probe_cpu_batch(solver, p, d, spec, plan.batch, precision)
+        update = 12 * 4 * r * d / bw  # Adam over one basis: ~12 passes of 4 bytes an element
+        step_s = batches * max(probe - spec.bases_per_group * update, 0.5 * probe) + spec.num_bases * update
+        init_s = svd_flops / (mm_rate * SVD_EFFICIENCY * 4)  # a CPU's LAPACK runs closer to its GEMM rate
+        basis = (f"measured on this CPU: one {plan.batch}-expert batch of a real step {probe * 1e3:.3g} ms, "
+                 f"{mm_rate / 1e9:.0f} GFLOP/s fp32 matmul, {bw / 1e9:.1f} GB/s")
+        hours = projections * (steps * step_s + init_s) / 3600
+        return Estimate("cpu", basis, solver, precision, steps, projections, plan.batch, True, flops, traffic, 0,
+                        plan.host_bytes, 0, step_s, init_s, hours)
+    hw = GPUS[device]
+    budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
+    plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch)
+    mm_rate = hw.tflops[precision] * 1e12 * MATMUL_EFFICIENCY
+    bw = hw.bandwidth * MEMORY_EFFICIENCY
+    pcie = hw.pcie
+    svd_rate = hw.tflops["fp32"] * 1e12 * SVD_EFFICIENCY
+    basis = (f"{hw.name} spec sheet x {MATMUL_EFFICIENCY:.0%} (matmul) / {MEMORY_EFFICIENCY:.0%} (memory): "
+             f"assumed, not measured")
+    overhead = BATCH_OVERHEAD_S
+    device_name = device
     batches = -(-E // plan.batch)
-    pcie_s = plan.pcie_bytes_per_step / pcie if pcie else 0.0
+    pcie_s = plan.pcie_bytes_per_step / pcie
     step_s = flops / mm_rate + traffic / bw + pcie_s + batches * overhead
     init_s = svd_flops / svd_rate
     hours = projections * (steps * step_s + init_s) / 3600
