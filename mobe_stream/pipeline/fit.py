@@ -18,6 +18,7 @@ from ..errors import ResourceError
 from ..factorize import MoBESpec, Targets
 from .events import Reporter
 from .job import FitSettings, StopFlag
+from .journal import upgrade_settings
 from .solvers import make_solver
 from .state_io import load_state, save_state
 
@@ -59,7 +60,7 @@ class ProjectionFit:
         if not self.state_path.exists():
             return False
         tensors, meta = load_state(self.state_path)
-        if meta.get("settings") != self.run_settings or meta.get("unit") != self.key:
+        if upgrade_settings(meta.get("settings") or {}) != self.run_settings or meta.get("unit") != self.key:
             self._event("warning", text=f"{self.state_path}: checkpoint is from other settings; restarting {self.key}")
             return False
         self.solver.load_state_dict(tensors, meta["solver"])

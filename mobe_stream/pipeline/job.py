@@ -39,13 +39,13 @@ class FitSettings:
     solver: str
     init: str
     steps: int
-    precision: str  # resolved: fp32, tf32 or bf16
     lr: float
     tol: float | None
     seed: int
     device: str
     max_device_bytes: int | None
     checkpoint_every: float
+    precision: str = "fp32"  # resolved: fp32, tf32 or bf16
 
 
 @dataclass(frozen=True)

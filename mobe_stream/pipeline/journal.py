@@ -20,6 +20,20 @@ from ..sizes import parse_size
 FORMAT = "mobe-stream-journal/1"
 
 
+def upgrade_settings(settings: dict) -> dict:
+    """Settings recorded by an older version, in today's terms (a copy): sizes parsed; no
+    `precision` means the fp32 matmuls every earlier run used, which `auto` still is on a CPU (and
+    no earlier version ran the solver on a GPU)."""
+    out = dict(settings)
+    if isinstance(out.get("max_shard_size"), str):  # journals before sizes were stored parsed
+        try:
+            out["max_shard_size"] = parse_size(out["max_shard_size"])
+        except ConfigError:
+            pass
+    out.setdefault("precision", "auto")
+    return out
+
+
 class Journal:
     def __init__(self, out_dir: Path, data: dict):
         self.path = Path(out_dir) / JOURNAL_NAME
@@ -55,12 +69,7 @@ class Journal:
     def differences(self, settings: dict, source_fingerprint: SourceFingerprint) -> list[str]:
         """What differs between this journal's run and the requested one (empty: same run)."""
         diffs = []
-        old = dict(self.data["settings"])
-        if isinstance(old.get("max_shard_size"), str):  # journals before sizes were stored parsed
-            try:
-                old["max_shard_size"] = parse_size(old["max_shard_size"])
-            except ConfigError:
-                pass
+        old = upgrade_settings(self.data["settings"])
         for key in sorted(set(old) | set(settings)):
             if old.get(key) != settings.get(key):
                 diffs.append(f"{key}: was {old.get(key)!r}, now {settings.get(key)!r}")
