@@ -166,7 +166,7 @@ def demo(
     workdir: Path | None = typer.Option(None, "--dir", help="Keep the demo files here (default: a temp dir, removed)."),
     family: str = typer.Option("deepseek_v3", help="qwen3_moe, deepseek_v3 or kimi_k2."),
     steps: int = typer.Option(300, help="Solver steps per projection."),
-    solver: str = typer.Option("adam", help="adam or als."),
+    solver: str = typer.Option(defaults.SOLVER, help="als or adam."),
 ):
     """Make a tiny structured MoE, compress it (interrupted and resumed once), report, generate."""
     from .demo import run_demo

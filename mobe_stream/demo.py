@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from . import defaults
 from .pipeline.compress import Interrupted, compress
 from .pipeline.events import Reporter, RichSink, Sink
 from .pipeline.options import CompressOptions
@@ -36,7 +37,7 @@ class _InterruptOnce(Sink):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: int = 300, solver: str = "adam") -> dict:
+def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: int = 300, solver: str = defaults.SOLVER) -> dict:
     from .synth import make_tiny_moe
 
     console = Console(stderr=True)

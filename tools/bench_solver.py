@@ -166,7 +166,7 @@ def bench_layer(W: Targets, args, label: str) -> dict[str, float]:
         print(f"{method:>6}: rank {plan.rank}, {plan.params(E, p, d) / budget:.3f} of the MoBE budget, "
               f"rel.err {relative_error(Wz, f):.4f} (closed form)")
     trs = {}
-    for name in args.solvers.split(","):
+    for name in filter(None, args.solvers.split(",")):
         tr, solver, times = trajectory(name, Wz, spec, max(steps), max(secs), args.device, args.lr)
         trs[name] = tr
         kind = name.split(":")[0]

@@ -1,5 +1,6 @@
-"""Grouped-SVD initialisation (as published): each basis starts as the top-r right singular
-vectors of a contiguous sub-group of experts, A_e from the matching left vectors, α one-hot.
+"""Grouped-SVD initialisation (as published; `scaled`, the default, see init_scaled): each basis
+starts as the top-r right singular vectors of a contiguous sub-group of experts, A_e from the
+matching left vectors, α one-hot.
 
 Uses torch.linalg.svd (economy) of the stacked [k·p, d] sub-group matrix in fp32 on the solver's
 device; no Gram/eigh route (it squares the condition number, and one SVD per sub-group is a
@@ -21,8 +22,10 @@ from .lstsq import solve_A
 from .model import MoBEFactors, MoBESpec, mixed_bases
 from .targets import Targets
 
-INITS = ("paper", "clustered", "fitted")
+INITS = ("scaled", "paper", "clustered", "fitted")
 SLOPE_AT_ZERO = {"silu": 0.5, "tanh": 1.0, "identity": 1.0}
+BASIS_RMS = 0.5  # `scaled`: entry RMS of every basis at the start (z-scored targets)
+OWN_LOGIT = 3.0  # `scaled`: logit of an expert's own basis (softmax weight 0.74 with 8 bases)
 
 
 def init_grouped_svd(W: torch.Tensor | Targets, spec: MoBESpec, device: str | torch.device = "cpu",
@@ -67,13 +70,41 @@ def init_fitted(W: torch.Tensor | Targets, spec: MoBESpec, device: str | torch.d
     f = init_grouped_svd(T, spec, device, need_A=False)
     B = f.B / SLOPE_AT_ZERO[spec.activation]
     alpha = f.alpha * logit
+    return MoBEFactors(_lstsq_A(T, B, alpha, spec, device, expert_batch), B, alpha, 1.0, spec.activation)
+
+
+def _lstsq_A(T: Targets, B: torch.Tensor, alpha: torch.Tensor, spec: MoBESpec, device: str | torch.device,
+             expert_batch: int) -> torch.Tensor:
+    """The least-squares A [E, p, r] for fixed bases and logits, a batch of experts at a time."""
     E, p, _ = T.shape
     A = torch.empty((E, p, spec.rank), dtype=torch.float32)
     Bd = B.to(device)
     for e0 in range(0, E, expert_batch):
-        idx = range(e0, min(E, e0 + expert_batch))
-        M = mixed_bases(alpha[e0:idx.stop].to(device), Bd, idx, E, spec.activation)
-        A[e0:idx.stop] = solve_A(T.slice(e0, idx.stop).to(device).batch(), M).cpu()
+        e1 = min(E, e0 + expert_batch)
+        M = mixed_bases(alpha[e0:e1].to(device), Bd, range(e0, e1), E, spec.activation)
+        A[e0:e1] = solve_A(T.slice(e0, e1).to(device).batch(), M).cpu()
+    return A
+
+
+def init_scaled(W: torch.Tensor | Targets, spec: MoBESpec, device: str | torch.device = "cpu",
+                need_A: bool = True, expert_batch: int = 16) -> MoBEFactors:
+    """The published grouped-SVD bases, each rescaled to an entry RMS of BASIS_RMS, own-basis logit
+    OWN_LOGIT, and (when asked for) the least-squares A for those mixed bases.
+
+    Why: SVD rows have unit norm, so a basis entry starts at ~1/sqrt(d) (0.06 for d=256, 0.012 for
+    Kimi-K2's 7168): the activation sits in its linear range and Adam, whose steps are ~lr per entry
+    whatever the gradient's size, spends its first thousands of steps growing B into the range where
+    the activation does anything. The reference code gets there by accident (its initial A is std
+    times too small, so B grows to compensate). An RMS fixed in absolute terms also gives lr one
+    meaning for every hidden size. BASIS_RMS and OWN_LOGIT were measured on a trained model (CHANGELOG
+    0.5.0): RMS 0.3-0.9 are equally good, 0.06 (the paper) and 1.9 worse; logit 3 beats 1 and 6.
+    """
+    T = Targets.of(W)
+    f = init_grouped_svd(T, spec, device, need_A=False)
+    rms = f.B.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+    B = torch.where(rms > 0, f.B * (BASIS_RMS / rms.clamp_min(1e-30)), f.B)
+    alpha = f.alpha * OWN_LOGIT
+    A = _lstsq_A(T, B, alpha, spec, device, expert_batch) if need_A else f.A
     return MoBEFactors(A, B, alpha, 1.0, spec.activation)
 
 
@@ -85,4 +116,6 @@ def initial_factors(W: torch.Tensor | Targets, spec: MoBESpec, method: str = "pa
         return init_grouped_svd(W, spec, device, cluster=True, seed=seed, need_A=need_A)
     if method == "fitted":
         return init_fitted(W, spec, device)
+    if method == "scaled":
+        return init_scaled(W, spec, device, need_A=need_A)
     raise ValueError(f"unknown init {method!r}; use one of {', '.join(INITS)}")
