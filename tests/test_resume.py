@@ -304,8 +304,11 @@ def test_resume_of_an_untouched_source_and_of_an_older_journal(tmp_path):
     journal = out / "mobe-journal.json"
     data = json.loads(journal.read_text())
     data["source_fingerprint"] = data["source_fingerprint"]["digest"]  # as journaled before file identities
+    del data["settings"]["precision"]  # as journaled before --precision (those runs were fp32 = auto on a CPU)
     journal.write_text(json.dumps(data))
     run_cli("compress", str(src), "--out", str(out), *FAST, "--resume", check=True)
+    proc = run_cli("compress", str(src), "--out", str(out), *FAST, "--precision", "bf16", "--resume")
+    assert proc.returncode == 2 and "precision" in proc.stderr, proc.stderr
 
 
 def _sigstop_when(proc, ready, timeout: float = 120) -> bool:

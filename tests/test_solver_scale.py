@@ -170,3 +170,33 @@ def test_handwritten_als_backward_equals_autograd(act):
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a2.grad, a1.grad, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(b2.grad, b1.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_scaled_init_sets_basis_rms_and_logits_and_solves_A():
+    from mobe_stream.factorize import init_grouped_svd, init_scaled, solve_A
+    from mobe_stream.factorize.init import BASIS_RMS, OWN_LOGIT
+    from mobe_stream.factorize.model import mixed_bases
+
+    W, _ = zscored(_experts(E=8, p=24, d=40))
+    spec = MoBESpec(4, 16, groups=2)
+    paper, f = init_grouped_svd(W, spec), init_scaled(W, spec)
+    rms = f.B.pow(2).mean(dim=(2, 3)).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, BASIS_RMS))
+    assert torch.equal(f.alpha, paper.alpha * OWN_LOGIT)
+    assert torch.allclose(f.B / rms[..., None, None], paper.B / paper.B.pow(2).mean(dim=(2, 3), keepdim=True).sqrt())
+    M = mixed_bases(f.alpha, f.B, range(8), 8, "silu")
+    torch.testing.assert_close(f.A, solve_A(W.batch(), M))
+    lean = init_scaled(W, spec, need_A=False)
+    assert lean.A.stride() == (0, 0, 0) and torch.equal(lean.B, f.B)  # no A memory for the als solver
+
+
+def test_bf16_bmm_rounds_operands_and_gradients_keeps_fp32_output():
+    a = torch.randn(3, 5, 7, requires_grad=True)
+    b = torch.randn(3, 7, 4, requires_grad=True)
+    out = Precision("bf16").bmm(a, b)
+    r = lambda t: t.detach().to(torch.bfloat16).to(torch.float32)  # noqa: E731
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.bmm(r(a), r(b)), rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    torch.testing.assert_close(a.grad, torch.bmm(r(g), r(b).transpose(1, 2)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.grad, torch.bmm(r(a).transpose(1, 2), r(g)), rtol=1e-6, atol=1e-6)

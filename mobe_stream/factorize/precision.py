@@ -6,11 +6,13 @@ fp32. On an H100 the dense peaks are 67 (fp32), 494 (tf32) and 989 (bf16) TFLOP/
 precision decides whether a Kimi-K2 projection takes minutes or hours.
 
 - fp32: plain fp32 matmuls (tf32 explicitly off on CUDA).
-- tf32: CUDA tensor cores with tf32 inputs (10-bit mantissa), fp32 accumulation. A CPU has no tf32
-  unit: there the operands are rounded to tf32 exactly as the hardware rounds them and multiplied in
-  fp32, so the error cost can be measured anywhere (slower than fp32 on a CPU, never faster).
-- bf16: operands cast to bf16, products accumulated in fp32 by the kernel (cuBLAS, oneDNN), the
-  result rounded once to bf16 and widened back.
+- tf32: CUDA tensor cores with tf32 inputs (10-bit mantissa), fp32 accumulation and output.
+- bf16: bf16 inputs, fp32 accumulation and fp32 output (cuBLAS with `out_dtype`): a bf16 *output*
+  would round the Gram matrix M·Mᵀ to 8 bits, enough to make it indefinite and the Cholesky fail.
+On a CPU (no tf32 unit; bf16 kernels there round their output) both are emulated exactly: the
+operands are rounded as the hardware rounds them and multiplied in fp32. The error cost of a
+precision is therefore measured the same on any machine; on a CPU the emulation is never faster
+than fp32, which is why `--precision auto` is fp32 there.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Precision:
     def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b for batches of fp32 matrices, in this precision, fp32 result (differentiable)."""
         if self.name == "bf16":
-            return torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16)).to(torch.float32)
+            return _Bf16Bmm.apply(a, b)
         if self._emulate_tf32:
             return torch.bmm(_Tf32Round.apply(a), _Tf32Round.apply(b))
         return torch.bmm(a, b)
@@ -73,3 +75,31 @@ class _Tf32Round(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         return round_to_tf32(g)
+
+
+def _bmm_bf16_in_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
+    """bf16 operands, fp32 accumulation and result: cuBLAS does it natively; elsewhere the widened
+    operands are multiplied in fp32 (the same numbers up to summation order)."""
+    if a16.device.type == "cuda":
+        return torch.bmm(a16, b16, out_dtype=torch.float32)
+    return torch.bmm(a16.to(torch.float32), b16.to(torch.float32))
+
+
+class _Bf16Bmm(torch.autograd.Function):
+    """bf16-input batched matmul with its backward written out (both products bf16-input too), so
+    autograd never depends on a derivative formula for cuBLAS's out_dtype overload; the same code
+    runs on every device, which lets CPU tests exercise the CUDA path's logic."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        ctx.save_for_backward(a16, b16)
+        return _bmm_bf16_in_fp32_out(a16, b16)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a16, b16 = ctx.saved_tensors
+        g16 = g.to(torch.bfloat16)
+        ga = _bmm_bf16_in_fp32_out(g16, b16.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        gb = _bmm_bf16_in_fp32_out(a16.transpose(1, 2), g16) if ctx.needs_input_grad[1] else None
+        return ga, gb
