@@ -30,6 +30,7 @@ def _reporter(quiet: bool, log_json: Path | None):
 @app.command()
 @friendly
 def compress(
+    ctx: typer.Context,
     src: Path = typer.Argument(..., help="Source model directory (safetensors)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the MoBE checkpoint."),
     method: str = typer.Option("mobe", help="mobe, or a baseline at the same parameter budget: svd, molae, delta."),
@@ -70,7 +71,8 @@ def compress(
                            groups=groups, solver=solver, init=init, steps=steps, precision=precision, lr=lr, tol=tol,
                            layers=layers,
                            device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
-                           checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force)
+                           checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force,
+                           explicit=typed_options(ctx))
     reporter = _reporter(quiet, log_json)
     try:
         summary = run(src, out, opts, reporter)
@@ -138,6 +140,13 @@ def inspect_cmd(
         for row in estimate_rows(est):
             t.add_row(*row)
     Console().print(t)
+
+
+def typed_options(ctx: typer.Context) -> frozenset[str]:
+    """Names of the options given on the command line (or by environment), not left at their default.
+    (Compared by name: typer may carry its own copy of click's ParameterSource enum.)"""
+    return frozenset(name for name in ctx.params
+                     if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"))
 
 
 def estimate_rows(est: dict) -> list[tuple[str, str]]:

@@ -380,3 +380,17 @@ def test_export_signal_stops_cleanly_and_resumes_identical(tmp_path, sig):
     _assert_same_tensors(ref, out)
     assert dir_digest(out)["config.json"] == dir_digest(ref)["config.json"]
     assert not list(out.glob("*.tmp-*"))
+
+
+def test_resume_reuses_the_journal_settings_and_refuses_typed_differences(tmp_path):
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    out = tmp_path / "out"
+    run_cli("compress", str(src), "--out", str(out), "--num-bases", "4", "--rank", "16", "--steps", "3",
+            "--layers", "1", "--dtype", "fp32", "--quiet", check=True)
+    before = dir_digest(out)
+    proc = run_cli("compress", str(src), "--out", str(out), "--resume")  # nothing retyped
+    assert proc.returncode == 0, proc.stderr
+    assert "--steps" in proc.stderr and "--num-bases" in proc.stderr  # says what it took from the journal
+    assert dir_digest(out) == before
+    proc = run_cli("compress", str(src), "--out", str(out), "--resume", "--steps", "4")
+    assert proc.returncode == 2 and "steps: was 3, now 4" in proc.stderr, proc.stderr

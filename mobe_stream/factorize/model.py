@@ -102,9 +102,9 @@ class MoBEFactors:
         """scale · A_e M_e for the given experts (all by default): [k, p, d] in fp32."""
         E = self.num_experts
         idx = torch.arange(E) if experts is None else torch.as_tensor(experts).reshape(-1)
-        A, B, alpha = self.A.float(), self.B.float(), self.alpha.float()
-        M = mixed_bases(alpha[idx], B, idx, E, activation or self.activation)
-        return self.scale * torch.bmm(A[idx], M)
+        B = self.B.float()  # the result lives where B does (the caller may move B to a GPU once)
+        M = mixed_bases(self.alpha[idx.to(self.alpha.device)].float(), B, idx, E, activation or self.activation)
+        return self.scale * torch.bmm(self.A[idx.to(self.A.device)].to(B.device, torch.float32), M)
 
     def to(self, device) -> MoBEFactors:
         return MoBEFactors(self.A.to(device), self.B.to(device), self.alpha.to(device), self.scale, self.activation)

@@ -19,7 +19,7 @@ from . import mobe_output, outdir, preflight
 from .events import Reporter
 from .fit import ProjectionFit, StopRequested
 from .job import CompressJob, make_job
-from .journal import STATE_DIR, Journal
+from .journal import STATE_DIR, Journal, upgrade_settings
 from .lock import OutputLock
 from .options import CompressOptions
 from .plan import PROJECTIONS, Unit, plan_units
@@ -37,6 +37,8 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
     reporter = reporter or Reporter()
     opts.validate()
     src, out = Path(src).resolve(), Path(out).resolve()
+    if opts.resume:
+        opts = _reuse_journal_settings(opts, out, reporter)
     outdir.check_not_overlapping(src, out)
     pin_mmap_threshold()  # layer-sized buffers never fragment the heap: peak RSS stays flat with depth
     reader = CheckpointReader(src)
@@ -81,6 +83,18 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
         reader.close()
 
 
+def _reuse_journal_settings(opts: CompressOptions, out: Path, reporter: Reporter) -> CompressOptions:
+    """On --resume, options not typed again come from the run's journal (and are checked again)."""
+    journal = Journal.load(out) if out.is_dir() else None
+    if journal is None:
+        return opts
+    opts, taken = opts.with_journal_settings(upgrade_settings(journal.data["settings"]))
+    if taken:
+        opts.validate()
+        reporter.event("message", text=f"resuming with the journal's {', '.join('--' + t.replace('_', '-') for t in taken)}")
+    return opts
+
+
 def _plan(job: CompressJob) -> list[Unit]:
     excluded: set[str] = set()
     for layer in job.layers:
@@ -120,18 +134,20 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
         info = {"kind": "factorize", "steps": fit.solver.step_count, "best_loss": float(fit.solver.best_loss),
                 "lr_final": fit.solver.lr}
         seconds = fit.seconds()
+        fit.release()  # the solver's device state (Kimi-K2: ~40 GB) before the error passes below
     else:  # closed-form baselines (svd, delta, molae): no solver state; the unit is the resume granule
         reporter.event("unit_start", unit=unit.key, kind="factorize", steps=0, start_step=0)
         factors = fit_baseline(W_scaled.dense(), job.plan, job.fit.device)
         info = {"kind": "factorize", "method": job.plan.method, "steps": 0}
         seconds = time.monotonic() - t0
-    info["rel_error_fit"] = relative_error(W_scaled, factors)
+    dev = job.fit.device
+    info["rel_error_fit"] = relative_error(W_scaled, factors, device=dev)
     if job.output.dtype != torch.float32:  # the shared part is stored first, A re-solved against it
         factors = refit_for_storage(W_scaled, factors, mobe_output.roundtrip_for(job.output), job.fit.device)
     prefix = job.family.experts_prefix(unit.layer)
     tensors = mobe_output.factor_tensors(prefix, unit.proj, factors, std, job.output)
     info["rel_error"] = relative_error(W_scaled, mobe_output.stored_factors(job.plan, prefix, unit.proj, tensors,
-                                                                            job.output, std))
+                                                                            job.output, std), device=dev)
     outdir.write_unit(job.out, journal, unit.key, tensors.items(), job.output.max_shard_bytes, reporter, info,
                       seconds_before=seconds, announce=False)
     if job.plan.method == "mobe":

@@ -76,6 +76,12 @@ class ProjectionFit:
         self._event("checkpoint", step=self.solver.step_count, bytes=size,
                     text=f"{self.key}: checkpoint at step {self.solver.step_count} ({size / 2**20:.1f} MiB)")
 
+    def release(self) -> None:
+        """Drop the solver (its device memory) once its factors have been taken."""
+        del self.solver
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def seconds(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0
 

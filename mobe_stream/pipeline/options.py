@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -102,6 +102,9 @@ class CompressOptions:
     resume: bool = False
     overwrite: bool = False
     force: bool = False
+    # the options the user typed (the CLI fills it); None: all of them (API callers). On --resume the
+    # others are taken from the journal, so a resume needs no retyping.
+    explicit: frozenset[str] | None = None
 
     def validate(self) -> None:
         """Raise ConfigError (exit 2) naming the first bad option; touches no file."""
@@ -134,8 +137,34 @@ class CompressOptions:
     def resolved_device(self) -> str:
         return resolve_device(self.device)
 
+    def with_journal_settings(self, settings: dict) -> tuple[CompressOptions, list[str]]:
+        """These options with every one the user did not type taken from a journal's settings, and
+        the names taken. A typed option that differs is left alone (the journal check refuses it)."""
+        if self.explicit is None:
+            return self, []
+        known = {f.name for f in fields(self)}
+        taken = {k: v for k, v in _options_from_settings(settings).items()
+                 if k in known and k not in self.explicit and getattr(self, k) != v}
+        if self.explicit & {"num_bases", "rank", "reduction"}:  # a typed setting decides m and r itself
+            taken.pop("num_bases", None)
+            taken.pop("rank", None)
+        return replace(self, **taken), sorted(taken)
+
     def resolved_precision(self) -> str:
         return resolve_precision(self.precision, self.resolved_device())
+
+
+def _options_from_settings(settings: dict) -> dict:
+    """Journal settings (settings_for_journal) back as option values."""
+    out = {k: settings[k] for k in ("method", "solver", "init", "precision", "num_bases", "rank", "activation",
+                                    "groups", "steps", "lr", "tol", "seed") if k in settings}
+    if "dtype" in settings and settings["dtype"] in DTYPES:  # recorded resolved: "bfloat16", "float8_e4m3fn"
+        out["dtype"] = settings["dtype"]
+    if isinstance(settings.get("layers"), list):
+        out["layers"] = ",".join(str(x) for x in settings["layers"])
+    if isinstance(settings.get("max_shard_size"), int):
+        out["max_shard_size"] = str(settings["max_shard_size"])
+    return out
 
 
 def resolve_precision(precision: str, device: str) -> str:
