@@ -14,7 +14,7 @@ from .cli_common import friendly
 from .cli_runtime import register as register_runtime
 from .errors import MobeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Streaming Mixture-of-Basis-Experts compression and offloaded inference for giant MoE models.")
 
 
@@ -35,7 +35,8 @@ def compress(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the MoBE checkpoint."),
     method: str = typer.Option("mobe", help="mobe, or a baseline at the same parameter budget: svd, molae, delta."),
     num_bases: int | None = typer.Option(None, help="Bases per MoE layer (m), over all groups."),
-    rank: int | None = typer.Option(None, help="Rank r of each basis (default: moe_intermediate_size)."),
+    rank: int | None = typer.Option(None, help="Rank r of each basis (default: moe_intermediate_size, as in the paper; "
+                                    "lowered only when --reduction cannot be met with it)."),
     reduction: float | None = typer.Option(None, help="Target cut of expert parameters, e.g. 0.25 (default when m/r not given)."),
     activation: str = typer.Option("silu", help="silu or tanh."),
     groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
@@ -60,7 +61,7 @@ def compress(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     force: bool = typer.Option(False, "--force", help="Warn instead of refusing when disk/RAM look too small."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (warnings and the result line only)."),
     log_json: Path | None = typer.Option(None, help="Append one JSON line per event to this file."),
 ):
     """Compress an MoE checkpoint with MoBE, one layer at a time, resumably."""
@@ -78,9 +79,9 @@ def compress(
         summary = run(src, out, opts, reporter)
     finally:
         reporter.close()
-    if quiet:
-        print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "
-              f"model params -{100 * summary['total_reduction']:.1f}%")
+    # always one line saying where the result is (stdout, so scripts can take it)
+    print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "
+          f"model params -{100 * summary['total_reduction']:.1f}%")
 
 
 @app.command("inspect")
@@ -233,6 +234,18 @@ def verify_cmd(
 def version():
     """Print the version."""
     print(__version__)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")) -> None:
+    """Streaming Mixture-of-Basis-Experts compression and offloaded inference for giant MoE models."""
 
 
 register_runtime(app)  # generate, eval

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
     @friendly
     def generate(
         model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
-        prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; - reads it from stdin."),
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as one user turn of the model's chat template."),
         max_new_tokens: int = typer.Option(32, help="Stop after this many new tokens (or at EOS)."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
@@ -91,6 +91,8 @@ def register(app: typer.Typer) -> None:
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         if dry_run:
             return _dry_run(model, dtype, device_map, max_memory, expert_cache)
+        if prompt == "-":
+            prompt = sys.stdin.read()
         tok = Tokenizer(model)
         ids = tok.encode_chat(prompt) if chat else tok.encode(prompt)
         m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map, expert_cache)
