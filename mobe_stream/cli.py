@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from . import __version__, defaults
-from .cli_common import friendly
+from .cli_common import friendly, model_path
 from .cli_runtime import register as register_runtime
 from .errors import MobeError
 
@@ -31,7 +31,9 @@ def _reporter(quiet: bool, log_json: Path | None):
 @friendly
 def compress(
     ctx: typer.Context,
-    src: Path = typer.Argument(..., help="Source model directory (safetensors)."),
+    src: Path = typer.Argument(..., help="Source model directory (safetensors), or a hub id in the local HF cache."),
+    revision: str | None = typer.Option(None, help="With a hub id (Org/Name) for the model: the branch, tag or "
+                                        "commit of its snapshot in the local Hugging Face cache (default main)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the MoBE checkpoint."),
     method: str = typer.Option("mobe", help="mobe, or a baseline at the same parameter budget: svd, molae, delta."),
     num_bases: int | None = typer.Option(None, help="Bases per MoE layer (m), over all groups."),
@@ -65,6 +67,7 @@ def compress(
     log_json: Path | None = typer.Option(None, help="Append one JSON line per event to this file."),
 ):
     """Compress an MoE checkpoint with MoBE, one layer at a time, resumably."""
+    src = model_path(src, revision)
     from .pipeline.compress import compress as run
     from .pipeline.options import CompressOptions
 
@@ -87,7 +90,9 @@ def compress(
 @app.command("inspect")
 @friendly
 def inspect_cmd(
-    model: Path = typer.Argument(..., help="Model directory."),
+    model: Path = typer.Argument(..., help="Model directory, or a hub id in the local HF cache."),
+    revision: str | None = typer.Option(None, help="With a hub id (Org/Name) for the model: the branch, tag or "
+                                        "commit of its snapshot in the local Hugging Face cache (default main)."),
     num_bases: int | None = typer.Option(None),
     rank: int | None = typer.Option(None),
     reduction: float | None = typer.Option(None, help="Target cut of expert parameters (default 0.25)."),
@@ -106,6 +111,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Family, layers, dims, dtypes, parameter counts, and what compress will produce and need."""
+    model = model_path(model, revision)
     from .model_info import describe
 
     try:

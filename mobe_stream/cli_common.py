@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import sys
+from pathlib import Path
 
 import typer
 
@@ -32,3 +33,10 @@ def friendly(fn):
             raise
 
     return wrapper
+
+
+def model_path(arg: Path, revision: str | None) -> Path:
+    """A model argument as a directory: itself, or a hub id's snapshot in the local HF cache."""
+    from .checkpoint.hub_cache import resolve_model_path
+
+    return resolve_model_path(str(arg), revision)

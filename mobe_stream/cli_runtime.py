@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from .cli_common import friendly
+from .cli_common import friendly, model_path
 
 if TYPE_CHECKING:
     from .runtime.tokenizer import Tokenizer
@@ -65,7 +65,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @friendly
     def generate(
-        model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
+        model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint), or a hub id in the "
+                                     "local HF cache."),
+        revision: str | None = typer.Option(None, help="With a hub id (Org/Name) for the model: the branch, tag or "
+                                            "commit of its snapshot in the local Hugging Face cache (default main)."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; - reads it from stdin."),
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as one user turn of the model's chat template."),
         max_new_tokens: int = typer.Option(32, help="Stop after this many new tokens (or at EOS)."),
@@ -84,6 +87,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
     ):
         """Generate text, streaming tokens to stdout; speed and peak memory to stderr."""
+        model = model_path(model, revision)
         from .runtime.generate import check_sampling
         from .runtime.generate import generate as run
         from .runtime.tokenizer import Tokenizer
@@ -113,7 +117,10 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     @friendly
     def eval_cmd(
-        model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint)."),
+        model: Path = typer.Argument(..., help="Model directory (original or MoBE checkpoint), or a hub id in the "
+                                     "local HF cache."),
+        revision: str | None = typer.Option(None, help="With a hub id (Org/Name) for the model: the branch, tag or "
+                                            "commit of its snapshot in the local Hugging Face cache (default main)."),
         text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
         ctx: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
         device_map: str = typer.Option("auto", help=DEVICE_MAP_HELP),
@@ -127,6 +134,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
     ):
         """Perplexity of MODEL on a text file."""
+        model = model_path(model, revision)
         from .errors import CheckpointError, ConfigError
         from .runtime.eval import perplexity
         from .runtime.tokenizer import Tokenizer

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 from . import fp8
 from .fingerprint import SourceFingerprint
+from .hub_cache import containment_root
 from .safetensors_io import read_header
 
 CONFIG_NAME = "config.json"
@@ -129,11 +130,12 @@ class CheckpointReader:
         raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} found", self.model_dir)
 
     def _check_inside(self, index_path: Path, name: str, shard: str) -> None:
-        """Refuse index entries that would make us open a file outside the model directory."""
+        """Refuse index entries that would make us open a file outside the model directory (for a
+        Hugging Face cache snapshot: outside its models--* tree, where its symlinks point)."""
         rel = Path(shard)
         if not shard or rel.is_absolute() or ".." in rel.parts or shard.startswith("~"):
             raise CheckpointError(f"weight_map entry for {name} points outside the model directory: {shard!r}", index_path)
-        root = self.model_dir.resolve()
+        root = containment_root(self.model_dir)
         target = (self.model_dir / rel).resolve()
         if root != target and root not in target.parents:
             raise CheckpointError(f"weight_map entry for {name} resolves outside the model directory: "

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.fingerprint import SourceFingerprint
+from ..checkpoint.hub_cache import containment_root
 from ..checkpoint.mobe_format import JOURNAL_NAME, LOCK_NAME
 from ..checkpoint.safetensors_io import atomic_file, sha256_file
 from ..checkpoint.writer import ShardWriter
@@ -211,12 +212,13 @@ def verify_units(journal: Journal) -> list[tuple[str, str]]:
 
 def side_files(src: Path) -> list[Path]:
     """The source's small non-weight files that travel with the model (tokenizer, generation config,
-    license...), symlinks leaving the model dir excluded."""
+    license...), symlinks leaving the model dir (or a cache snapshot's models--* tree) excluded."""
     out = []
+    root = containment_root(src)
     for e in sorted(src.iterdir()):
         if e.name in _NOT_COPIED_NAMES or e.name.endswith(_NOT_COPIED_SUFFIXES) or not e.is_file():
             continue
-        if src not in e.resolve().parents:
+        if root not in e.resolve().parents:
             continue
         out.append(e)
     return out
