@@ -142,6 +142,15 @@ def inspect_cmd(
         t.add_row("output size", f"{_gb(pr['output_bytes'])} ({100 * pr['source_bytes_ratio']:.1f}% of the source)")
         t.add_row("peak RAM / device per layer",
                   f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
+    own = info.get("mobe")
+    if own:
+        t.add_row(f"MoBE ({own['form']} form)", f"{own['method']}: m={own['num_bases']}, r={own['rank']}, groups="
+                                                  f"{own['groups']}, {own['activation']}, {own['dtype']}, layers "
+                                                  f"{own['layers']}")
+        err = own["mean_rel_error"]
+        t.add_row("expert params", f"{own['expert_params']:,} of {own['expert_params_original']:,} originally "
+                                   f"(-{100 * own['expert_reduction']:.1f}%)" + ("" if err is None else
+                                                                                 f", mean rel.err {err:.4f}"))
     est = info.get("estimate")
     if est:
         for row in estimate_rows(est):

@@ -36,7 +36,14 @@ def friendly(fn):
 
 
 def model_path(arg: Path, revision: str | None) -> Path:
-    """A model argument as a directory: itself, or a hub id's snapshot in the local HF cache."""
+    """A model argument as a directory: itself, or a hub id's snapshot in the local HF cache. An
+    output of ours that a run has not finished is refused with what to do (rather than whatever
+    file it happens to lack yet)."""
     from .checkpoint.hub_cache import resolve_model_path
+    from .verify import incomplete_run
 
-    return resolve_model_path(str(arg), revision)
+    path = resolve_model_path(str(arg), revision)
+    if path.is_dir():
+        for problem in incomplete_run(path):
+            raise MobeError(problem)
+    return path

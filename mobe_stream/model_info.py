@@ -12,7 +12,7 @@ from . import defaults
 from .checkpoint import fp8
 from .checkpoint.families import PROJS as EXPERT_PROJS
 from .checkpoint.families import get_family
-from .checkpoint.mobe_format import PROJECTIONS, projection_bytes
+from .checkpoint.mobe_format import EXPORT_KEY, PROJECTIONS, is_factor, projection_bytes
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.safetensors_io import ST_TO_TORCH
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
@@ -74,6 +74,23 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             "expert_params": expert,
             "size_bytes": size,
         }
+        own = reader.config.get("mobe") or reader.config.get(EXPORT_KEY)
+        if own is not None:  # one of our outputs: describe what it is, not what compressing it would do
+            factor = sum(math.prod(reader.info(n).shape) for n in reader.names()
+                         if is_factor(n) and not n.endswith("_scale_inv"))
+            before = expert + 2 * E * p * d * len(own.get("layers", [])) if "mobe" in reader.config else expert
+            after = expert + factor if "mobe" in reader.config else expert
+            errors = [e for per in (own.get("errors") or {}).values() for e in per.values()]
+            out["mobe"] = {
+                "form": "compact" if "mobe" in reader.config else "exported",
+                **{k: own.get(k) for k in ("method", "num_bases", "rank", "groups", "activation", "solver", "init",
+                                           "steps", "dtype", "layers", "source_family")},
+                "expert_params_original": before,
+                "expert_params": after,
+                "expert_reduction": 1 - after / max(1, before),
+                "mean_rel_error": sum(errors) / len(errors) if errors else None,
+            }
+            return out
         if moe:
             out_dtype = resolve_dtype(dtype, gate_up_dtypes)
             m, r = choose_bases_rank(E, p, d, reduction, groups=groups, rank=rank, num_bases=num_bases)

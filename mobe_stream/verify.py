@@ -37,7 +37,7 @@ def verify(model_dir: str | Path, full: bool = True, note: Callable[[str], None]
     d = Path(model_dir)
     if not d.is_dir():
         raise CheckpointError("not a directory" if d.exists() else "directory does not exist", d)
-    problems = [] if own_run else _check_run(d)
+    problems = [] if own_run else incomplete_run(d)
     if (d / MANIFEST_NAME).exists():
         problems += _check_manifest(d, full)
     elif note is not None:
@@ -53,7 +53,7 @@ def verify(model_dir: str | Path, full: bool = True, note: Callable[[str], None]
     return problems
 
 
-def _check_run(d: Path) -> list[str]:
+def incomplete_run(d: Path) -> list[str]:
     """A mobe-stream run that has not finished here: its journal says so, or its lock is still there."""
     journal, lock = d / mobe_format.JOURNAL_NAME, d / mobe_format.LOCK_NAME
     doc: object = {}

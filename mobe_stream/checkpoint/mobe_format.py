@@ -24,6 +24,7 @@ ALPHA = "mobe_alpha"  # stored fp32 whatever the output dtype (mixing logits are
 # Run-time files a mobe-stream run leaves in its output dir (FORMAT.md). Named here, below the
 # pipeline that writes them, so that `verify` can recognise an unfinished run without importing it.
 JOURNAL_NAME = "mobe-journal.json"
+EXPORT_KEY = "mobe_exported_from"  # config key of an exported checkpoint: the compact form's mobe block
 JOURNAL_COMPLETE = "complete"  # the journal's flag, set true once the index and manifest are written
 LOCK_NAME = ".mobe-stream.lock"
 STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
