@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from . import __version__, defaults
-from .cli_common import friendly, model_path
+from .cli_common import friendly, model_path, run_job
 from .cli_runtime import register as register_runtime
 from .errors import MobeError
 
@@ -64,7 +64,9 @@ def compress(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     force: bool = typer.Option(False, "--force", help="Warn instead of refusing when disk/RAM look too small."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (warnings and the result line only)."),
-    log_json: Path | None = typer.Option(None, help="Append one JSON line per event to this file."),
+    log_json: Path | None = typer.Option(None, help="Append one JSON line per event to this file (docs/JSON.md)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout at the end, on success or not "
+                                 "(docs/JSON.md); implies --quiet."),
 ):
     """Compress an MoE checkpoint with MoBE, one layer at a time, resumably."""
     src = model_path(src, revision)
@@ -77,14 +79,11 @@ def compress(
                            device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force,
                            explicit=typed_options(ctx))
-    reporter = _reporter(quiet, log_json)
-    try:
-        summary = run(src, out, opts, reporter)
-    finally:
-        reporter.close()
-    # always one line saying where the result is (stdout, so scripts can take it)
-    print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "
-          f"model params -{100 * summary['total_reduction']:.1f}%")
+    reporter = _reporter(quiet or as_json, log_json)
+    summary = run_job(reporter, lambda: run(src, out, opts, reporter), as_json)
+    if not as_json:  # always one line saying where the result is (stdout, so scripts can take it)
+        print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "
+              f"model params -{100 * summary['total_reduction']:.1f}%")
 
 
 @app.command("inspect")
@@ -137,8 +136,8 @@ def inspect_cmd(
     pr = info.get("projection")
     if pr:
         t.add_row("setting", f"{pr['method']}: m={pr['num_bases']} bases, r={pr['rank']}, groups={pr['groups']}, {pr['dtype']}")
-        t.add_row("parameters after", f"{pr['params_after']:,} (-{100 * pr['reduction_total']:.1f}% model, "
-                                      f"-{100 * pr['reduction_experts']:.1f}% experts)")
+        t.add_row("parameters after", f"{pr['params_after']:,} (-{100 * pr['total_reduction']:.1f}% model, "
+                                      f"-{100 * pr['expert_reduction']:.1f}% experts)")
         t.add_row("output size", f"{_gb(pr['output_bytes'])} ({100 * pr['source_bytes_ratio']:.1f}% of the source)")
         t.add_row("peak RAM / device per layer",
                   f"{_gb(pr['peak_host_bytes_per_layer'])} / {_gb(pr['peak_device_bytes_per_layer'])}")
@@ -209,19 +208,22 @@ def export(
     resume: bool = typer.Option(False, "--resume"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
-    log_json: Path | None = typer.Option(None),
+    log_json: Path | None = typer.Option(None, help="Append one JSON line per event to this file (docs/JSON.md)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout at the end; implies --quiet."),
 ):
-    """Rebuild standard expert weights so vLLM/SGLang/transformers can serve the compressed model."""
+    """Rebuild standard expert weights so vLLM/SGLang/transformers can serve the compressed model.
+
+    The experts come back full size: the result is as large as the original (in the chosen dtype)
+    and runs at the original's speed; keep the compact MoBE form to keep the savings."""
     from .pipeline.export import ExportOptions
     from .pipeline.export import export as run
 
-    reporter = _reporter(quiet, log_json)
-    try:
-        summary = run(src, out, ExportOptions(dtype=dtype, max_shard_size=max_shard_size, resume=resume,
-                                              overwrite=overwrite), reporter)
-    finally:
-        reporter.close()
-    print(f"{summary['output']}: exported ({summary['dtype']})")
+    reporter = _reporter(quiet or as_json, log_json)
+    summary = run_job(reporter, lambda: run(src, out, ExportOptions(dtype=dtype, max_shard_size=max_shard_size,
+                                                                    resume=resume, overwrite=overwrite), reporter),
+                      as_json)
+    if not as_json:
+        print(f"{summary['output']}: exported ({summary['dtype']}, experts full size again)")
 
 
 @app.command("verify")
@@ -229,6 +231,7 @@ def export(
 def verify_cmd(
     model: Path = typer.Argument(..., help="Checkpoint directory (original, MoBE or exported)."),
     quick: bool = typer.Option(False, "--quick", help="Skip sha256 and the NaN/Inf scan."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: path, ok, problems."),
 ):
     """Check shards against the manifest, the index against the headers, shapes against the config.
 
@@ -237,6 +240,11 @@ def verify_cmd(
     from .verify import verify as check
 
     problems = check(model, full=not quick, note=lambda text: print(f"note: {text}", file=sys.stderr))
+    if as_json:
+        print(json.dumps({"path": str(model), "ok": not problems, "problems": problems}))
+        if problems:
+            raise typer.Exit(1)
+        return
     for p in problems:
         print(p)
     if problems:

@@ -47,3 +47,35 @@ def model_path(arg: Path, revision: str | None) -> Path:
         for problem in incomplete_run(path):
             raise MobeError(problem)
     return path
+
+
+def run_job(reporter, job, as_json: bool):
+    """Run a long job (compress, export) with a final `status` event on every exit path (ok, error,
+    interrupted, crash) and, with --json, exactly one JSON object on stdout either way."""
+    import json
+
+    try:
+        result = job()
+    except MobeError as e:
+        status = "interrupted" if e.exit_code == 130 else "error"
+        _final(reporter, as_json, {"status": status, "exit_code": e.exit_code, "message": str(e)})
+        raise
+    except BaseException as e:
+        _final(reporter, as_json, {"status": "crash", "exit_code": 1, "message": f"{type(e).__name__}: {e}"})
+        raise
+    _final(reporter, as_json, {"status": "ok", "exit_code": 0, **result}, event_fields={"status": "ok", "exit_code": 0,
+                                                                                        "output": result.get("output")})
+    if as_json:
+        print(json.dumps({"status": "ok", "exit_code": 0, **result}, default=str))
+    return result
+
+
+def _final(reporter, as_json: bool, doc: dict, event_fields: dict | None = None) -> None:
+    import json
+
+    try:
+        reporter.event("status", **(event_fields or doc))
+    finally:
+        reporter.close()
+    if as_json and doc["status"] != "ok":
+        print(json.dumps(doc, default=str))

@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         finally:
             m.close()
         if json_out:
-            d = r.as_dict()
+            d = {"model": str(model), **r.as_dict()}
             d["device_map"] = {u: str(v) for u, v in m.plan.items()}
             print(json.dumps(d))
         ec = r.expert_cache
@@ -155,7 +155,7 @@ def register(app: typer.Typer) -> None:
         finally:
             m.close()
         if json_out:
-            print(json.dumps(r))
+            print(json.dumps({"model": str(model), "text": str(text), "ctx": ctx, **r}))
         else:
             print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens ({r['windows']} windows of {ctx}), "
                   f"{r['tokens_per_s']:.1f} tok/s")

@@ -17,7 +17,7 @@ from .checkpoint.reader import CheckpointReader
 from .checkpoint.safetensors_io import ST_TO_TORCH
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
 from .pipeline.estimate import GPU_CHOICES, estimate, target_bytes
-from .pipeline.options import CompressOptions, dtype_name, resolve_dtype, resolve_precision
+from .pipeline.options import CompressOptions, dtype_key, resolve_dtype, resolve_precision
 from .sizes import parse_size
 
 
@@ -52,7 +52,7 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             if name.endswith(("_scale_inv", "rotary_emb.inv_freq")):
                 continue
             n = math.prod(info.shape)
-            dtypes[info.dtype] += n
+            dtypes[dtype_key(ST_TO_TORCH.get(info.dtype, info.dtype))] += n
             total += n
             if name in expert_names:
                 expert += n
@@ -114,11 +114,11 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
                                            budget=budget).as_dict()
             out["projection"] = {
                 "method": plan.method, "num_bases": plan.num_bases, "rank": plan.rank, "groups": plan.groups,
-                "dtype": dtype_name(out_dtype),
+                "dtype": dtype_key(out_dtype),
                 "params_after": total - saved,
                 "expert_params_after": expert - saved,
-                "reduction_total": saved / max(1, total),
-                "reduction_experts": saved / max(1, expert),
+                "total_reduction": saved / max(1, total),
+                "expert_reduction": saved / max(1, expert),
                 "output_bytes": output_bytes,
                 "source_bytes_ratio": output_bytes / max(1, size),
                 "peak_host_bytes_per_layer": int(ws["host"]),

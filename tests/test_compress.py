@@ -165,7 +165,7 @@ def test_cli_compress_inspect_and_errors(tmp_path):
     src = make_tiny_moe(tmp_path / "src", family="kimi_k2", fp8=True)
     proc = run_cli("inspect", str(src), "--json", check=True)
     info = json.loads(proc.stdout)
-    assert info["family"] == "kimi_k2" and info["projection"]["reduction_experts"] >= 0.25
+    assert info["family"] == "kimi_k2" and info["projection"]["expert_reduction"] >= 0.25
     out = tmp_path / "out"
     log = tmp_path / "log.jsonl"
     run_cli("compress", str(src), "--out", str(out), "--steps", "10", "--quiet", "--log-json", str(log), check=True)

@@ -101,12 +101,12 @@ def test_inspect_projects_parameters_and_fp8_bytes(kimi):
     assert auto["expert_params"] == MOE_LAYERS * E * 3 * P * D
     assert auto["moe_layers"] == list(range(1, L)) and auto["fp8_block"] == [128, 128]
     pr = auto["projection"]
-    assert pr["dtype"] == "fp8" and pr["reduction_experts"] == pytest.approx(0.25, abs=0.005)
+    assert pr["dtype"] == "float8_e4m3fn" and pr["expert_reduction"] == pytest.approx(0.25, abs=0.005)
     # FP8 stays FP8: bytes fall at least as much as parameters
     assert pr["source_bytes_ratio"] == pr["output_bytes"] / auto["size_bytes"] <= 0.78
-    assert pr["source_bytes_ratio"] <= 1 - pr["reduction_total"] + 0.01
+    assert pr["source_bytes_ratio"] <= 1 - pr["total_reduction"] + 0.01
     bf16 = describe(kimi, reduction=0.25, dtype="bf16")["projection"]
-    assert bf16["dtype"] == "bf16" and bf16["source_bytes_ratio"] > 1  # widening FP8 to bf16 grows the model
+    assert bf16["dtype"] == "bfloat16" and bf16["source_bytes_ratio"] > 1  # widening FP8 to bf16 grows the model
     assert bf16["params_after"] == pr["params_after"]
 
 

@@ -34,7 +34,7 @@ from .events import Reporter
 from .job import StopFlag
 from .journal import Journal
 from .lock import OutputLock
-from .options import DTYPES
+from .options import DTYPES, dtype_key
 from .signals import catch_signals
 from .source_check import SourceShards
 
@@ -102,7 +102,8 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions, reporter: Repo
             outdir.copy_side_files(src, out)
             outdir.self_check(out, lambda d: verify(d, full=False, own_run=True))
             journal.mark_complete()
-        summary = {"source": str(src), "output": str(out), "dtype": target, "layers": mobe["layers"]}
+        summary = {"source": str(src), "output": str(out), "dtype": dtype_key(EXPORT_DTYPES[target]),
+                   "layers": mobe["layers"]}
         reporter.event("message", text=f"exported {src} -> {out} ({target})")
         return summary
     finally:
@@ -159,7 +160,7 @@ def _export_config(cfg: dict, target: str) -> dict:
     if target != "fp8":
         out.pop("quantization_config", None)  # everything is dequantized: the config must not claim FP8
         key = "dtype" if "dtype" in out else "torch_dtype"
-        out[key] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[target]
+        out[key] = dtype_key(EXPORT_DTYPES[target])
     return out
 
 

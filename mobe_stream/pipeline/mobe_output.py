@@ -16,6 +16,7 @@ from ..factorize import LowRankFactors, MethodPlan, MoBEFactors, factors_from_te
 from . import outdir
 from .job import CompressJob, OutputSpec
 from .journal import Journal
+from .options import dtype_key
 from .plan import Unit
 
 
@@ -86,7 +87,7 @@ def mobe_block(job: CompressJob, journal: Journal) -> dict:
         "projections": list(mobe_format.PROJECTIONS),
         "layers": job.layers,
         "layout": job.family.layout,
-        "dtype": str(job.output.dtype).replace("torch.", ""),
+        "dtype": dtype_key(job.output.dtype),
         "fp8_block": list(job.output.block) if job.output.is_fp8 else None,
         "errors": errors,
         "source_family": job.family.name,

@@ -186,9 +186,10 @@ def resolve_dtype(dtype: str, source_dtypes: set[str]) -> torch.dtype:
     return found.pop()  # type: ignore[return-value]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """Short --dtype name (bf16, fp8, ...)."""
-    return next(k for k, v in DTYPES.items() if v == dtype)
+def dtype_key(dtype: torch.dtype | str) -> str:
+    """A dtype as every JSON output and the config's mobe block spell it: torch's name without the
+    module ("bfloat16", "float8_e4m3fn", "float32"); a name torch does not know passes through."""
+    return str(dtype).removeprefix("torch.")
 
 
 def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layers: list[int],
@@ -210,7 +211,7 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
         "lr": opts.lr,
         "tol": opts.tol,
         "seed": opts.seed,
-        "dtype": str(out_dtype).replace("torch.", ""),  # resolved: `auto` and `fp8` on an FP8 source are one run
+        "dtype": dtype_key(out_dtype),  # resolved: `auto` and `fp8` on an FP8 source are one run
         "layers": layers,
         "max_shard_size": parse_size(opts.max_shard_size, "--max-shard-size"),
     }
