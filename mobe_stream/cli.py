@@ -19,9 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _reporter(quiet: bool, log_json: Path | None):
-    from .pipeline.events import JsonLinesSink, PlainSink, Reporter, RichSink, Sink
+    """--quiet: problems only; a terminal: live bars; piped or logged stderr: plain lines with a heartbeat."""
+    from .pipeline.events import HeartbeatSink, JsonLinesSink, PlainSink, Reporter, RichSink, Sink
 
-    sinks: list[Sink] = [PlainSink()] if quiet else [RichSink()]
+    sinks: list[Sink] = [PlainSink()] if quiet else [RichSink()] if sys.stderr.isatty() else [HeartbeatSink()]
     if log_json:
         sinks.append(JsonLinesSink(str(log_json)))
     return Reporter(sinks)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
@@ -79,3 +82,30 @@ def _final(reporter, as_json: bool, doc: dict, event_fields: dict | None = None)
         reporter.close()
     if as_json and doc["status"] != "ok":
         print(json.dumps(doc, default=str))
+
+
+HEARTBEAT_S = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+@contextlib.contextmanager
+def counted_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A callback(done, total) drawing a bar on a terminal, or, when stderr is piped or logged, one
+    plain line every HEARTBEAT_S seconds and at the end (a bar would be invisible there until done)."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True, highlight=False), transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    last = [time.monotonic()]
+
+    def line(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= HEARTBEAT_S or done == total:
+            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+            last[0] = now
+
+    yield line

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from .cli_common import friendly, model_path
+from .cli_common import counted_progress, friendly, model_path
 
 if TYPE_CHECKING:
     from .runtime.tokenizer import Tokenizer
@@ -150,8 +150,14 @@ def register(app: typer.Typer) -> None:
             raise CheckpointError(f"cannot read text file ({e})", text) from None
         tok = Tokenizer(model)
         m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map, expert_cache)
+        limit = m.cfg.max_position_embeddings
+        if ctx > limit:
+            print(f"--ctx {ctx} is more than the model's max_position_embeddings ({limit}): using {limit}",
+                  file=sys.stderr)
+            ctx = limit
         try:
-            r = perplexity(m, tok, body, ctx)
+            with counted_progress("eval windows") as progress:
+                r = perplexity(m, tok, body, ctx, progress=progress)
         finally:
             m.close()
         if json_out:

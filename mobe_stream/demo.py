@@ -25,14 +25,15 @@ class _InterruptOnce(Sink):
     """Sends this process SIGINT midway through the second factorized projection, as a user
     pressing Ctrl-C would: the solver checkpoints and the run stops, resumable."""
 
-    def __init__(self):
+    def __init__(self, steps: int):
         self.fired = False
         self.units = 0
+        self.at = min(50, max(1, steps // 2))  # midway through the unit, whatever --steps is
 
     def event(self, kind: str, fields: dict) -> None:
         if kind == "unit_start" and fields.get("kind") == "factorize":
             self.units += 1
-        if kind == "solver" and self.units == 2 and fields["step"] >= 50 and not self.fired:
+        if kind == "solver" and self.units == 2 and fields["step"] >= self.at and not self.fired:
             self.fired = True
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -40,7 +41,7 @@ class _InterruptOnce(Sink):
 def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: int = 300, solver: str = defaults.SOLVER) -> dict:
     from .synth import make_tiny_moe
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False)
     tmp = None
     if workdir is None:
         tmp = tempfile.mkdtemp(prefix="mobe-demo-")
@@ -56,13 +57,21 @@ def run_demo(workdir: Path | None = None, family: str = "deepseek_v3", steps: in
         console.print(f"wrote {src}")
         opts = CompressOptions(reduction=0.25, steps=steps, overwrite=True, solver=solver)
         console.rule("2. compress (a real SIGINT will interrupt it midway)")
+        reporter = Reporter([RichSink(console), _InterruptOnce(steps)])
         try:
-            compress(src, out, opts, Reporter([RichSink(console), _InterruptOnce()]))
+            compress(src, out, opts, reporter)
         except Interrupted as e:
+            reporter.close()  # the bars go before the message, none left behind
             console.print(f"[yellow]interrupted as planned:[/yellow] {e}")
+        finally:
+            reporter.close()
         console.rule("3. compress --resume")
         opts.resume, opts.overwrite = True, False
-        summary = compress(src, out, opts, Reporter([RichSink(console)]))
+        reporter = Reporter([RichSink(console)])
+        try:
+            summary = compress(src, out, opts, reporter)
+        finally:
+            reporter.close()
         _generate(out, console)
         return summary
     finally:

@@ -91,9 +91,9 @@ class Targets:
         """All of it as fp32 (for closed-form baselines and small tools; the solvers never call it)."""
         return self.batch()
 
-    def std(self) -> float:
-        """Std over all elements (unbiased, as torch.std), a chunk of experts at a time in float64
-        sums, so the pass never holds more than STD_CHUNK experts in fp32."""
+    def _sums(self) -> tuple[float, float, float]:
+        """(count, sum, sum of squares) of the values as read, a chunk of experts at a time in float64,
+        so the pass never holds more than STD_CHUNK experts in fp32."""
         E = self.shape[0]
         n = s1 = s2 = 0.0
         for e0 in range(0, E, STD_CHUNK):
@@ -101,10 +101,19 @@ class Targets:
             n += x.numel()
             s1 += float(x.sum())
             s2 += float((x * x).sum())
+        return n, s1, s2
+
+    def std(self) -> float:
+        """Std over all elements (unbiased, as torch.std)."""
+        n, s1, s2 = self._sums()
         if n < 2:
             return 0.0
-        var = max(0.0, (s2 - s1 * s1 / n) / (n - 1))
-        return math.sqrt(var)
+        return math.sqrt(max(0.0, (s2 - s1 * s1 / n) / (n - 1)))
+
+    def mean_square(self) -> float:
+        """Mean of the squared values: a solver's loss over it is the squared relative error."""
+        n, _, s2 = self._sums()
+        return s2 / max(n, 1.0)
 
     def first_nonfinite(self) -> int | None:
         """Index of the first expert holding a NaN/Inf, or None."""

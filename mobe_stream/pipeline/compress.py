@@ -59,14 +59,15 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
                                           overwrite=opts.overwrite, reporter=reporter,
                                           side_files=[e.name for e in outdir.side_files(src)])
             todo = [u for u in units if not journal.done(u.key)]
-            reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),
-                           num_bases=job.spec.num_bases, rank=job.spec.rank, layers=job.layers)
             fits = sum(u.kind == "factorize" for u in todo)
             est = preflight.estimate_for(job, fits) if fits and job.plan.method == "mobe" else None
             if est is not None:
                 reporter.event("estimate", text=f"estimate: {fits} projections x {est.steps} steps, "
-                                                f"{est.step_seconds:.3g} s/step, about {est.hours:.2f} h "
+                                                f"{est.step_seconds:.3g} s/step, about {_duration(est.hours * 3600)} "
                                                 f"({est.basis})", **est.as_dict())
+            reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),
+                           num_bases=job.spec.num_bases, rank=job.spec.rank, layers=job.layers,
+                           unit_seconds={u.key: _unit_seconds(job, u, est) for u in todo})
             for unit in todo:
                 if job.stop.requested:
                     raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
@@ -81,6 +82,28 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
         return summary
     finally:
         reader.close()
+
+
+COPY_BYTES_PER_S = 1e9  # copied units: read + write as stored, about disk speed
+STEP_SECONDS_UNKNOWN = 0.05  # a factorize step where there is no estimate (a GPU not in the table)
+
+
+def _unit_seconds(job: CompressJob, unit: Unit, est) -> float:
+    """Expected seconds of a unit, so progress and ETA weigh the work still to do by its cost (a
+    factorized projection is hours on Kimi-K2, a layer's copy seconds)."""
+    if unit.kind == "copy":
+        return sum(job.reader.info(n).nbytes for n in unit.tensors) / COPY_BYTES_PER_S
+    if est is None:
+        return job.fit.steps * STEP_SECONDS_UNKNOWN
+    return job.fit.steps * est.step_seconds + est.init_seconds
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _reuse_journal_settings(opts: CompressOptions, out: Path, reporter: Reporter) -> CompressOptions:

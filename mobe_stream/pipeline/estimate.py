@@ -147,7 +147,7 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
         step_s = batches * max(probe - spec.bases_per_group * update, 0.5 * probe) + spec.num_bases * update
         init_s = svd_flops / (mm_rate * SVD_EFFICIENCY * 4)  # a CPU's LAPACK runs closer to its GEMM rate
         basis = (f"measured on this CPU: one {plan.batch}-expert batch of a real step {probe * 1e3:.3g} ms, "
-                 f"{mm_rate / 1e9:.0f} GFLOP/s fp32 matmul, {bw / 1e9:.1f} GB/s")
+                 f"{mm_rate / 1e9:.3g} GFLOP/s fp32 matmul, {bw / 1e9:.3g} GB/s")
         hours = projections * (steps * step_s + init_s) / 3600
         return Estimate("cpu", basis, solver, precision, steps, projections, plan.batch, True, flops, traffic, 0,
                         plan.host_bytes, 0, step_s, init_s, hours)

@@ -12,7 +12,8 @@ import time
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from ..errors import ConfigError
@@ -55,16 +56,84 @@ class JsonLinesSink(Sink):
         self.f.close()
 
 
+class WorkTracker:
+    """Cost-weighted progress of a run, from its events: the plan's expected seconds per unit
+    (`unit_seconds`), then unit_start / solver / copy / unit_done. The ETA is the work still to do
+    at the rate this process has done work, so a run of cheap copies never promises a factorized
+    projection in seconds, and a resumed run does not count work done before it."""
+
+    def __init__(self) -> None:
+        self.costs: dict[str, float] = {}
+        self.total = 0.0
+        self.finished = 0.0  # seconds of work of finished units
+        self.units_total = self.units_done = 0
+        self.unit: str | None = None
+        self.unit_total = 1
+        self.unit_done = 0
+        self.rel_error: float | None = None
+        self.t0 = time.monotonic()
+        self.base: float | None = None  # fraction done when this process started working
+
+    def event(self, kind: str, fields: dict) -> None:
+        if kind == "plan":
+            self.costs = {k: max(float(v), 1e-6) for k, v in (fields.get("unit_seconds") or {}).items()}
+            self.total = sum(self.costs.values())
+            self.units_total, self.units_done = fields["total_units"], fields["done_units"]
+        elif kind == "unit_start":
+            self.unit, self.rel_error = fields["unit"], None
+            self.unit_total = max(1, fields.get("steps") or fields.get("tensors") or 1)
+            self.unit_done = fields.get("start_step", 0) or 0
+        elif kind == "solver":
+            self.unit_done, self.rel_error = fields["step"], fields.get("rel_error")
+        elif kind == "copy":
+            self.unit_done = fields["done"]
+        elif kind == "unit_done":
+            self.finished += self.costs.get(fields["unit"], 0.0)
+            self.units_done += 1
+            self.unit = None
+        if self.base is None and kind == "unit_start":
+            self.base, self.t0 = self.fraction(), time.monotonic()
+
+    def fraction(self) -> float:
+        if self.total <= 0:
+            return self.units_done / max(1, self.units_total)
+        current = self.costs.get(self.unit or "", 0.0) * min(1.0, self.unit_done / self.unit_total)
+        return min(1.0, (self.finished + current) / self.total)
+
+    def eta(self) -> str:
+        base = self.base or 0.0
+        done = self.fraction() - base
+        elapsed = time.monotonic() - self.t0
+        if done <= 1e-9 or elapsed < 1:
+            return "ETA -"
+        return "ETA " + _clock(elapsed / done * (1 - self.fraction()))
+
+    def status(self) -> str:
+        line = f"units {self.units_done}/{self.units_total} ({100 * self.fraction():.0f}%)"
+        if self.unit:
+            line += f", {self.unit} {self.unit_done}/{self.unit_total}"
+            if self.rel_error is not None:
+                line += f" rel.err {self.rel_error:.4f}"
+        return line + f", {self.eta()}"
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class RichSink(Sink):
-    """Overall bar over units (ETA from measured speed) plus a per-unit bar with step/loss/error."""
+    """Two bars on a terminal: the whole run (weighted by each unit's expected cost, with its ETA) and
+    the current unit (steps or tensors, the relative error of the best iterate). Columns fit 60
+    characters; log lines are printed above the bars without rich's automatic highlighting."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, highlight=False)
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TextColumn("{task.description}"), BarColumn(bar_width=12), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=True,
         )
+        self.work = WorkTracker()
         self.overall: TaskID | None = None
         self.current: TaskID | None = None
         self.started = False
@@ -74,36 +143,41 @@ class RichSink(Sink):
             self.progress.start()
             self.started = True
 
+    def _refresh_overall(self) -> None:
+        if self.overall is not None:
+            w = self.work
+            self.progress.update(self.overall, completed=1000 * w.fraction(),
+                                 description=f"units {w.units_done}/{w.units_total}",
+                                 info=f"{100 * w.fraction():.0f}% {w.eta()}")
+
     def event(self, kind: str, fields: dict) -> None:
+        self.work.event(kind, fields)
         if kind == "plan":
             self._start()
-            self.overall = self.progress.add_task("units", total=fields["total_units"], completed=fields["done_units"], info="")
+            self.overall = self.progress.add_task("units", total=1000, info="")
         elif kind == "unit_start":
             self._start()
-            total = fields.get("steps") or fields.get("tensors") or 1
-            done = fields.get("start_step", 0)
-            self.current = self.progress.add_task(fields["unit"], total=total, completed=done, info="")
+            w = self.work
+            self.current = self.progress.add_task(fields["unit"][-24:], total=w.unit_total, completed=w.unit_done, info="")
         elif kind == "solver" and self.current is not None:
-            info = f"loss {fields['loss']:.4g}  best {fields['best_loss']:.4g}"
-            if fields.get("rel_error") is not None:
-                info += f"  rel.err {fields['rel_error']:.4f}"
+            rel = fields.get("rel_error")
+            info = f"{fields['step']}/{self.work.unit_total}" + ("" if rel is None else f" rel.err {rel:.4f}")
             self.progress.update(self.current, completed=fields["step"], info=info)
         elif kind == "copy" and self.current is not None:
-            self.progress.update(self.current, completed=fields["done"])
+            self.progress.update(self.current, completed=fields["done"], info=f"{fields['done']}/{self.work.unit_total}")
         elif kind == "unit_done":
             if self.current is not None:
                 self.progress.remove_task(self.current)
                 self.current = None
-            if self.overall is not None:
-                self.progress.advance(self.overall)
             if fields.get("rel_error") is not None:
                 self.progress.console.print(f"  {fields['unit']}: rel.err {fields['rel_error']:.4f} in {fields['seconds']:.1f}s")
         elif kind in ("warning", "message", "checkpoint", "resume", "estimate"):
             style = "yellow" if kind == "warning" else "dim"
-            self.progress.console.print(f"[{style}]{fields.get('text', '')}[/{style}]")
+            self.progress.console.print(f"[{style}]{escape(fields.get('text', ''))}[/{style}]")
         elif kind == "summary":
             self._stop()
             self.console.print(summary_table(fields))
+        self._refresh_overall()
 
     def _stop(self) -> None:
         if self.started:
@@ -112,6 +186,35 @@ class RichSink(Sink):
 
     def close(self) -> None:
         self._stop()
+
+
+class HeartbeatSink(Sink):
+    """When stderr is not a terminal (piped, logged, CI): log lines as they come, a finished unit's
+    result, and one status line every `every` seconds, so a long run never looks hung."""
+
+    def __init__(self, stream: IO[str] = sys.stderr, every: float = 30.0):
+        self.stream, self.every = stream, every
+        self.work = WorkTracker()
+        self.last = time.monotonic()
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def event(self, kind: str, fields: dict) -> None:
+        self.work.event(kind, fields)
+        if kind in ("warning", "message", "resume", "estimate"):
+            self._print(("warning: " if kind == "warning" else "") + str(fields.get("text", "")))
+        elif kind == "unit_done":
+            rel = fields.get("rel_error")
+            self._print(f"{fields['unit']} done in {fields['seconds']:.1f}s" + ("" if rel is None else f", rel.err {rel:.4f}")
+                        + f"; {self.work.status()}")
+            self.last = time.monotonic()
+        elif kind == "summary" and "expert_reduction" in fields:
+            self._print(f"done: expert params -{100 * fields['expert_reduction']:.1f}%, "
+                        f"model params -{100 * fields['total_reduction']:.1f}%")
+        if time.monotonic() - self.last >= self.every:
+            self._print(self.work.status())
+            self.last = time.monotonic()
 
 
 class PlainSink(Sink):

@@ -44,6 +44,7 @@ class ProjectionFit:
         self.rollbacks = 0
         self.elapsed_before = 0.0
         self.t0 = time.monotonic()
+        self.mean_square = max(Targets.of(W_scaled).mean_square(), 1e-30)
         self.solver = self._new_solver()
         self._restore(announce=True)
 
@@ -103,7 +104,9 @@ class ProjectionFit:
             return self.stop.requested or time.monotonic() - last_ckpt >= f.checkpoint_every
 
         def on_progress(step: int, loss: float, best: float) -> None:
-            self._event("solver", step=step, loss=loss, best_loss=best)
+            # loss: mean squared residual of the z-scored targets; rel_error: the one metric shown
+            self._event("solver", step=step, loss=loss, best_loss=best,
+                        rel_error=math.sqrt(best / self.mean_square) if math.isfinite(best) else None)
 
         while not self.done():
             if self.stop.requested:  # also between NaN rollbacks and OOM retries, not only after good steps
