@@ -63,3 +63,28 @@ def test_demo_interrupts_and_resumes_visibly_even_with_few_steps():
     err = proc.stderr
     assert "interrupted as planned" in err and "resuming" in err, err
     assert err.index("interrupted as planned") < err.index("compress --resume") < err.index("resuming")
+
+
+def test_json_and_log_json_end_with_one_status_on_every_exit_path(tmp_path):
+    import json
+
+    from mobe_stream.synth import make_tiny_moe
+
+    from .helpers import run_cli
+
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    out, log = tmp_path / "out", tmp_path / "log.jsonl"
+    args = ["compress", str(src), "--out", str(out), "--num-bases", "4", "--rank", "16", "--steps", "2"]
+    proc = run_cli(*args, "--json", "--log-json", str(log), check=True)
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "ok" and doc["output"] == str(out.resolve()) and 0 < doc["expert_reduction"] < 1
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events[-1]["event"] == "status" and events[-1]["status"] == "ok"
+    assert {"plan", "unit_start", "unit_done", "summary"} <= {e["event"] for e in events}
+    proc = run_cli(*args[:-1], "3", "--resume", "--json", "--log-json", str(log))
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 2 and doc["status"] == "error" and doc["exit_code"] == 2 and "steps" in doc["message"]
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["event"] == "status" and last["status"] == "error" and last["exit_code"] == 2
+    verdict = json.loads(run_cli("verify", str(out), "--json", check=True).stdout)
+    assert verdict == {"path": str(out), "ok": True, "problems": []}
