@@ -63,6 +63,9 @@ def run_job(reporter, job, as_json: bool):
         status = "interrupted" if e.exit_code == 130 else "error"
         _final(reporter, as_json, {"status": status, "exit_code": e.exit_code, "message": str(e)})
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly, as Interrupted above)
+        _final(reporter, as_json, {"status": "interrupted", "exit_code": 130, "message": "aborted"})
+        raise
     except BaseException as e:
         _final(reporter, as_json, {"status": "crash", "exit_code": 1, "message": f"{type(e).__name__}: {e}"})
         raise
