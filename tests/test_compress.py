@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from mobe_stream import defaults
 from mobe_stream.checkpoint.reader import CheckpointReader
 from mobe_stream.errors import ConfigError, MobeError
 from mobe_stream.pipeline.compress import compress
@@ -88,7 +89,8 @@ def test_reconstruction_matches_reported_error(tmp_path):
     compress(src, out, CompressOptions(**{**FAST, "dtype": "fp32"}))
     cfg = json.loads((out / "config.json").read_text())
     layer = cfg["mobe"]["layers"][0]
-    assert cfg["mobe"]["method"] == "mobe" and cfg["mobe"]["init"] == "clustered" and cfg["mobe"]["solver"] == "adam"
+    assert cfg["mobe"]["method"] == "mobe" and cfg["mobe"]["init"] == defaults.INIT
+    assert cfg["mobe"]["solver"] == defaults.SOLVER
     with CheckpointReader(src) as rs, CheckpointReader(out) as ro:
         from mobe_stream.checkpoint.families import get_family
 
