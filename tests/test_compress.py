@@ -172,7 +172,7 @@ def test_cli_compress_inspect_and_errors(tmp_path):
     log = tmp_path / "log.jsonl"
     run_cli("compress", str(src), "--out", str(out), "--steps", "10", "--quiet", "--log-json", str(log), check=True)
     events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
-    assert events[0] == "plan" and events[-1] == "summary" and "unit_done" in events
+    assert events[:2] == ["estimate", "plan"] and events[-2:] == ["summary", "status"] and "unit_done" in events
     again = run_cli("compress", str(src), "--out", str(out), "--steps", "10", "--quiet")
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and str(out) in again.stderr
     missing = run_cli("compress", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"))

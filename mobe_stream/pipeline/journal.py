@@ -30,7 +30,8 @@ def upgrade_settings(settings: dict) -> dict:
             out["max_shard_size"] = parse_size(out["max_shard_size"])
         except ConfigError:
             pass
-    out.setdefault("precision", "auto")
+    if "solver" in out:  # a compress run's settings (export journals have none of these)
+        out.setdefault("precision", "auto")
     return out
 
 
