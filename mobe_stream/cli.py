@@ -45,8 +45,9 @@ def compress(
     groups: int = typer.Option(1, help="Expert groups, each with its own bases."),
     solver: str = typer.Option(defaults.SOLVER, help="als (variable projection: A in closed form, no per-expert "
                                "optimizer state) or adam (the paper's: A, B and α all by Adam)."),
-    init: str = typer.Option(defaults.INIT, help="clustered (SVD of balanced sets of similar experts), paper (SVD of contiguous "
-                             "expert-id runs, as published), or fitted (paper bases, least-squares A)."),
+    init: str = typer.Option(defaults.INIT, help="scaled (the paper's grouped SVD with bases at entry RMS 0.5 and "
+                             "own-basis logit 3: measured best), paper (SVD of contiguous expert-id runs, as published), "
+                             "clustered (SVD of balanced sets of similar experts), or fitted (paper bases, least-squares A)."),
     steps: int = typer.Option(defaults.STEPS, help="Optimisation steps per projection (one step = pass over all experts)."),
     precision: str = typer.Option(defaults.PRECISION, help="Matmul precision of the solver: auto (bf16 on CUDA, fp32 on "
                                   "CPU), fp32, tf32, bf16; fp32 accumulation and fp32 master bases either way."),
