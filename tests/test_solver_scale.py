@@ -45,6 +45,11 @@ def test_zscored_targets_read_back_scaled_without_a_copy():
     assert std == pytest.approx(float(ref.std()), rel=1e-5)
     assert T.data.data_ptr() == W.data_ptr() and T.dtype == torch.bfloat16
     torch.testing.assert_close(T.batch(), ref / std, rtol=1e-6, atol=1e-7)
+    assert T.mean_square() == pytest.approx(float(((ref / std) ** 2).mean()), rel=1e-5)
+    assert T.first_nonfinite() is None and len(T._raw) == 1  # one pass served all three
+    bad = W.clone()
+    bad[5, 3, 7] = float("inf")
+    assert Targets(bad).first_nonfinite() == 5
 
 
 def test_solver_on_fp8_targets_keeps_them_as_stored_and_equals_the_fp32_run():
