@@ -55,45 +55,41 @@ def model_path(arg: Path, revision: str | None) -> Path:
 def run_job(reporter, job, as_json: bool):
     """Run a long job (compress, export) with a final `status` event on every exit path (ok, error,
     interrupted, crash) and, with --json, exactly one JSON object on stdout either way."""
-    import json
-
     try:
         result = job()
     except MobeError as e:
-        status = "interrupted" if e.exit_code == 130 else "error"
-        _final(reporter, as_json, {"status": status, "exit_code": e.exit_code, "message": str(e)})
+        _finish(reporter, as_json, "interrupted" if e.exit_code == 130 else "error", e.exit_code, {"message": str(e)})
         raise
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops cleanly, as Interrupted above)
-        _final(reporter, as_json, {"status": "interrupted", "exit_code": 130, "message": "aborted"})
+        _finish(reporter, as_json, "interrupted", 130, {"message": "aborted"})
         raise
     except BaseException as e:
-        _final(reporter, as_json, {"status": "crash", "exit_code": 1, "message": f"{type(e).__name__}: {e}"})
+        _finish(reporter, as_json, "crash", 1, {"message": f"{type(e).__name__}: {e}"})
         raise
-    _final(reporter, as_json, {"status": "ok", "exit_code": 0, **result}, event_fields={"status": "ok", "exit_code": 0,
-                                                                                        "output": result.get("output")})
-    if as_json:
-        print(json.dumps({"status": "ok", "exit_code": 0, **result}, default=str))
+    _finish(reporter, as_json, "ok", 0, {"output": result.get("output")}, doc=result)
     return result
 
 
-def _final(reporter, as_json: bool, doc: dict, event_fields: dict | None = None) -> None:
+def _finish(reporter, as_json: bool, status: str, exit_code: int, event: dict, doc: dict | None = None) -> None:
+    """The `status` event (then the reporter is closed) and, with --json, the one stdout object
+    (`doc`, the whole result, on success; the event's fields otherwise)."""
     import json
 
+    head = {"status": status, "exit_code": exit_code}
     try:
-        reporter.event("status", **(event_fields or doc))
+        reporter.event("status", **head, **event)
     finally:
         reporter.close()
-    if as_json and doc["status"] != "ok":
-        print(json.dumps(doc, default=str))
-
-
-HEARTBEAT_S = 30.0  # seconds between progress lines when stderr is not a terminal
+    if as_json:
+        print(json.dumps({**head, **(event if doc is None else doc)}, default=str))
 
 
 @contextlib.contextmanager
 def counted_progress(label: str) -> Iterator[Callable[[int, int], None]]:
     """A callback(done, total) drawing a bar on a terminal, or, when stderr is piped or logged, one
     plain line every HEARTBEAT_S seconds and at the end (a bar would be invisible there until done)."""
+    from .pipeline.events import HEARTBEAT_S
+
     if sys.stderr.isatty():
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -6,8 +6,6 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from . import defaults
 from .checkpoint import fp8
 from .checkpoint.families import PROJS as EXPERT_PROJS
@@ -16,7 +14,7 @@ from .checkpoint.mobe_format import EXPORT_KEY, PROJECTIONS, is_factor, projecti
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.safetensors_io import ST_TO_TORCH
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
-from .pipeline.estimate import GPU_CHOICES, estimate, target_bytes
+from .pipeline.estimate import GPU_CHOICES, estimate, source_target_bytes
 from .pipeline.options import CompressOptions, dtype_key, resolve_dtype, resolve_precision
 from .sizes import parse_size
 
@@ -74,15 +72,17 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             "expert_params": expert,
             "size_bytes": size,
         }
-        own = reader.config.get("mobe") or reader.config.get(EXPORT_KEY)
+        compact = "mobe" in reader.config
+        own = reader.config.get("mobe") if compact else reader.config.get(EXPORT_KEY)
         if own is not None:  # one of our outputs: describe what it is, not what compressing it would do
-            factor = sum(math.prod(reader.info(n).shape) for n in reader.names()
-                         if is_factor(n) and not n.endswith("_scale_inv"))
-            before = expert + 2 * E * p * d * len(own.get("layers", [])) if "mobe" in reader.config else expert
-            after = expert + factor if "mobe" in reader.config else expert
+            before = after = expert  # exported: the experts are full size again
+            if compact:  # gate/up live on as factors
+                before += 2 * E * p * d * len(own.get("layers", []))
+                after += sum(math.prod(reader.info(n).shape) for n in reader.names()
+                             if is_factor(n) and not n.endswith("_scale_inv"))
             errors = [e for per in (own.get("errors") or {}).values() for e in per.values()]
             out["mobe"] = {
-                "form": "compact" if "mobe" in reader.config else "exported",
+                "form": "compact" if compact else "exported",
                 **{k: own.get(k) for k in ("method", "num_bases", "rank", "groups", "activation", "solver", "init",
                                            "steps", "dtype", "layers", "source_family")},
                 "expert_params_original": before,
@@ -94,7 +94,8 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
         if moe:
             out_dtype = resolve_dtype(dtype, gate_up_dtypes)
             m, r = choose_bases_rank(E, p, d, reduction, groups=groups, rank=rank, num_bases=num_bases)
-            plan = plan_method(method, E, p, d, MoBESpec(m, r, "silu", groups))
+            spec = MoBESpec(m, r, "silu", groups)
+            plan = plan_method(method, E, p, d, spec)
             before = 2 * E * p * d  # gate + up per layer
             after = 2 * plan.params(E, p, d)
             saved = (before - after) * len(moe)
@@ -102,13 +103,12 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             block = reader.fp8_block or fp8.DEFAULT_BLOCK
             mobe_bytes = len(moe) * 2 * projection_bytes(plan.shapes(E, p, d), out_dtype, block)
             output_bytes = size - stored_gate_up + mobe_bytes
-            stored = ST_TO_TORCH.get(next(iter(gate_up_dtypes))) if len(gate_up_dtypes) == 1 else None
-            tb = target_bytes(E, p, d, stored or torch.float32, block)
+            tb = source_target_bytes(E, p, d, gate_up_dtypes, block)
             ws = working_set_bytes(E, p, d, m, r, groups, solver=solver, target_bytes=tb)
             if estimate_on is not None and plan.method == "mobe":
                 dev_kind = "cpu" if estimate_on == "cpu" else "cuda"
                 budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
-                out["estimate"] = estimate(E, p, d, MoBESpec(m, r, "silu", groups), solver=solver,
+                out["estimate"] = estimate(E, p, d, spec, solver=solver,
                                            precision=resolve_precision(precision, dev_kind), steps=steps,
                                            projections=len(moe) * len(PROJECTIONS), targets=tb, device=estimate_on,
                                            budget=budget).as_dict()

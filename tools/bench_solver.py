@@ -62,7 +62,7 @@ def trained_path() -> Path:
     import train_tiny_moe as ttm
 
     recipe = dict(ttm.DEFAULTS)
-    out = ttm.cache_root() / f"trained-qwen3-moe-{ttm.recipe_hash(recipe)}"
+    out = ttm.cached_path(recipe)
     if not (out / "recipe.json").exists():
         print(f"training the tiny Qwen3-MoE first (cached at {out})", flush=True)
         ttm.train(recipe, out, torch.get_num_threads())
@@ -95,7 +95,7 @@ def trajectory(name: str, W: Targets, spec: MoBESpec, max_steps: int, max_second
     solver, _, rest = name.partition(":")
     init, _, precision = rest.partition(":")
     s = SOLVERS[solver](W, spec, lr=lr, device=device, init=init or "paper", precision=precision or "fp32")
-    ms = sum(float((W.batch(e, e + 1).double() ** 2).sum()) for e in range(W.shape[0])) / (W.shape[0] * W.shape[1] * W.shape[2])
+    ms = W.mean_square()
     out, times = [], []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()

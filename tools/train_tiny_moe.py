@@ -43,6 +43,11 @@ def recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def cached_path(recipe: dict) -> Path:
+    """Where a recipe's model is cached (trained or not yet)."""
+    return cache_root() / f"trained-qwen3-moe-{recipe_hash(recipe)}"
+
+
 def stdlib_text(limit: int) -> str:
     """The standard library's .py files in a fixed order, up to `limit` bytes (no network)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -152,7 +157,7 @@ def main() -> None:
     ap.add_argument("--print-path", action="store_true", help="only print where the recipe's model is (or would be)")
     args = ap.parse_args()
     recipe = {k: getattr(args, k) for k in DEFAULTS}
-    out = args.out or cache_root() / f"trained-qwen3-moe-{recipe_hash(recipe)}"
+    out = args.out or cached_path(recipe)
     if args.print_path:
         print(out)
         return

@@ -251,16 +251,27 @@ class Family:
         name = per_expert_name(pre, 0, proj) if self.layout == PER_EXPERT else fused_name(pre, proj)
         info = reader.info(name)
         scaled = reader.scale_of(name) is not None
-        if (scaled and self.layout != PER_EXPERT) or (not scaled and info.dtype not in ("BF16", "F16", "F32")):
+        kept = kept_target_dtype(info.dtype, scaled, self.layout == PER_EXPERT)
+        if kept is None:
             return self.expert_stack(reader, layer, proj, torch.float32), None
         data = self.expert_stack(reader, layer, proj, None)
         if not scaled:
             return data, None
         first = reader.get(fp8.scale_name(per_expert_name(pre, 0, proj)))
         scales = torch.empty((self.num_experts, *first.shape), dtype=torch.float32)
-        for e in range(self.num_experts):
+        scales[0] = first
+        for e in range(1, self.num_experts):
             scales[e] = reader.get(fp8.scale_name(per_expert_name(pre, e, proj)))
         return data, scales
+
+
+def kept_target_dtype(stored: str, scaled: bool, per_expert: bool = True) -> torch.dtype | None:
+    """The dtype a solver keeps expert targets stored as `stored` (safetensors name) in: bf16, fp16
+    and fp32 as they are, block-scaled FP8 with its scales (per-expert layout), anything else None
+    (dequantized to fp32). The one rule for expert_stack_stored and the cost estimate."""
+    if stored == "F8_E4M3":
+        return fp8.FP8_DTYPE if scaled and per_expert else None
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(stored)
 
 
 def per_expert_name(experts_prefix: str, expert: int, proj: str) -> str:

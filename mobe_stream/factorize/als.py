@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .lstsq import solve_A
-from .model import ACTIVATION_GRADS, ACTIVATIONS, MoBEFactors, mixed_bases
+from .model import ACTIVATION_GRADS, ACTIVATIONS, MoBEFactors, expert_groups, mix, mixed_bases
 from .solver_base import Solver
 
 
@@ -40,13 +40,8 @@ class AlternatingSolver(Solver):
         k = W.shape[0]
         Bf = B.detach().view(G, mg, r * d)
         w = torch.softmax(alpha.detach(), dim=-1)
-        ids = torch.arange(idx.start, idx.stop)
-        groups = ids // (self.E // G)
-        sels = [(g, (groups == g).nonzero(as_tuple=True)[0].to(W.device)) for g in torch.unique(groups).tolist()]
-        pre = torch.empty((k, r * d), dtype=torch.float32, device=W.device)
-        for g, sel in sels:
-            pre[sel] = w[sel] @ Bf[g]
-        pre = pre.view(k, r, d)
+        sels = expert_groups(idx, self.E, G, W.device)
+        pre = mix(w, B.detach(), sels).view(k, r, d)
         act = self.spec.activation
         M = ACTIVATIONS[act](pre)
         A = solve_A(W, M, self.precision.bmm)
@@ -61,8 +56,9 @@ class AlternatingSolver(Solver):
             B.grad = torch.zeros_like(B)
         gB = B.grad.view(G, mg, r * d)
         for g, sel in sels:
-            gw[sel] = dpre[sel] @ Bf[g].T
-            gB[g].addmm_(w[sel].T, dpre[sel])
+            rows = slice(None) if sel is None else sel
+            gw[rows] = dpre[rows] @ Bf[g].T
+            gB[g].addmm_(w[rows].T, dpre[rows])
         galpha = w * (gw - (gw * w).sum(dim=-1, keepdim=True))  # through the softmax
         alpha.grad = galpha if alpha.grad is None else alpha.grad + galpha
         return loss

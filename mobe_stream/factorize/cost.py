@@ -10,8 +10,9 @@ FP8 targets and the variable-projection solver (als), resident on one device:
   targets 5.64 GB (FP8) + 0.0014 GB scales; bases B 7.52 GB fp32, held 5 times (value, two Adam
   moments, best iterate, gradient) = 37.6 GB; α and its state 0.5 MB; per expert in a batch
   ~0.44 GB of temporaries -> 43.3 GB + batch: an 80 GB card (72 GB usable at 90%) runs batches of
-  ~65 experts with nothing crossing PCIe per step. Adam additionally holds A with two moments,
-  best and candidate (5 x 22.5 GB): it cannot be resident and streams 4 x 22.5 GB + targets per step.
+  ~65 experts with nothing crossing PCIe per step. Adam additionally holds A (E·p·r fp32 = 6.4 GB)
+  with two moments, best and candidate (32 GB): it cannot be resident and moves A and both moments
+  in and out (38.7 GB) plus the targets every step.
 FLOPs per step (als): 2Er²d (Gram) + 2Eprd (MWᵀ) + Er³/3 + 2Er²p (Cholesky solves) + 4Eprd
 (A·M and Aᵀ·dR) + 6E·m_g·r·d (mixing, both passes) = 102 TFLOP; Adam: 6Eprd + 6E·m_g·r·d = 71 TFLOP.
 """
@@ -20,12 +21,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .model import MoBESpec
 
 F32 = 4
 SHARED_COPIES = 5  # B: value, Adam m and v, best iterate, gradient (autograd accumulates into it)
 CPU_BATCH_BYTES = 256 * 2**20  # CPU temporaries per batch: fixed, so results never depend on free RAM
 DEVICE_FRACTION = 0.9  # of free device memory, when no budget is given (accelerate's default too)
+
+
+def device_budget(device: torch.device | str, max_device_bytes: int | None) -> int | None:
+    """A fit's byte budget on `device`: the cap given, else DEVICE_FRACTION of a CUDA device's free
+    memory; None on a CPU without a cap."""
+    device = torch.device(device)
+    if max_device_bytes is not None or device.type != "cuda":
+        return max_device_bytes
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * DEVICE_FRACTION)
 
 
 def per_expert_state_bytes(kind: str, p: int, r: int, spec: MoBESpec) -> int:

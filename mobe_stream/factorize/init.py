@@ -34,7 +34,7 @@ def init_grouped_svd(W: torch.Tensor | Targets, spec: MoBESpec, device: str | to
     with `cluster` balanced sets of similar experts (cluster.py), same sizes either way. `seed`
     draws the clustering's random row sketch (the only random choice of any init). Without
     `need_A` (the variable-projection solver solves A itself) A is a zero view that holds no memory
-    (for Kimi-K2 it would be 22.5 GB of host RAM per projection)."""
+    (for Kimi-K2 it would be 6.4 GB of host RAM per projection)."""
     T = Targets.of(W)
     E, p, d = T.shape
     G, mg, r = spec.groups, spec.bases_per_group, spec.rank
@@ -96,8 +96,8 @@ def init_scaled(W: torch.Tensor | Targets, spec: MoBESpec, device: str | torch.d
     whatever the gradient's size, spends its first thousands of steps growing B into the range where
     the activation does anything. The reference code gets there by accident (its initial A is std
     times too small, so B grows to compensate). An RMS fixed in absolute terms also gives lr one
-    meaning for every hidden size. BASIS_RMS and OWN_LOGIT were measured on a trained model (CHANGELOG
-    0.5.0): RMS 0.3-0.9 are equally good, 0.06 (the paper) and 1.9 worse; logit 3 beats 1 and 6.
+    meaning for every hidden size. BASIS_RMS and OWN_LOGIT were measured on a trained model (CHANGELOG,
+    issue 12's note): RMS 0.3-0.9 are equally good, 0.06 (the paper) and 1.9 worse; logit 3 beats 1 and 6.
     """
     T = Targets.of(W)
     f = init_grouped_svd(T, spec, device, need_A=False)

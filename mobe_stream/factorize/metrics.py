@@ -30,8 +30,9 @@ def relative_error(W: torch.Tensor | Targets, factors: MoBEFactors | LowRankFact
         device = torch.device("cpu")
     num = den = 0.0
     for e0 in range(0, E, expert_batch):
-        idx = torch.arange(e0, min(E, e0 + expert_batch))
-        Wb = T.slice(e0, int(idx[-1]) + 1).to(device).batch()
+        e1 = min(E, e0 + expert_batch)
+        idx = torch.arange(e0, e1)
+        Wb = T.slice(e0, e1).to(device).batch()
         num += float(((factors.reconstruct(idx) - Wb) ** 2).sum())
         den += float((Wb**2).sum())
     return (num / max(den, 1e-30)) ** 0.5

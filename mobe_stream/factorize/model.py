@@ -62,28 +62,43 @@ def _mix_group(weights: torch.Tensor, Bg: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def expert_groups(experts: torch.Tensor | range, num_experts: int, groups: int,
+                  device: torch.device | str) -> list[tuple[int, torch.Tensor | None]]:
+    """(group, positions of the given experts in it on `device`) for every group present; positions
+    None when all experts share one group (the usual case: no index juggling). Worked out on the
+    host, so a CUDA step never waits on the device."""
+    ids = torch.as_tensor(list(experts)) if isinstance(experts, range) else experts.reshape(-1).cpu()
+    group = ids // (num_experts // groups)
+    present = torch.unique(group).tolist()
+    if len(present) == 1:
+        return [(present[0], None)]
+    return [(g, (group == g).nonzero(as_tuple=True)[0].to(device)) for g in present]
+
+
+def mix(weights: torch.Tensor, B: torch.Tensor, sels: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+    """Σ_i weights[e, i] B_{g(e), i} before the activation, [k, r·d] fp32 on B's device; `sels` from
+    expert_groups. One matmul per group present; never builds a [k, m, r, d] gather."""
+    G, mg, r, d = B.shape
+    if len(sels) == 1 and sels[0][1] is None:
+        return _mix_group(weights, B[sels[0][0]].reshape(mg, r * d))
+    out = torch.empty((weights.shape[0], r * d), dtype=weights.dtype, device=B.device)
+    for g, sel in sels:
+        out[sel] = _mix_group(weights[sel], B[g].reshape(mg, r * d))
+    return out
+
+
 def mixed_bases(alpha: torch.Tensor, B: torch.Tensor, experts: torch.Tensor | range, num_experts: int,
                 activation: str) -> torch.Tensor:
     """act(Σ_i softmax(α_e)_i B_{g(e), i}) for the given experts: [k, r, d], math in fp32.
 
     The one mixing function: the solvers, the init, reconstruction and the runtime all call it.
     `alpha` holds the given experts' logit rows [k, m_g]; `experts` are their ids (a range or a
-    tensor on any device; group ids are worked out on the host so a CUDA step never waits on the
-    device). One matmul per group present; never builds a [k, m, r, d] gather.
+    tensor on any device).
     """
     G, mg, r, d = B.shape
     weights = torch.softmax(alpha.float(), dim=-1).to(B.device)
-    ids = torch.as_tensor(list(experts)) if isinstance(experts, range) else experts.reshape(-1).cpu()
-    groups = ids // (num_experts // G)
-    present = torch.unique(groups).tolist()
-    if len(present) == 1:  # the usual case: a batch inside one group, no index juggling
-        out = _mix_group(weights, B[present[0]].reshape(mg, r * d))
-    else:
-        out = torch.empty((ids.numel(), r * d), dtype=weights.dtype, device=B.device)
-        for g in present:
-            sel = (groups == g).nonzero(as_tuple=True)[0].to(B.device)
-            out[sel] = _mix_group(weights[sel], B[g].reshape(mg, r * d))
-    return ACTIVATIONS[activation](out.view(-1, r, d))
+    pre = mix(weights, B, expert_groups(experts, num_experts, G, B.device))
+    return ACTIVATIONS[activation](pre.view(-1, r, d))
 
 
 @dataclass

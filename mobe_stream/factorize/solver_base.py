@@ -28,7 +28,7 @@ import weakref
 
 import torch
 
-from .cost import DEVICE_FRACTION, MemoryPlan, plan_memory
+from .cost import MemoryPlan, device_budget, plan_memory
 from .init import initial_factors
 from .model import MoBEFactors, MoBESpec
 from .precision import Precision
@@ -142,10 +142,7 @@ class Solver:
 
     # -- mechanics
     def _plan(self, targets: Targets, max_device_bytes: int | None, expert_batch: int | None) -> MemoryPlan:
-        budget = max_device_bytes
-        if budget is None and self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * DEVICE_FRACTION)
+        budget = device_budget(self.device, max_device_bytes)
         return plan_memory(self.cost_kind, self.E, self.p, self.d, self.spec, targets.nbytes, self.device.type,
                            budget, expert_batch)
 

@@ -4,9 +4,10 @@ Why not fp32: one gate or up projection of a Kimi-K2 layer is 5.6 G elements, 22
 but 5.6 GB as its FP8 source (+1.4 MB of scales) or 11.3 GB as bf16. Kept in the source's own
 precision the targets fit on an 80 GB card beside the solver's state, so a step never copies them
 over PCIe; each expert batch is dequantized and z-scored on the device inside the step (one
-elementwise pass over the batch, next to the four matmuls over it that follow). The values are
-exactly the source's: FP8 is dequantized as the format says (fp32 product of code and block scale)
-and scaled by 1/std in fp32, the same numbers an fp32 copy would hold.
+elementwise pass over the batch, next to the four matmuls over it that follow). The values are the
+source's: FP8 is dequantized as the format says (fp32 product of code and block scale, 1/std folded
+into the per-block scale, so within one rounding of an fp32 copy's z-scored values); bf16/fp16/fp32
+are widened and scaled in fp32.
 """
 
 from __future__ import annotations
@@ -89,10 +90,9 @@ class Targets:
     def batch(self, e0: int = 0, e1: int | None = None) -> torch.Tensor:
         """fp32 [e1-e0, p, d] = stored value · scale, a fresh tensor on the data's device."""
         e1 = self.shape[0] if e1 is None else e1
-        if self.scale_inv is not None:
-            out = dequantize_batch(self.data[e0:e1], self.scale_inv[e0:e1], self.block)
-        else:
-            out = self.data[e0:e1].to(torch.float32, copy=True)
+        if self.scale_inv is not None:  # `scale` folds into the block scales: one pass over the batch, not two
+            return dequantize_batch(self.data[e0:e1], self.scale_inv[e0:e1] * self.scale, self.block)
+        out = self.data[e0:e1].to(torch.float32, copy=True)
         return out.mul_(self.scale) if self.scale != 1.0 else out
 
     def dense(self) -> torch.Tensor:

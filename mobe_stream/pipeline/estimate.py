@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..checkpoint import fp8
+from ..checkpoint.families import kept_target_dtype
 from ..factorize import MoBEFactors, MoBESpec
 from ..factorize.cost import DEVICE_FRACTION, plan_memory, step_flops, step_traffic_bytes
 
@@ -81,11 +82,15 @@ class Estimate:
 
 
 def target_bytes(E: int, p: int, d: int, stored_dtype: torch.dtype, block: tuple[int, int]) -> int:
-    """A projection's targets as the solver keeps them: the source's own bytes (FP8 with its scales,
-    bf16, fp16, fp32); any other encoding is dequantized to fp32."""
-    if stored_dtype not in (fp8.FP8_DTYPE, torch.bfloat16, torch.float16, torch.float32):
-        stored_dtype = torch.float32
+    """A projection's targets as the solver keeps them (FP8 with its scales, bf16, fp16, fp32)."""
     return E * fp8.stored_bytes((p, d), stored_dtype, block)
+
+
+def source_target_bytes(E: int, p: int, d: int, stored: set[str], block: tuple[int, int]) -> int:
+    """target_bytes for experts stored as the safetensors dtypes `stored` (one expected; a mix, or an
+    encoding the solver does not keep, is counted as the fp32 it is dequantized to)."""
+    kept = kept_target_dtype(next(iter(stored)), scaled=True) if len(stored) == 1 else None
+    return target_bytes(E, p, d, kept or torch.float32, block)
 
 
 def _timed(fn, repeat: int = 3) -> float:
@@ -98,14 +103,11 @@ def _timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def measure_cpu(p: int, d: int, r: int, precision: str, batch: int) -> tuple[float, float]:
-    """(matmul FLOP/s at the fit's A·M shape in this precision, elementwise bytes/s) on this CPU."""
-    from ..factorize import Precision
-
+def measure_cpu(p: int, d: int, r: int, batch: int) -> tuple[float, float]:
+    """(fp32 matmul FLOP/s at the fit's A·M shape, elementwise bytes/s) on this CPU."""
     k = max(1, min(batch, 8))
     a, b = torch.randn(k, p, r), torch.randn(k, r, d)
-    prec = Precision(precision, "cpu")
-    mm_s = _timed(lambda: prec.bmm(a, b))
+    mm_s = _timed(lambda: torch.bmm(a, b))
     x = torch.randn(max(k * p * d, 2**24))  # beyond the caches
     ew_s = _timed(lambda: x.mul_(1.0000001))
     return 2 * k * p * r * d / mm_s, 2 * 4 * x.numel() / ew_s
@@ -138,34 +140,24 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
     svd_flops = spec.num_bases * 4 * group_rows * d * min(group_rows, d)
     if device == "cpu":
         plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch)
-        mm_rate, bw = measure_cpu(p, d, r, "fp32", plan.batch)
-        batches = -(-E // plan.batch)
+        mm_rate, bw = measure_cpu(p, d, r, plan.batch)
         # the probe times a whole step of one batch (matmuls, elementwise, overheads) including an Adam
         # update of its m_g bases; a real step has `batches` batches and one update of all m bases
         probe = probe_cpu_batch(solver, p, d, spec, plan.batch, precision)
         update = 12 * 4 * r * d / bw  # Adam over one basis: ~12 passes of 4 bytes an element
-        step_s = batches * max(probe - spec.bases_per_group * update, 0.5 * probe) + spec.num_bases * update
+        step_s = -(-E // plan.batch) * max(probe - spec.bases_per_group * update, 0.5 * probe) + spec.num_bases * update
         init_s = svd_flops / (mm_rate * SVD_EFFICIENCY * 4)  # a CPU's LAPACK runs closer to its GEMM rate
         basis = (f"measured on this CPU: one {plan.batch}-expert batch of a real step {probe * 1e3:.3g} ms, "
                  f"{mm_rate / 1e9:.3g} GFLOP/s fp32 matmul, {bw / 1e9:.3g} GB/s")
-        hours = projections * (steps * step_s + init_s) / 3600
-        return Estimate("cpu", basis, solver, precision, steps, projections, plan.batch, True, flops, traffic, 0,
-                        plan.host_bytes, 0, step_s, init_s, hours)
-    hw = GPUS[device]
-    budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
-    plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch)
-    mm_rate = hw.tflops[precision] * 1e12 * MATMUL_EFFICIENCY
-    bw = hw.bandwidth * MEMORY_EFFICIENCY
-    pcie = hw.pcie
-    svd_rate = hw.tflops["fp32"] * 1e12 * SVD_EFFICIENCY
-    basis = (f"{hw.name} spec sheet x {MATMUL_EFFICIENCY:.0%} (matmul) / {MEMORY_EFFICIENCY:.0%} (memory): "
-             f"assumed, not measured")
-    overhead = BATCH_OVERHEAD_S
-    device_name = device
-    batches = -(-E // plan.batch)
-    pcie_s = plan.pcie_bytes_per_step / pcie
-    step_s = flops / mm_rate + traffic / bw + pcie_s + batches * overhead
-    init_s = svd_flops / svd_rate
+    else:
+        hw = GPUS[device]
+        budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
+        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch)
+        step_s = (flops / (hw.tflops[precision] * 1e12 * MATMUL_EFFICIENCY) + traffic / (hw.bandwidth * MEMORY_EFFICIENCY)
+                  + plan.pcie_bytes_per_step / hw.pcie + -(-E // plan.batch) * BATCH_OVERHEAD_S)
+        init_s = svd_flops / (hw.tflops["fp32"] * 1e12 * SVD_EFFICIENCY)
+        basis = (f"{hw.name} spec sheet x {MATMUL_EFFICIENCY:.0%} (matmul) / {MEMORY_EFFICIENCY:.0%} (memory): "
+                 f"assumed, not measured")
     hours = projections * (steps * step_s + init_s) / 3600
-    return Estimate(device_name, basis, solver, precision, steps, projections, plan.batch, plan.resident, flops, traffic,
+    return Estimate(device, basis, solver, precision, steps, projections, plan.batch, plan.resident, flops, traffic,
                     plan.device_bytes, plan.host_bytes, plan.pcie_bytes_per_step, step_s, init_s, hours)

@@ -188,11 +188,14 @@ class RichSink(Sink):
         self._stop()
 
 
+HEARTBEAT_S = 30.0  # seconds between status lines when stderr is not a terminal
+
+
 class HeartbeatSink(Sink):
     """When stderr is not a terminal (piped, logged, CI): log lines as they come, a finished unit's
     result, and one status line every `every` seconds, so a long run never looks hung."""
 
-    def __init__(self, stream: IO[str] = sys.stderr, every: float = 30.0):
+    def __init__(self, stream: IO[str] = sys.stderr, every: float = HEARTBEAT_S):
         self.stream, self.every = stream, every
         self.work = WorkTracker()
         self.last = time.monotonic()

@@ -30,7 +30,7 @@ AUTO = "auto"
 DTYPE_CHOICES = (AUTO, *DTYPES)
 PRECISION_CHOICES = (AUTO, *PRECISIONS)
 # --precision auto: the fastest precision whose final error stays within 1% of fp32's, per device
-# kind (measured: see CHANGELOG 0.5.0 and tools/bench_solver.py --precisions)
+# kind (measured with tools/bench_solver.py --solvers als:scaled:fp32,als:scaled:bf16,...; CHANGELOG)
 AUTO_PRECISION = {"cuda": "bf16", "cpu": "fp32"}
 ACTIVATIONS = ("silu", "tanh")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

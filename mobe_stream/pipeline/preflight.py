@@ -12,11 +12,10 @@ import torch
 from ..checkpoint.families import Family
 from ..checkpoint.mobe_format import projection_bytes
 from ..checkpoint.reader import CheckpointReader
-from ..checkpoint.safetensors_io import ST_TO_TORCH
 from ..errors import ResourceError
 from ..factorize import MethodPlan, working_set_bytes
-from ..factorize.cost import DEVICE_FRACTION
-from .estimate import Estimate, estimate, hardware_key, target_bytes
+from ..factorize.cost import device_budget
+from .estimate import Estimate, estimate, hardware_key, source_target_bytes
 from .job import CompressJob, source_expert_dtypes
 from .plan import Unit
 
@@ -47,10 +46,8 @@ def layer_ram_bytes(job: CompressJob) -> int:
 
 def _target_bytes(job: CompressJob) -> int:
     fam = job.family
-    stored = source_expert_dtypes(job.reader, fam, job.layers)
-    dtype = ST_TO_TORCH.get(next(iter(stored))) if len(stored) == 1 else None
-    return target_bytes(fam.num_experts, fam.moe_intermediate_size, fam.hidden_size, dtype or torch.float32,
-                        job.reader.scale_block)
+    return source_target_bytes(fam.num_experts, fam.moe_intermediate_size, fam.hidden_size,
+                               source_expert_dtypes(job.reader, fam, job.layers), job.reader.scale_block)
 
 
 def check(out: Path, need_disk: int, need_ram: int | None, force: bool, warn: Callable[[str], None],
@@ -82,10 +79,6 @@ def estimate_for(job: CompressJob, projections: int) -> Estimate | None:
         return None
     fam, spec = job.family, job.spec
     E, p, d = fam.num_experts, fam.moe_intermediate_size, fam.hidden_size
-    tb = _target_bytes(job)
-    budget = job.fit.max_device_bytes
-    if key != "cpu" and budget is None:
-        free, _ = torch.cuda.mem_get_info(torch.device(job.fit.device))
-        budget = int(free * DEVICE_FRACTION)
     return estimate(E, p, d, spec, solver=job.fit.solver, precision=job.fit.precision, steps=job.fit.steps,
-                    projections=projections, targets=tb, device=key, budget=budget)
+                    projections=projections, targets=_target_bytes(job), device=key,
+                    budget=device_budget(job.fit.device, job.fit.max_device_bytes))
