@@ -16,14 +16,14 @@ if TYPE_CHECKING:
 
 
 def _load(model: Path, tok: Tokenizer, dtype: str, device_map: str, max_memory: str | None,
-          offload_folder: Path | None, mobe_cache: str | None, print_map: bool, expert_cache: str | None = None):
+          offload_folder: Path | None, mobe_cache: str, print_map: bool, expert_cache: str | None = None):
     """Load weights; the caller builds `tok` first so that a bad tokenizer or chat template fails before."""
     from .runtime.device_map import format_plan
     from .runtime.model import load_model
 
     show = (lambda plan, sizes: print(format_plan(plan, sizes), file=sys.stderr, flush=True)) if print_map else None
     m = load_model(model, dtype=dtype, device_map=None if device_map == "none" else device_map,
-                   max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache or 0, on_plan=show,
+                   max_memory=max_memory, offload_folder=offload_folder, mobe_cache=mobe_cache, on_plan=show,
                    expert_cache=expert_cache)
     tok.eos_ids |= set(m.cfg.eos_token_ids)
     return m
@@ -50,6 +50,8 @@ DEVICE_MAP_HELP = ("auto, balanced, sequential, cpu (plan with --max-memory), or
                    "fetched per token through --expert-cache.")
 EXPERT_CACHE_HELP = ("With --device-map experts: bytes of hot routed experts kept on the compute device (LRU), "
                      "e.g. 8GiB; default half the device room left.")
+MOBE_CACHE_HELP = ("MoBE checkpoints: bytes of mixed bases kept between forwards (LRU over all layers), e.g. 2GiB; "
+                   "auto: all of them if that is at most a quarter of the free memory, else a quarter; 0: none.")
 MAX_MEMORY_HELP = 'accelerate form, e.g. "0=20GiB,cpu=64GiB,disk"; a GPU named here must exist (unless --dry-run).'
 OFFLOAD_HELP = ("Kept for accelerate compatibility. Disk-offloaded weights are read from the checkpoint's own "
                 "safetensors shards (mmap) and nothing is written here; every source mobe-stream reads is safetensors.")
@@ -82,7 +84,7 @@ def register(app: typer.Typer) -> None:
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
-        mobe_cache: str | None = typer.Option(None, help="LRU cache of mixed MoBE bases, e.g. 2GiB."),
+        mobe_cache: str = typer.Option("auto", help=MOBE_CACHE_HELP),
         expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
     ):
@@ -108,8 +110,9 @@ def register(app: typer.Typer) -> None:
             d = {"model": str(model), **r.as_dict()}
             d["device_map"] = {u: str(v) for u, v in m.plan.items()}
             print(json.dumps(d))
-        ec = r.expert_cache
+        ec, mc = r.expert_cache, r.mobe_cache
         hits = f", expert cache {ec['hits']} hits / {ec['misses']} misses" if ec else ""
+        hits += f", MoBE cache hit rate {mc['hit_rate']:.2f} ({_mib(mc['cache_bytes'])})" if mc else ""
         print(f"{r.new_tokens} tokens ({r.stop_reason}), prefill {r.prefill_s:.3f}s ({r.prompt_tokens} tokens), "
               f"decode {r.tokens_per_s:.2f} tok/s, peak RSS {_mib(r.peak_rss_bytes)}, peak GPU {_mib(r.peak_gpu_bytes)}"
               f"{hits}", file=sys.stderr)
@@ -129,7 +132,7 @@ def register(app: typer.Typer) -> None:
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         dtype: str = typer.Option("bf16", help="bf16 or fp32."),
-        mobe_cache: str | None = typer.Option(None),
+        mobe_cache: str = typer.Option("auto", help=MOBE_CACHE_HELP),
         expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
     ):

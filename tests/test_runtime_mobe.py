@@ -103,7 +103,8 @@ def test_mobe_matches_reconstructed(tmp_path, family, layout, act):
     assert (got - ref).abs().max() / ref.abs().max() < 1e-4
     cached = _logits(mobe, mobe_cache="1MiB")
     assert (cached - ref).abs().max() / ref.abs().max() < 1e-4
-    assert torch.equal(_logits(mobe, materialize_all=True), got)
+    every = _logits(mobe, materialize_all=True)  # all experts mixed and materialised (the reference's way)
+    assert (every - ref).abs().max() / ref.abs().max() < 1e-4
 
 
 def test_only_routed_experts_are_mixed(tmp_path):
@@ -125,5 +126,5 @@ def test_mixed_basis_cache_is_byte_bounded():
     from mobe_stream.runtime.mobe_experts import MixedBasisCache
     c = MixedBasisCache(3 * 4 * 16)  # three fp32 [4, 4] tensors
     for e in range(5):
-        c.put((0, "gate_proj", e), torch.zeros(4, 4))
-    assert c.bytes <= 3 * 64 and c.get((0, "gate_proj", 0)) is None and c.get((0, "gate_proj", 4)) is not None
+        c.put((0, e), torch.zeros(4, 4))
+    assert c.bytes <= 3 * 64 and c.get((0, 0)) is None and c.get((0, 4)) is not None

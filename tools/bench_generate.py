@@ -4,7 +4,10 @@ form, and (when accelerate is installed) transformers device_map="auto" with the
 
 Each configuration runs in its own subprocess so that peak RSS is its own. Also a micro-benchmark
 of MoBE basis mixing: routed experts only vs all experts (what the reference code does).
+`--side-by-side`: prefill and decode tokens/s and peak memory of original, MoBE (cache off and
+`auto`) and export on the trained tiny model and a Kimi-K2 layer scaled down (tools/bench_forms.py).
 
+    python tools/bench_generate.py --side-by-side [--dtype bfloat16] [--json out.json]
     python tools/bench_generate.py [--family qwen3_moe] [--tokens 32] [--json out.json]
     python tools/bench_generate.py --family kimi_k2 --fp8    # FP8 block-scaled source (bf16 rest)
     python tools/bench_generate.py --family kimi_k2 --fp8 --expert-plans   # + --device-map experts rows
@@ -130,24 +133,6 @@ def _hf_max_memory(s: str) -> dict:
     return {k: ("1000GiB" if v == float("inf") else int(v)) for k, v in parse_max_memory(s).items() if k != "disk"}
 
 
-def bench_mixing(E: int = 64, m: int = 8, r: int = 128, d: int = 512, top_k: int = 8, reps: int = 3) -> dict:
-    """Cost of building mixed bases for one projection of one layer: routed experts vs all E."""
-    from mobe_stream.factorize.model import mixed_bases
-
-    B = torch.randn(1, m, r, d)
-    alpha = torch.randn(E, m)
-    out = {}
-    for name, n in (("routed_only", top_k), ("materialize_all", E)):
-        ids = torch.arange(n)
-        mixed_bases(alpha[ids], B, ids, E, "silu")
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            mixed_bases(alpha[ids], B, ids, E, "silu")
-        out[name + "_ms"] = (time.perf_counter() - t0) / reps * 1e3
-    out.update(E=E, m=m, r=r, d=d, top_k=top_k, speedup=out["materialize_all_ms"] / out["routed_only_ms"])
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="qwen3_moe")
@@ -168,9 +153,20 @@ def main() -> None:
     ap.add_argument("--max-memory", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--offload", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--materialize-all", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--side-by-side", action="store_true", help="original / MoBE / export, prefill and decode")
+    ap.add_argument("--reps", type=int, default=3, help="--side-by-side: interleaved repetitions (median)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args)))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.side_by_side:
+        from bench_forms import speed
+
+        res = speed(argparse.Namespace(shapes="trained,kimi", dtype="bfloat16" if args.dtype == "float32" else args.dtype,
+                                       ctx=256, tokens=args.tokens, reps=args.reps))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(res, indent=1))
         return
 
     from mobe_stream.synth import make_tiny_moe
@@ -201,7 +197,9 @@ def main() -> None:
                 rows.append(_sub("transformers+accelerate", form, plan, path, mm, work, args.tokens, False, args.dtype))
     if not have_accelerate:
         rows.append({"engine": "transformers+accelerate", "form": "original", "plan": "-", "note": "accelerate not installed"})
-    mixing = bench_mixing()
+    from bench_forms import mixing as bench_mixing
+
+    mixing = bench_mixing(argparse.Namespace(dtype=args.dtype))
     print(f"\n{'engine':<24} {'form':<9} {'plan':<13} {'tok/s':>8} {'peak RSS':>10} {'offload written':>16} "
           f"{'hit rate':>9}  devices")
     for r in rows:
@@ -212,9 +210,6 @@ def main() -> None:
               f"{r.get('offload_written', 0) / 2**20:14.1f}Mi "
               f"{'' if r.get('expert_hit_rate') is None else format(r['expert_hit_rate'], '.2f'):>9}  "
               f"{','.join(r.get('devices', []))}")
-    print(f"\nMoBE basis mixing, one projection of one layer (E={mixing['E']}, m={mixing['m']}, r={mixing['r']}, "
-          f"d={mixing['d']}): routed-only (top-{mixing['top_k']}) {mixing['routed_only_ms']:.2f} ms vs "
-          f"materialise-all {mixing['materialize_all_ms']:.2f} ms ({mixing['speedup']:.1f}x)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"rows": rows, "mixing": mixing}, indent=1))
     shutil.rmtree(work, ignore_errors=True)

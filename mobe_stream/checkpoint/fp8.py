@@ -144,6 +144,9 @@ def dequantize_batch(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
     if m % bm == 0 and n % bn == 0:  # the usual case: a broadcast over whole blocks, no expanded copy
         out = q.to(torch.float32).view(k, sm, bm, sn, bn) * s[:, :, None, :, None]
         return out.view(k, m, n).to(out_dtype)
+    if m % bm == 0:  # whole row blocks, a partial last column block: the scale widened along columns only
+        cols = s.repeat_interleave(bn, dim=2)[:, :, :n]
+        return (q.to(torch.float32).view(k, sm, bm, n) * cols[:, :, None, :]).view(k, m, n).to(out_dtype)
     full = s.repeat_interleave(bm, dim=1)[:, :m].repeat_interleave(bn, dim=2)[:, :, :n]
     return (q.to(torch.float32) * full).to(out_dtype)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.fp8 import DEFAULT_BLOCK, dequantize_batch
+
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
@@ -77,13 +79,14 @@ def expert_groups(experts: torch.Tensor | range, num_experts: int, groups: int,
 
 def mix(weights: torch.Tensor, B: torch.Tensor, sels: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
     """Σ_i weights[e, i] B_{g(e), i} before the activation, [k, r·d] fp32 on B's device; `sels` from
-    expert_groups. One matmul per group present; never builds a [k, m, r, d] gather."""
-    G, mg, r, d = B.shape
+    expert_groups; B is [G, m_g, ...] (a column slice [G, m_g, n] too). One matmul per group
+    present; never builds a [k, m, r, d] gather."""
+    G, mg = B.shape[:2]
     if len(sels) == 1 and sels[0][1] is None:
-        return _mix_group(weights, B[sels[0][0]].reshape(mg, r * d))
-    out = torch.empty((weights.shape[0], r * d), dtype=weights.dtype, device=B.device)
+        return _mix_group(weights, B[sels[0][0]].reshape(mg, -1))
+    out = torch.empty((weights.shape[0], B[0].reshape(mg, -1).shape[1]), dtype=weights.dtype, device=B.device)
     for g, sel in sels:
-        out[sel] = _mix_group(weights[sel], B[g].reshape(mg, r * d))
+        out[sel] = _mix_group(weights[sel], B[g].reshape(mg, -1))
     return out
 
 
@@ -99,6 +102,45 @@ def mixed_bases(alpha: torch.Tensor, B: torch.Tensor, experts: torch.Tensor | ra
     weights = torch.softmax(alpha.float(), dim=-1).to(B.device)
     pre = mix(weights, B, expert_groups(experts, num_experts, G, B.device))
     return ACTIVATIONS[activation](pre.view(-1, r, d))
+
+
+MIX_TILE_BYTES = (2 * 2**20, 256 * 2**20)  # fp32 mix per chunk: (CPU: about its L2 cache, CUDA: bounds temporaries)
+
+
+def mixed_bases_as(alpha: torch.Tensor, B: torch.Tensor, experts: torch.Tensor | range, num_experts: int,
+                   activation: str, dtype: torch.dtype, out: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+    """`mixed_bases` rounded once to `dtype` (the runtime's mixing), a chunk of rows of r at a time:
+    the fp32 mix of a chunk takes MIX_TILE_BYTES (on a CPU it stays in cache: mixing is bound by
+    memory traffic, not by the m-term sums; 2-4x faster than one pass over a whole [k, r·d] fp32
+    temporary when many experts are mixed, tools/bench_forms.py --mixing), and only the groups the
+    experts belong to are read. B as stored: compute dtype, or FP8 with its block `scale` [G, m_g, ceil(r/bm), ceil(d/bn)]
+    (dequantized a chunk at a time, whole row blocks; never a dequantized copy of the bank).
+    Same values as mixed_bases(...).to(dtype); written into `out` [k, r, d] when given (its rows may
+    be strided, e.g. one half of a [k, 2r, d] tensor)."""
+    G, mg, r, d = B.shape
+    weights = torch.softmax(alpha.float(), dim=-1).to(B.device)
+    sels = expert_groups(experts, num_experts, G, B.device)
+    if out is None:
+        out = torch.empty((weights.shape[0], r, d), dtype=dtype, device=B.device)
+    bm = block[0]
+    chunk = MIX_TILE_BYTES[B.device.type == "cuda"] // (4 * max(1, weights.shape[0]))  # fp32 elements per expert
+    rows = max(1, chunk // d) if scale is None else max(1, chunk // (d * bm)) * bm
+    for r0 in range(0, r, rows):
+        r1 = min(r, r0 + rows)
+        for g, sel in sels:
+            if scale is None:
+                Bg = B[g, :, r0:r1].reshape(mg, -1).float()
+            else:
+                s = scale[g, :, r0 // bm:(r1 + bm - 1) // bm]
+                Bg = dequantize_batch(B[g, :, r0:r1], s, block, torch.float32).reshape(mg, -1)
+            w = weights if sel is None else weights[sel]
+            y = ACTIVATIONS[activation](w @ Bg).view(-1, r1 - r0, d).to(dtype)
+            if sel is None:
+                out[:, r0:r1] = y
+            else:
+                out[sel, r0:r1] = y
+    return out
 
 
 @dataclass

@@ -36,4 +36,4 @@ def perplexity(model: MoEModel, tok: Tokenizer, text: str, ctx: int = 512, progr
             progress(windows, total)
     secs = time.perf_counter() - t0
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows, "ctx": ctx,
-            "seconds": secs, "tokens_per_s": count / secs if secs else 0.0}
+            "seconds": secs, "tokens_per_s": count / secs if secs else 0.0, "mobe_cache": model.mobe_cache_stats()}

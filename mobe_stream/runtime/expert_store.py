@@ -70,44 +70,41 @@ class HostExperts:
 
 
 class ExpertFetcher:
-    """Moves routed experts of one layer to the device, batched, through the shared cache."""
+    """Moves routed experts of one layer to the device, a bank's batch at a time, through the shared cache."""
 
     def __init__(self, layer: int, host: HostExperts, cache: ByteLRU[Entry], device: torch.device, staging: int,
                  stats: dict[str, int], stream):
         self.layer, self.host, self.cache, self.device, self.staging = layer, host, cache, device, staging
         self.stats, self.stream = stats, stream
-        self.routed: list[int] = []
         self.batch: dict[int, Entry] = {}
+        self.max_batch = max(1, staging // max(host.info.max_expert_bytes, 1))  # experts held at once
 
     def prepare(self, experts: list[int]) -> None:
-        self.routed, self.batch = list(experts), {}
-        misses = [e for e in experts if self.cache.get((self.layer, e)) is None]
-        if misses:
-            self._load(misses[0])
-
-    def entry(self, e: int) -> Entry:
-        ent = self.batch.get(e)
-        if ent is None:
-            ent = self.cache.peek((self.layer, e))
-        if ent is None:  # next batch of misses (or an expert the cache evicted since prepare)
-            self._load(e)
-            ent = self.batch[e]
-        return ent
-
-    def _load(self, first: int) -> None:
-        """Copy `first` and the routed experts after it that are not cached, up to `staging` bytes."""
-        todo = self.routed[self.routed.index(first):] if first in self.routed else [first]
-        host: list[tuple[int, UnitWeights]] = []
-        size, largest = 0, self.host.info.max_expert_bytes
-        for e in todo:
-            if e != first and self.cache.peek((self.layer, e)) is not None:
-                continue
-            if host and size + largest > self.staging:
-                break
-            w = self.host.read(e)
-            host.append((e, w))
-            size += w.nbytes()
+        """Count each routed expert once against the cache (a hit, or a miss that will travel)."""
         self.batch = {}
+        for e in experts:
+            self.cache.get((self.layer, e))
+
+    def hold(self, experts: list[int]) -> list[Entry]:
+        """The entries of `experts` (at most max_batch), on the device until the next hold: from the
+        batch held, the cache, or copied now in one batch."""
+        held: dict[int, Entry] = {}
+        missing = []
+        for e in experts:
+            ent = self.batch.get(e)
+            if ent is None:
+                ent = self.cache.peek((self.layer, e))
+            if ent is None:
+                missing.append(e)
+            else:
+                held[e] = ent
+        if missing:
+            held.update(self._load(missing))
+        self.batch = held
+        return [held[e] for e in experts]
+
+    def _load(self, experts: list[int]) -> dict[int, Entry]:
+        host = [(e, self.host.read(e)) for e in experts]
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
                 moved = [(e, w.map(lambda v: (v if v.is_pinned() else v.pin_memory()).to(self.device, non_blocking=True)))
@@ -122,10 +119,10 @@ class ExpertFetcher:
         else:
             moved = [(e, w.map(lambda v: v.to(self.device, copy=True))) for e, w in host]
         for e, w in moved:
-            self.batch[e] = w
             self.cache.put((self.layer, e), w, w.nbytes())
-        self.stats["transferred_bytes"] += size
+        self.stats["transferred_bytes"] += sum(w.nbytes() for _, w in host)
         self.stats["transfers"] += len(moved)
+        return dict(moved)
 
 
 class ExpertUnit(UnitWeights):
@@ -137,12 +134,31 @@ class ExpertUnit(UnitWeights):
         info = fetcher.host.info
         self.per_expert, self.stacked = info.per_expert, set(info.stacked)
 
+        self.max_batch = fetcher.max_batch
+
     def __getitem__(self, rel: str) -> torch.Tensor:
         e = self.per_expert.get(rel)
-        return super().__getitem__(rel) if e is None else self.fetcher.entry(e)[rel]
+        return super().__getitem__(rel) if e is None else self.fetcher.hold([e])[0][rel]
 
     def expert(self, rel: str, e: int) -> torch.Tensor:
-        return self.fetcher.entry(e)[rel] if rel in self.stacked else super().expert(rel, e)
+        return self.fetcher.hold([e])[0][rel] if rel in self.stacked else super().expert(rel, e)
+
+    def experts(self, rel: str, ids: torch.Tensor) -> torch.Tensor:
+        if rel not in self.stacked:
+            return super().experts(rel, ids)
+        return self._gather(self.fetcher.hold(ids.tolist()), [rel] * len(ids))
+
+    def stack(self, rels: list[str]) -> torch.Tensor:
+        if rels[0] not in self.per_expert:
+            return super().stack(rels)
+        return self._gather(self.fetcher.hold([self.per_expert[r] for r in rels]), rels)
+
+    def _gather(self, entries: list[UnitWeights], rels: list[str]) -> torch.Tensor:
+        """One tensor per fetched expert entry, stacked, FP8 ones dequantized in one pass."""
+        q = torch.stack([ent.tensors[r] for ent, r in zip(entries, rels, strict=True)])
+        if rels[0] not in entries[0].scales:
+            return q
+        return self._dequant(q, torch.stack([ent.scales[r] for ent, r in zip(entries, rels, strict=True)]))
 
     def shape(self, rel: str) -> torch.Size:
         return self.fetcher.host.shape(rel) if rel in self.stacked or rel in self.per_expert else super().shape(rel)

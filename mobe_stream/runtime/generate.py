@@ -29,6 +29,7 @@ class GenerationResult:
     peak_rss_bytes: int
     peak_gpu_bytes: int
     expert_cache: dict | None = None  # --device-map experts: this call's hits, misses, hit_rate, transfers
+    mobe_cache: dict | None = None  # MoBE checkpoints: this call's mixed-basis cache hits, misses, hit_rate, bytes
 
 
     def as_dict(self) -> dict:
@@ -80,7 +81,7 @@ def generate(model: MoEModel, tok: Tokenizer, prompt: str | list[int], max_new_t
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    before = model.expert_stats()
+    before, mixed_before = model.expert_stats(), model.mobe_cache_stats()
     cache = model.new_cache()
     dec = StreamDecoder(tok)
     out: list[int] = []
@@ -107,7 +108,7 @@ def generate(model: MoEModel, tok: Tokenizer, prompt: str | list[int], max_new_t
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     return GenerationResult(tok.decode(out), len(ids), len(out), out, stop, t1 - t0, t2 - t1,
                             decode_steps / (t2 - t1) if t2 > t1 and decode_steps else 0.0, peak_rss_bytes(), gpu,
-                            _since(before, model.expert_stats()))
+                            _since(before, model.expert_stats()), _since(mixed_before, model.mobe_cache_stats()))
 
 
 COUNTERS = ("hits", "misses", "evictions", "transfers", "transferred_bytes")
@@ -117,7 +118,7 @@ def _since(before: dict | None, after: dict | None) -> dict | None:
     """Expert-cache counters of one generate call (the model's counters run over its lifetime)."""
     if before is None or after is None:
         return None
-    out = dict(after, **{k: after[k] - before[k] for k in COUNTERS})
+    out = dict(after, **{k: after[k] - before[k] for k in COUNTERS if k in after})
     looked = out["hits"] + out["misses"]
     out["hit_rate"] = out["hits"] / looked if looked else 0.0
     return out

@@ -1,14 +1,26 @@
 """MoBE experts: gate/up weights rebuilt from shared bases, only for the experts a forward routes to.
 
-    M_e = act(sum_i softmax(alpha_e)_i B[g(e), i])      [r, d], in fp32
-    gate_e(x) = (x M_e^T) A_e^T                          never forms W_e = A_e M_e
+    M_e = act(sum_i softmax(alpha_e)_i B[g(e), i])      [r, d], in fp32, kept in the compute dtype
+    gate_e(x) = (x M_e^T) A_e^T                          factored: C (r d + r p) per expert of C rows
+    gate_e(x) = x (A_e M_e)^T                            materialised: p r d + C p d
 
-The reference code mixes bases for all E experts on every call; routing picks top_k of them, so
-building only the routed ones saves (E - routed) / E of that work. Mixed bases can be kept in a
-byte-bounded LRU (`--mobe-cache`) shared by all layers, for decode where the same experts recur.
+Per forward and per batch of experts with similar token counts (moe.expert_batches), the cheaper
+form is chosen from the rows C each expert sees: materialise when C >= materialize_threshold(p, r,
+d) (the FLOP crossover p r d / (r (d + p) - p d), times a factor measured by tools/bench_generate.py
+--crossover; never at r < p d / (d + p), where the factored form is always cheaper). A decode step
+(C = 1) and short prompts stay factored; long prefills materialise the experts they use heavily,
+which is what the reference code does for every expert on every call.
+
+Mixing costs m r d per expert and projection (m bases), far more than applying the expert to one
+token (r d + r p), so a decode step would be dominated by it: the mixed bases of the routed experts
+go into a byte-bounded LRU (`--mobe-cache`, shared by all layers, default `auto`), and only the
+misses are mixed, in one batched call per expert batch (`mixed_bases`). The reference code mixes all
+E experts on every call; building only the routed ones saves (E - routed) / E of that work.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +28,56 @@ import torch.nn.functional as F
 from ..checkpoint.families import EXPERTS_MODULE as EXPERTS
 from ..checkpoint.mobe_format import PROJECTIONS as PROJS
 from ..checkpoint.mobe_format import factor_name
-from ..factorize.model import mixed_bases
+from ..factorize.model import mixed_bases_as
 from .lru import ByteLRU
-from .moe import OriginalExperts
-from .ops import swiglu
+from .moe import OriginalExperts, batched_swiglu
 from .unit_weights import UnitWeights
+
+MIX_BYTES = 512 * 2**20  # fp32 mixing temporaries of one expert batch (Kimi-K2: 4 experts of 2 x 2048 x 7168)
+CROSSOVER_FACTOR = 1.0   # measured: tools/bench_generate.py --crossover (see materialize_threshold)
+
+
+def materialize_threshold(p: int, r: int, d: int, factor: float | None = None) -> float:
+    """Rows per expert from which A_e M_e is formed before applying: materialising costs p r d once
+    and saves C (r (d + p) - p d) against the factored form (inf when the factored form is never
+    dearer, r (d + p) <= p d)."""
+    saved_per_row = r * (d + p) - p * d
+    factor = CROSSOVER_FACTOR if factor is None else factor
+    return math.inf if saved_per_row <= 0 else factor * p * r * d / saved_per_row
+
+
+AUTO_CACHE_SHARE = 0.25  # `--mobe-cache auto`: at most this share of the compute device's free memory
+
+
+def all_bases_bytes(mobe: dict, num_experts: int, hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of every expert's mixed bases in every MoBE layer (what a cache holding all would use;
+    at r = p as many as the original gate/up weights in `dtype`)."""
+    return len(mobe["layers"]) * num_experts * len(PROJS) * mobe["rank"] * hidden * dtype.itemsize
+
+
+def auto_cache_bytes(total: int, device: torch.device) -> int:
+    """`--mobe-cache auto`: all mixed bases when they take at most AUTO_CACHE_SHARE of the compute
+    device's free memory now (weights loaded), else that share."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(min(total, AUTO_CACHE_SHARE * free))
 
 
 class MixedBasisCache(ByteLRU[torch.Tensor]):
-    """LRU of mixed bases M_e keyed by (layer, proj, expert), bounded in bytes (0 = off)."""
+    """LRU of mixed bases keyed (layer, expert): [2r, d], gate rows then up rows, bounded in bytes."""
 
-    def put(self, key: tuple[int, str, int], t: torch.Tensor) -> None:  # type: ignore[override]
+    def put(self, key: tuple[int, int], t: torch.Tensor) -> None:  # type: ignore[override]
         super().put(key, t, t.numel() * t.element_size())
+
+    def stats(self) -> dict:
+        looked = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / looked if looked else 0.0,
+                "evictions": self.evictions, "cache_bytes": self.bytes, "cache_max_bytes": self.max_bytes,
+                "cached_experts": len(self)}
 
 
 class MobeExperts(OriginalExperts):
@@ -35,55 +85,99 @@ class MobeExperts(OriginalExperts):
 
     def __init__(self, w: UnitWeights, p: int, layout: str, layer: int, act: str,
                  cache: MixedBasisCache | None = None, materialize_all: bool = False):
-        super().__init__(w, p, layout)
+        super().__init__(w, p, layout, w.tensors[factor_name(EXPERTS, "gate_proj", "mobe_B")].shape[-1])
         self.layer, self.act, self.cache, self.materialize_all = layer, act, cache, materialize_all
         self.A_name = {pr: factor_name(EXPERTS, pr, "mobe_A") for pr in PROJS}  # read per routed expert
-        self.B = {pr: w[factor_name(EXPERTS, pr, "mobe_B")] for pr in PROJS}
+        B_name = {pr: factor_name(EXPERTS, pr, "mobe_B") for pr in PROJS}
+        self.B = {pr: w.tensors[B_name[pr]] for pr in PROJS}  # as stored: read chunk by chunk when mixing
+        self.B_scale = {pr: w.scales.get(B_name[pr]) for pr in PROJS}
         self.alpha = {pr: w[factor_name(EXPERTS, pr, "mobe_alpha")] for pr in PROJS}
         self.num_experts = self.alpha["gate_proj"].shape[0]
-        self.M: dict[tuple[str, int], torch.Tensor] = {}
-        self.mixed = 0  # bases mixed so far (for benchmarks)
+        _, _, self.r, d = self.B["gate_proj"].shape
+        self.threshold = 0.0 if materialize_all else materialize_threshold(p, self.r, d)
+        self.mix_batch = max(1, MIX_BYTES // (len(PROJS) * 2 * self.r * d * 4))  # fp32 pre-activation + result
+        self.max_batch = min(self.max_batch, self.mix_batch)
+        self.ready: torch.Tensor | None = None  # mixed bases of this forward's experts, row slot[e] for expert e
+        self.slot: torch.Tensor | None = None
+        self.mixed = 0  # bases mixed so far (for benchmarks and tests)
 
     def prepare(self, experts: list[int]) -> None:
-        """Mix bases for the routed experts (all E when materialize_all, like the reference code)."""
+        """Fetch the routed experts' stored factors and, when their mixing temporaries fit in
+        MIX_BYTES, get the mixed bases of all of them now: one mixing call for the forward's misses
+        instead of one per expert batch (each call re-reads the layer's bases). With materialize_all
+        (the reference code's way, for comparisons) all E experts are mixed."""
         super().prepare(experts)
-        self.M = {}
-        want = list(range(self.num_experts)) if self.materialize_all else experts
-        dtype = self.B["gate_proj"].dtype
-        for pr in PROJS:
-            todo = []
-            for e in want:
-                hit = self.cache.get((self.layer, pr, e)) if self.cache is not None else None
-                if hit is None:
-                    todo.append(e)
-                else:
-                    self.M[pr, e] = hit
-            if not todo:
-                continue
-            ids = torch.tensor(todo)
-            mixed = mixed_bases(self.alpha[pr][ids.to(self.alpha[pr].device)], self.B[pr], ids, self.num_experts,
-                                self.act).to(dtype)
-            self.mixed += len(todo)
-            for e, m in zip(todo, mixed, strict=True):
-                self.M[pr, e] = m
-                if self.cache is not None:
-                    self.cache.put((self.layer, pr, e), m.clone() if len(todo) > 1 else m)
+        self.ready, self.slot = None, None
+        if self.materialize_all:
+            experts = list(range(self.num_experts))
+        elif len(experts) > self.mix_batch:
+            return  # a prefill at scale: mixed batch by batch in apply
+        ids = torch.tensor(experts, dtype=torch.long)
+        self.ready = self._mixed(ids)
+        self.slot = torch.full((self.num_experts,), -1, dtype=torch.long)
+        self.slot[ids] = torch.arange(len(experts))
 
-    def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstructed W_e = A_e M_e (only used by tests and tools; the forward stays factored)."""
-        return tuple(self.w.expert(self.A_name[pr], e) @ self.M[pr, e] for pr in PROJS)  # type: ignore[return-value]
+    def _mix(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mixed bases of experts ids: [n, 2r, d] in the compute dtype."""
+        B = self.B["gate_proj"]
+        out = torch.empty((len(ids), len(PROJS) * self.r, B.shape[-1]), dtype=self.w.dtype, device=B.device)
+        for j, pr in enumerate(PROJS):
+            mixed_bases_as(self.alpha[pr][ids.to(self.alpha[pr].device)], self.B[pr], ids, self.num_experts, self.act,
+                           self.w.dtype, out=out[:, j * self.r:(j + 1) * self.r], scale=self.B_scale[pr],
+                           block=self.w.block)
+        self.mixed += len(PROJS) * len(ids)
+        return out
 
-    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        g = F.linear(F.linear(x, self.M["gate_proj", e]), self.w.expert(self.A_name["gate_proj"], e))
-        u = F.linear(F.linear(x, self.M["up_proj", e]), self.w.expert(self.A_name["up_proj"], e))
-        return F.linear(F.silu(g) * u, self.down(e))
+    def _mixed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[n, 2r, d] for experts ids: from the cache where held, the misses mixed in one call."""
+        if self.cache is None:
+            return self._mix(ids)
+        es = ids.tolist()
+        got = [self.cache.get((self.layer, e)) for e in es]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if len(miss) == len(es):
+            mixed = self._mix(ids)
+            for e, m in zip(es, mixed, strict=True):
+                self.cache.put((self.layer, e), m.clone())
+            return mixed
+        if miss:
+            for i, m in zip(miss, self._mix(ids[miss]), strict=True):
+                got[i] = own = m.clone()
+                self.cache.put((self.layer, es[i]), own)
+        return torch.stack(got)  # type: ignore[arg-type]
+
+    def bases(self, ids: torch.Tensor) -> torch.Tensor:
+        """[n, 2r, d] for experts ids (prepared for this forward, or mixed now)."""
+        if self.ready is not None and self.slot is not None:
+            rows = self.slot[ids]
+            first = int(rows[0])
+            if bool((rows == torch.arange(first, first + len(rows))).all()):  # batches come in prepare's order
+                return self.ready[first:first + len(rows)]
+            return self.ready[rows.to(self.ready.device)]
+        return self._mixed(ids)
+
+    def apply(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        M = self.bases(ids)
+        r = self.r
+        A_g, A_u = (self.w.experts(self.A_name[pr], ids) for pr in PROJS)
+        down = self.down(ids)
+        if x.shape[1] >= self.threshold:
+            return batched_swiglu(x, torch.bmm(A_g, M[:, :r]), torch.bmm(A_u, M[:, r:]), down)
+        z = torch.bmm(x, M.mT)
+        return torch.bmm(F.silu(torch.bmm(z[..., :r], A_g.mT)) * torch.bmm(z[..., r:], A_u.mT), down.mT)
+
+    def gate_up(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstructed W_e = A_e M_e (tests and tools; the forward chooses per batch, see apply)."""
+        M = self.bases(ids)
+        A_g, A_u = (self.w.experts(self.A_name[pr], ids) for pr in PROJS)
+        return torch.bmm(A_g, M[:, : self.r]), torch.bmm(A_u, M[:, self.r:])
 
 
 class LowRankExperts(OriginalExperts):
     """Baseline checkpoints (`--method svd|delta`): gate/up = [W̄_g(e) +] U_e V_e, applied factored."""
 
-    def __init__(self, w: UnitWeights, p: int, layout: str):
-        super().__init__(w, p, layout)
+    def __init__(self, w: UnitWeights, p: int, layout: str, hidden: int):
+        super().__init__(w, p, layout, hidden)
         self.U = {pr: factor_name(EXPERTS, pr, "lowrank_U") for pr in PROJS}  # read per routed expert
         self.V = {pr: factor_name(EXPERTS, pr, "lowrank_V") for pr in PROJS}
         self.mean = {pr: w.get(factor_name(EXPERTS, pr, "lowrank_mean")) for pr in PROJS}
@@ -91,23 +185,23 @@ class LowRankExperts(OriginalExperts):
         G = 1 if self.mean["gate_proj"] is None else self.mean["gate_proj"].shape[0]
         self.per_group = E // G
 
-    def _proj(self, pr: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(F.linear(x, self.w.expert(self.V[pr], e)), self.w.expert(self.U[pr], e))
+    def _proj(self, pr: str, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = torch.bmm(torch.bmm(x, self.w.experts(self.V[pr], ids).mT), self.w.experts(self.U[pr], ids).mT)
         mean = self.mean[pr]
         if mean is not None:
-            y = y + F.linear(x, mean[e // self.per_group])
+            y = y + torch.bmm(x, mean[(ids // self.per_group).to(mean.device)].mT)
         return y
 
-    def gate_up(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def gate_up(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for pr in PROJS:
-            W = self.w.expert(self.U[pr], e) @ self.w.expert(self.V[pr], e)
+            W = torch.bmm(self.w.experts(self.U[pr], ids), self.w.experts(self.V[pr], ids))
             mean = self.mean[pr]
-            out.append(W if mean is None else W + mean[e // self.per_group])
+            out.append(W if mean is None else W + mean[(ids // self.per_group).to(mean.device)])
         return out[0], out[1]
 
-    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(self._proj("gate_proj", e, x)) * self._proj("up_proj", e, x), self.down(e))
+    def apply(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(F.silu(self._proj("gate_proj", ids, x)) * self._proj("up_proj", ids, x), self.down(ids).mT)
 
 
-__all__ = ["LowRankExperts", "MixedBasisCache", "MobeExperts", "swiglu"]
+__all__ = ["LowRankExperts", "MixedBasisCache", "MobeExperts", "all_bases_bytes", "auto_cache_bytes", "materialize_threshold"]

@@ -26,7 +26,7 @@ from .device_map import Device, check_gpus, parse_max_memory, plan_device_map
 from .expert_plan import CACHE_KEY, plan_experts
 from .expert_plan import STRATEGY as EXPERTS_STRATEGY
 from .expert_store import ExpertWeightStore
-from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts
+from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts, all_bases_bytes, auto_cache_bytes
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
 from .offload import WeightStore
 from .ops import rms_norm, swiglu
@@ -59,6 +59,10 @@ class MoEModel:
     @property
     def plan(self) -> dict[str, Device]:
         return self.store.plan
+
+    def mobe_cache_stats(self) -> dict | None:
+        """Mixed-basis cache counters (hits, misses, hit_rate, bytes); None without a cache."""
+        return self.mobe_cache.stats() if self.mobe_cache is not None else None
 
     def expert_stats(self) -> dict | None:
         """Routed-expert cache counters under `--device-map experts` (None for other plans)."""
@@ -122,9 +126,9 @@ class MoEModel:
         if factor_name(EXPERTS_MODULE, "gate_proj", "mobe_A") in w:
             bank = MobeExperts(w, p, self.layout, i, self.mobe_act, self.mobe_cache, self.materialize_all)
         elif factor_name(EXPERTS_MODULE, "gate_proj", "lowrank_U") in w:
-            bank = LowRankExperts(w, p, self.layout)
+            bank = LowRankExperts(w, p, self.layout, cfg.hidden_size)
         else:
-            bank = OriginalExperts(w, p, self.layout)
+            bank = OriginalExperts(w, p, self.layout, cfg.hidden_size)
         out = run_experts(x2, weights, idx, bank)
         self.mobe_mixed += getattr(bank, "mixed", 0)
         if "mlp.shared_experts.gate_proj.weight" in w:
@@ -214,7 +218,7 @@ def is_expert_plan(plan: dict[str, Device]) -> bool:
 
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
-               offload_folder: str | Path | None = None, mobe_cache: int | str = 0,
+               offload_folder: str | Path | None = None, mobe_cache: int | str = "auto",
                materialize_all: bool = False, prefetch: bool = True, device: str | None = None,
                on_plan=None, expert_cache: int | str | None = None) -> MoEModel:
     """Open a checkpoint and place its units.
@@ -225,8 +229,11 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     --print-device-map). offload_folder is accepted for accelerate compatibility and never written.
     device_map "experts": non-expert weights on the compute device, routed experts on cpu/disk
     fetched per forward through an LRU of expert_cache bytes on the device (expert_plan.py).
+    mobe_cache: bytes of mixed MoBE bases kept (LRU, all layers), "auto" (mobe_experts.auto_cache_bytes)
+    or 0 for none; ignored for checkpoints that are not MoBE.
     """
     dtype = resolve_dtype(dtype)
+    cache_size = None if mobe_cache == "auto" else parse_size(mobe_cache, "--mobe-cache", allow_zero=True)
     reader = CheckpointReader(model_dir)
     try:
         cfg = parse_config(reader.config, reader.config_path)
@@ -241,7 +248,13 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     except BaseException:
         reader.close()
         raise
-    cache = MixedBasisCache(parse_size(mobe_cache)) if mobe_cache else None
+    cache = None
+    if cfg.mobe is not None and cfg.mobe.get("method", "mobe") == "mobe":
+        if cache_size is None:  # auto, sized on the device the first MoBE layer computes on
+            dev = plan.get(CACHE_KEY, plan.get(f"layers.{cfg.mobe['layers'][0]}", "cpu"))
+            cache_size = auto_cache_bytes(all_bases_bytes(cfg.mobe, cfg.num_experts, cfg.hidden_size, dtype),
+                                          torch.device("cuda", dev) if isinstance(dev, int) else torch.device("cpu"))
+        cache = MixedBasisCache(cache_size) if cache_size else None
     model = MoEModel(reader, store, cfg, dtype, cache, materialize_all)
     model.unit_sizes = sizes
     return model

@@ -19,6 +19,8 @@ from ..checkpoint import fp8
 
 
 class UnitWeights(Mapping[str, torch.Tensor]):
+    max_batch: int | None = None  # most experts a forward may hold at once (expert_store.ExpertUnit: staging)
+
     def __init__(self, tensors: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], dtype: torch.dtype,
                  block: tuple[int, int] = fp8.DEFAULT_BLOCK):
         """tensors: relative name -> tensor as held (FP8 as stored, others already in their compute
@@ -35,6 +37,24 @@ class UnitWeights(Mapping[str, torch.Tensor]):
         t = self.tensors[rel]
         s = self.scales.get(rel)
         return t[e] if s is None else fp8.dequantize(t[e], s[e], self.block, self.dtype)
+
+    def experts(self, rel: str, ids: torch.Tensor) -> torch.Tensor:
+        """Slices `ids` of a stacked `[E, ...]` tensor as one `[n, ...]` batch; FP8 slices are
+        dequantized in one vectorized pass (a per-expert dequantize call would dominate a decode step)."""
+        t = self.tensors[rel]
+        q = t.index_select(0, ids.to(t.device))
+        s = self.scales.get(rel)
+        return q if s is None else self._dequant(q, s.index_select(0, ids.to(s.device)))
+
+    def stack(self, rels: list[str]) -> torch.Tensor:
+        """Per-expert tensors (the same shape) as one `[n, ...]` batch, FP8 ones dequantized together."""
+        q = torch.stack([self.tensors[r] for r in rels])
+        if rels[0] not in self.scales:
+            return q
+        return self._dequant(q, torch.stack([self.scales[r] for r in rels]))
+
+    def _dequant(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return fp8.dequantize_batch(q, s, self.block, self.dtype)
 
     def shape(self, rel: str) -> torch.Size:
         """Shape of a held tensor as stored (a stacked `[E, ...]` one counts all E experts)."""

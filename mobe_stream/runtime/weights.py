@@ -99,6 +99,15 @@ def unit_stored_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, d
     return sum(tensor_stored_bytes(reader, cfg, rel, name, scales.get(rel), dtype) for rel, name in tensors.items())
 
 
+EXPERT_BATCH_BYTES = 256 << 20  # compute-dtype weights of one batch of routed experts (Kimi-K2 bf16: 3 experts)
+
+
+def experts_per_batch(expert_bytes: int) -> int:
+    """Routed experts run together (moe.run_experts) so that their compute-dtype weights (stacked,
+    FP8 ones dequantized in one pass) stay within EXPERT_BATCH_BYTES."""
+    return max(1, EXPERT_BATCH_BYTES // max(expert_bytes, 1))
+
+
 def _dequant_group(rel: str) -> str:
     """Weights dequantized together: an MLP's (one expert's) gate/up/down are alive at once inside
     swiglu; an attention matrix is used and dropped on its own."""
@@ -113,9 +122,9 @@ def _dequant_group(rel: str) -> str:
 def unit_working_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, dtype: torch.dtype) -> int:
     """Room for the dequantized temporaries of the unit's FP8 weights while it runs:
 
-        max over groups (an MLP / one expert: gate+up+down; an attention matrix alone) of the group's
-        compute-dtype bytes (a stacked [E, M, N] tensor counts one slice: experts are dequantized one
-        at a time) + fp8.dequant_temp_bytes of the unit's largest FP8 matrix (fp32 chunk temporaries).
+        max over groups (an MLP / a batch of routed experts: gate+up+down; an attention matrix alone)
+        of the group's compute-dtype bytes (routed experts: one expert's bytes x experts_per_batch)
+        + fp8.dequant_temp_bytes of the unit's largest FP8 matrix (fp32 chunk temporaries).
 
     0 for units without FP8 weights."""
     tensors = unit_tensors(reader, cfg, unit)
@@ -126,6 +135,9 @@ def unit_working_bytes(reader: CheckpointReader, cfg: RuntimeConfig, unit: str, 
         key = _dequant_group(rel)
         groups[key] = groups.get(key, 0) + math.prod(shape[-2:]) * dtype.itemsize
         temps = max(temps, fp8.dequant_temp_bytes(shape, reader.scale_block))
+    for key, b in groups.items():
+        if key.startswith("mlp.experts"):  # one expert (per-expert names, or a slice of the stacked tensors)
+            groups[key] = b * min(cfg.num_experts, experts_per_batch(b))
     return max(groups.values(), default=0) + temps
 
 
