@@ -40,7 +40,10 @@ def test_compress_families(tmp_path, family, kw):
     mobe = cfg["mobe"]
     assert mobe["format_version"] == 1 and mobe["num_bases"] == 4 and mobe["rank"] == 16
     src_cfg = json.loads((src / "config.json").read_text())
-    assert {k: v for k, v in cfg.items() if k != "mobe"} == src_cfg
+    from mobe_stream.checkpoint.mobe_format import source_config
+
+    assert {k: v for k, v in source_config(cfg).items() if k != "mobe"} == src_cfg  # only model_type/arch/auto_map
+    assert cfg["model_type"] == "mobe_" + src_cfg["model_type"] and cfg["auto_map"]
 
     src_t, out_t = all_tensors(src), all_tensors(out)
     with CheckpointReader(src) as r:

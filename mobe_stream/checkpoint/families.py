@@ -27,6 +27,7 @@ import torch
 
 from ..errors import CheckpointError
 from . import fp8
+from .mobe_format import source_config
 
 if TYPE_CHECKING:
     from .reader import CheckpointReader
@@ -120,6 +121,7 @@ def rope_config(config: dict) -> dict | None:
 
 
 def find_spec(config: dict) -> FamilySpec | None:
+    config = source_config(config)  # a compact output names its own model_type; its family is the source's
     mt = config.get("model_type")
     if mt:
         return next((f for f in FAMILIES if mt in f.model_types), None)

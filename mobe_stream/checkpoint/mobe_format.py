@@ -29,6 +29,45 @@ JOURNAL_COMPLETE = "complete"  # the journal's flag, set true once the index and
 LOCK_NAME = ".mobe-stream.lock"
 STATE_DIR = ".mobe-state"  # solver checkpoints of unfinished units, next to the journal
 
+# A compact output must never load as the source architecture by accident (transformers would fill
+# the missing gate/up weights with random values and warn, a model that generates garbage while
+# looking fine): its config names a model_type transformers does not know and points `auto_map` at
+# the modeling file written next to it (mobe_stream/hf/modeling_mobe.py), which needs
+# trust_remote_code=True. The source's model_type and architectures stay in the mobe block.
+MODELING_FILE = "modeling_mobe.py"
+COMPACT_PREFIX = "mobe_"
+_HF_STEMS = {"qwen3_moe": "MobeQwen3Moe", "deepseek_v3": "MobeDeepseekV3", "kimi_k2": "MobeKimiK2"}
+SOURCE_NAMES = {"README.md": "SOURCE_README.md", "LICENSE": "SOURCE_LICENSE", "LICENSE.md": "SOURCE_LICENSE.md",
+                "LICENSE.txt": "SOURCE_LICENSE.txt"}  # the source's card and license, kept under names that say so
+CARD_NAME = "README.md"  # our generated model card
+
+
+def compact_config(config: dict, mobe: dict, family: str) -> dict:
+    """The config.json of a compact output: the source's, with the mobe block, a model_type of its
+    own and the `auto_map` of the modeling file."""
+    out = {k: v for k, v in config.items() if k != "auto_map"}  # the source's remote code is not ours to point at
+    out["mobe"] = dict(mobe, source_model_type=config.get("model_type"), source_architectures=config.get("architectures"))
+    out["model_type"] = COMPACT_PREFIX + str(config.get("model_type") or family)
+    stem = _HF_STEMS.get(family)
+    if stem is not None:
+        out["architectures"] = [f"{stem}ForCausalLM"]
+        module = MODELING_FILE.removesuffix(".py")
+        out["auto_map"] = {"AutoConfig": f"{module}.{stem}Config", "AutoModelForCausalLM": f"{module}.{stem}ForCausalLM"}
+    return out
+
+
+def source_config(config: dict) -> dict:
+    """A config as its source family spells it: a compact output's model_type and architectures
+    restored from its mobe block (auto_map dropped); any other config unchanged."""
+    mobe = config.get("mobe")
+    if not isinstance(mobe, dict) or "source_model_type" not in mobe:
+        return config
+    out = {k: v for k, v in config.items() if k != "auto_map"}
+    out["model_type"] = mobe["source_model_type"]
+    if mobe.get("source_architectures") is not None:
+        out["architectures"] = mobe["source_architectures"]
+    return out
+
 
 def factor_name(experts_prefix: str, proj: str, suffix: str) -> str:
     """`<experts_prefix><proj>.<suffix>`; experts_prefix ends with a dot (absolute or layer-relative)."""

@@ -155,7 +155,7 @@ def _plan(reader: CheckpointReader) -> list[tuple[str, int | None, list[str]]]:
 
 
 def _export_config(cfg: dict, target: str) -> dict:
-    out = {k: v for k, v in cfg.items() if k != "mobe"}
+    out = {k: v for k, v in mobe_format.source_config(cfg).items() if k != "mobe"}  # the source's architecture again
     out[mobe_format.EXPORT_KEY] = cfg["mobe"]  # what it was (inspect says so); loaders ignore unknown config keys
     if target != "fp8":
         out.pop("quantization_config", None)  # everything is dequantized: the config must not claim FP8

@@ -9,13 +9,14 @@ import math
 import torch
 
 from ..checkpoint import fp8, mobe_format
-from ..checkpoint.safetensors_io import atomic_write_json
+from ..checkpoint.safetensors_io import atomic_write_bytes, atomic_write_json
 from ..checkpoint.writer import write_index_and_manifest
 from ..errors import ConfigError
 from ..factorize import LowRankFactors, MethodPlan, MoBEFactors, factors_from_tensors
 from . import outdir
 from .job import CompressJob, OutputSpec
 from .journal import Journal
+from .model_card import model_card
 from .options import dtype_key
 from .plan import Unit
 
@@ -143,8 +144,10 @@ def finalize(job: CompressJob, journal: Journal, units: list[Unit]) -> dict:
         if not path.is_file() or path.stat().st_size != rec["size"]:
             raise ConfigError(f"{path}: shard missing or of the wrong size after writing; rerun with --resume")
     write_index_and_manifest(job.out, records, {"mobe_format_version": str(mobe_format.FORMAT_VERSION)})
-    config = dict(job.reader.config)
-    config["mobe"] = mobe_block(job, journal)
-    atomic_write_json(job.out / "config.json", config)
+    mobe = mobe_block(job, journal)
+    atomic_write_json(job.out / "config.json", mobe_format.compact_config(job.reader.config, mobe, job.family.name))
     outdir.copy_side_files(job.src, job.out)
-    return summarize(job, journal)
+    summary = summarize(job, journal)
+    outdir.write_modeling_file(job.out)
+    atomic_write_bytes(job.out / mobe_format.CARD_NAME, model_card(job.src, mobe, summary).encode())
+    return summary

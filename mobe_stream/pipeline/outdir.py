@@ -21,8 +21,8 @@ import torch
 
 from ..checkpoint.fingerprint import SourceFingerprint
 from ..checkpoint.hub_cache import containment_root
-from ..checkpoint.mobe_format import JOURNAL_NAME, LOCK_NAME
-from ..checkpoint.safetensors_io import atomic_file, sha256_file
+from ..checkpoint.mobe_format import CARD_NAME, JOURNAL_NAME, LOCK_NAME, MODELING_FILE, SOURCE_NAMES
+from ..checkpoint.safetensors_io import atomic_file, atomic_write_bytes, sha256_file
 from ..checkpoint.writer import ShardWriter
 from ..errors import ConfigError, ResourceError
 from ..memory import release_freed_memory
@@ -31,10 +31,12 @@ from .journal import STATE_DIR, Journal
 
 # What a run of ours writes at the top of an output dir; --overwrite deletes these and nothing else.
 _SHARD = re.compile(r"^model-\d{5}\.safetensors$")
-_OWN_NAMES = {"model.safetensors.index.json", "manifest.json", "config.json", JOURNAL_NAME, STATE_DIR}
+_OWN_NAMES = {"model.safetensors.index.json", "manifest.json", "config.json", JOURNAL_NAME, STATE_DIR, CARD_NAME,
+              MODELING_FILE, *SOURCE_NAMES.values()}
 # Files of the source that are weights or that we write ourselves; every other regular file is copied.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-_NOT_COPIED_NAMES = {"model.safetensors.index.json", "config.json", "manifest.json", JOURNAL_NAME, LOCK_NAME}
+_NOT_COPIED_NAMES = {"model.safetensors.index.json", "config.json", "manifest.json", JOURNAL_NAME, LOCK_NAME,
+                     MODELING_FILE}  # ours is written fresh; a source's own remote code is never carried along
 _COPY_CHUNK = 16 * 2**20
 
 
@@ -228,12 +230,31 @@ def side_files_bytes(src: Path) -> int:
     return sum(e.stat().st_size for e in side_files(src))
 
 
+def side_file_target(src: Path, name: str) -> str | None:
+    """Where a side file of `src` goes: the source's README/LICENSE under SOURCE_* names (the output
+    gets its own card); a compact output's card, and SOURCE_* files already renamed, keep their names;
+    None: not copied (a compact output's card when exporting: the export writes its own)."""
+    if name == CARD_NAME and (src / SOURCE_NAMES[CARD_NAME]).exists():
+        return None
+    return SOURCE_NAMES.get(name, name)
+
+
+def write_modeling_file(out: Path) -> None:
+    """The transformers modeling file of a compact output (mobe_stream/hf/modeling_mobe.py)."""
+    from importlib.resources import files
+
+    atomic_write_bytes(out / MODELING_FILE, files("mobe_stream.hf").joinpath(MODELING_FILE).read_bytes())
+
+
 def copy_side_files(src: Path, out: Path) -> list[str]:
     """Stream each side file to a temporary name, fsync, rename (never read whole into RAM)."""
     copied = []
     for e in side_files(src):
+        target = side_file_target(src, e.name)
+        if target is None:
+            continue
         try:
-            with open(e.resolve(), "rb") as fin, atomic_file(out / e.name) as fout:
+            with open(e.resolve(), "rb") as fin, atomic_file(out / target) as fout:
                 while chunk := fin.read(_COPY_CHUNK):
                     fout.write(chunk)
         except OSError as err:
@@ -241,7 +262,7 @@ def copy_side_files(src: Path, out: Path) -> list[str]:
                 raise ResourceError(f"disk full while copying {e.name} ({err.strerror}); free space and rerun with "
                                     f"--resume", out / e.name) from None
             raise
-        copied.append(e.name)
+        copied.append(target)
     return copied
 
 
