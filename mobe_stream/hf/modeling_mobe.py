@@ -34,8 +34,10 @@ class _MobeProjection(nn.Module):
         self.mobe_B = nn.Parameter(torch.empty(G, mg, r, d))
         self.mobe_alpha = nn.Parameter(torch.empty(E, mg))
 
-    def apply_to(self, experts: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The projection of each routed expert on its rows: bases mixed once per forward (fp32)."""
+    def forward(self, experts: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The projection of each routed expert on its rows: bases mixed once per forward (fp32).
+        (Called as a module, never through its tensors: accelerate's offload hooks load a module's
+        weights in its forward.)"""
         G, mg, r, d = self.mobe_B.shape
         w = torch.softmax(self.mobe_alpha[experts].float(), dim=-1)
         groups = experts // self.per_group
@@ -61,7 +63,7 @@ class _LowRankProjection(nn.Module):
             self.lowrank_mean = nn.Parameter(torch.empty(G, p, d))
         self.per_group = E // G
 
-    def apply_to(self, experts: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, experts: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for e, x in zip(experts.tolist(), xs, strict=True):
             y = F.linear(F.linear(x, self.lowrank_V[e]), self.lowrank_U[e])
@@ -96,17 +98,17 @@ class MobeExperts(nn.Module):
                 self.add_module(str(e), _Down(d, p))
         self.act_fn = ACTIVATIONS[getattr(config, "hidden_act", "silu")]
 
-    def _down(self, e: int) -> torch.Tensor:
-        return self.down_proj[e] if self.fused else getattr(self, str(e)).down_proj.weight
+    def _down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.down_proj[e]) if self.fused else getattr(self, str(e)).down_proj(h)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         experts = torch.unique(top_k_index)
         where = [torch.where(top_k_index == e) for e in experts.tolist()]
         xs = [hidden_states[tok] for tok, _ in where]
-        gates, ups = self.gate_proj.apply_to(experts, xs), self.up_proj.apply_to(experts, xs)
+        gates, ups = self.gate_proj(experts, xs), self.up_proj(experts, xs)
         for e, (tok, pos), g, u in zip(experts.tolist(), where, gates, ups, strict=True):
-            y = F.linear(self.act_fn(g) * u, self._down(e)) * top_k_weights[tok, pos, None]
+            y = self._down(e, self.act_fn(g) * u) * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
