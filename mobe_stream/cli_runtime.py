@@ -125,6 +125,11 @@ def register(app: typer.Typer) -> None:
         revision: str | None = typer.Option(None, help="With a hub id (Org/Name) for the model: the branch, tag or "
                                             "commit of its snapshot in the local Hugging Face cache (default main)."),
         text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
+        reference: Path | None = typer.Option(None, help="Also run this model (e.g. the source of a MoBE checkpoint, "
+                                              "same tokenizer) on the same windows, with the same options, and report "
+                                              "its perplexity, KL(reference || MODEL) per token and top-1 agreement. "
+                                              "Both are loaded at once: --max-memory applies to each."),
+        reference_revision: str | None = typer.Option(None, help="--revision for a --reference hub id."),
         ctx: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
         device_map: str = typer.Option("auto", help=DEVICE_MAP_HELP),
         max_memory: str | None = typer.Option(None, help=MAX_MEMORY_HELP),
@@ -136,14 +141,17 @@ def register(app: typer.Typer) -> None:
         expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
     ):
-        """Perplexity of MODEL on a text file."""
+        """Perplexity of MODEL on a text file (and, with --reference, how far MODEL is from another model)."""
         model = model_path(model, revision)
         from .errors import CheckpointError, ConfigError
-        from .runtime.eval import perplexity
+        from .runtime.eval import check_reference, compare, perplexity
         from .runtime.tokenizer import Tokenizer
 
         if ctx < 2:
             raise ConfigError(f"--ctx: must be at least 2 tokens, got {ctx}")
+        if reference_revision is not None and reference is None:
+            raise ConfigError("--reference-revision: only used with --reference")
+        ref_dir = None if reference is None else model_path(reference, reference_revision)
         if dry_run:
             return _dry_run(model, dtype, device_map, max_memory, expert_cache)
 
@@ -152,19 +160,32 @@ def register(app: typer.Typer) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read text file ({e})", text) from None
         tok = Tokenizer(model)
-        m = _load(model, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map, expert_cache)
-        limit = m.cfg.max_position_embeddings
-        if ctx > limit:
-            print(f"--ctx {ctx} is more than the model's max_position_embeddings ({limit}): using {limit}",
-                  file=sys.stderr)
-            ctx = limit
+        if ref_dir is not None:
+            check_reference(tok, Tokenizer(ref_dir), body)
+        models = []
         try:
+            for d in [model] if ref_dir is None else [model, ref_dir]:
+                models.append(_load(d, tok, dtype, device_map, max_memory, offload_folder, mobe_cache, print_device_map,
+                                    expert_cache))
+            limit = min(m.cfg.max_position_embeddings for m in models)
+            if ctx > limit:
+                print(f"--ctx {ctx} is more than the model's max_position_embeddings ({limit}): using {limit}",
+                      file=sys.stderr)
+                ctx = limit
             with counted_progress("eval windows") as progress:
-                r = perplexity(m, tok, body, ctx, progress=progress)
+                if ref_dir is None:
+                    r = perplexity(models[0], tok, body, ctx, progress)
+                else:
+                    r = compare(models[0], models[1], tok, body, ctx, progress)
         finally:
-            m.close()
+            for m in models:
+                m.close()
+        ref = {} if ref_dir is None else {"reference": str(ref_dir)}
         if json_out:
-            print(json.dumps({"model": str(model), "text": str(text), "ctx": ctx, **r}))
-        else:
-            print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens ({r['windows']} windows of {ctx}), "
-                  f"{r['tokens_per_s']:.1f} tok/s")
+            print(json.dumps({"model": str(model), "text": str(text), "ctx": ctx, **ref, **r}))
+            return
+        print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens ({r['windows']} windows of {ctx}), "
+              f"{r['tokens_per_s']:.1f} tok/s")
+        if ref_dir is not None:
+            print(f"reference perplexity {r['reference_perplexity']:.4f}, KL(reference || model) {r['kl']:.6f} "
+                  f"nats/token, top-1 agreement {r['top1_agreement']:.4f}")
