@@ -123,8 +123,8 @@ def test_only_routed_experts_are_mixed(tmp_path):
 
 
 def test_mixed_basis_cache_is_byte_bounded():
-    from mobe_stream.runtime.mobe_experts import CachedExpert, MixedBasisCache
+    from mobe_stream.runtime.mobe_experts import MixedBasisCache
     c = MixedBasisCache(3 * 4 * 16)  # three fp32 [4, 4] tensors
     for e in range(5):
-        c.put((0, e), CachedExpert(torch.zeros(4, 4)))
+        c.put((0, e), torch.zeros(4, 4))
     assert c.bytes <= 3 * 64 and c.get((0, 0)) is None and c.get((0, 4)) is not None

@@ -45,11 +45,5 @@ class ByteLRU(Generic[V]):
             self.bytes -= old
             self.evictions += 1
 
-    def discard(self, key: Hashable) -> None:
-        """Drop the item if held (not counted as an eviction)."""
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.bytes -= item[1]
-
     def __len__(self) -> int:
         return len(self._items)

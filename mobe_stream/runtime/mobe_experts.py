@@ -21,7 +21,6 @@ E experts on every call; building only the routed ones saves (E - routed) / E of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,25 +67,11 @@ def auto_cache_bytes(total: int, device: torch.device) -> int:
     return int(min(total, AUTO_CACHE_SHARE * free))
 
 
-@dataclass
-class CachedExpert:
-    """One expert's gate/up between forwards: mixed bases [2r, d] (gate rows, then up rows) or, once
-    it has been applied to materialize_threshold rows (the cost of forming A_e M_e is then paid
-    back), the materialised weights [2p, d]: a hot expert then runs as cheaply as the original."""
-    t: torch.Tensor
-    materialised: bool = False
-    rows: int = 0  # rows applied since cached
+class MixedBasisCache(ByteLRU[torch.Tensor]):
+    """LRU of mixed bases keyed (layer, expert): [2r, d], gate rows then up rows, bounded in bytes."""
 
-
-class MixedBasisCache(ByteLRU[CachedExpert]):
-    """LRU of CachedExpert keyed (layer, expert), bounded in bytes, shared by all layers."""
-
-    def put(self, key: tuple[int, int], entry: CachedExpert) -> None:  # type: ignore[override]
-        super().put(key, entry, entry.t.numel() * entry.t.element_size())
-
-    def replace(self, key: tuple[int, int], entry: CachedExpert) -> None:
-        self.discard(key)
-        self.put(key, entry)
+    def put(self, key: tuple[int, int], t: torch.Tensor) -> None:  # type: ignore[override]
+        super().put(key, t, t.numel() * t.element_size())
 
     def stats(self) -> dict:
         looked = self.hits + self.misses
@@ -112,9 +97,8 @@ class MobeExperts(OriginalExperts):
         self.threshold = 0.0 if materialize_all else materialize_threshold(p, self.r, d)
         self.mix_batch = max(1, MIX_BYTES // (len(PROJS) * 2 * self.r * d * 4))  # fp32 pre-activation + result
         self.max_batch = min(self.max_batch, self.mix_batch)
-        self.ready: torch.Tensor | None = None  # without a cache: this forward's mixed bases, row slot[e] of expert e
+        self.ready: torch.Tensor | None = None  # mixed bases of this forward's experts, row slot[e] for expert e
         self.slot: torch.Tensor | None = None
-        self.entries: dict[int, CachedExpert] = {}  # with a cache: this forward's experts as the cache holds them
         self.mixed = 0  # bases mixed so far (for benchmarks and tests)
 
     def prepare(self, experts: list[int]) -> None:
@@ -123,22 +107,13 @@ class MobeExperts(OriginalExperts):
         instead of one per expert batch (each call re-reads the layer's bases). With materialize_all
         (the reference code's way, for comparisons) all E experts are mixed."""
         super().prepare(experts)
-        self.ready, self.slot, self.entries = None, None, {}
-        if self.cache is not None and not self.materialize_all:
-            for e in experts:
-                hit = self.cache.get((self.layer, e))
-                if hit is not None:
-                    self.entries[e] = hit
-            misses = [e for e in experts if e not in self.entries]
-            if misses and len(misses) <= self.mix_batch:
-                self._cache_mixed(torch.tensor(misses, dtype=torch.long))
-            return
+        self.ready, self.slot = None, None
         if self.materialize_all:
             experts = list(range(self.num_experts))
         elif len(experts) > self.mix_batch:
             return  # a prefill at scale: mixed batch by batch in apply
         ids = torch.tensor(experts, dtype=torch.long)
-        self.ready = self._mix(ids)
+        self.ready = self._mixed(ids)
         self.slot = torch.full((self.num_experts,), -1, dtype=torch.long)
         self.slot[ids] = torch.arange(len(experts))
 
@@ -153,75 +128,46 @@ class MobeExperts(OriginalExperts):
         self.mixed += len(PROJS) * len(ids)
         return out
 
-    def _cache_mixed(self, ids: torch.Tensor) -> None:
-        assert self.cache is not None
-        for e, m in zip(ids.tolist(), self._mix(ids), strict=True):
-            self.entries[e] = entry = CachedExpert(m.clone())
-            self.cache.put((self.layer, e), entry)
+    def _mixed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[n, 2r, d] for experts ids: from the cache where held, the misses mixed in one call."""
+        if self.cache is None:
+            return self._mix(ids)
+        es = ids.tolist()
+        got = [self.cache.get((self.layer, e)) for e in es]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if len(miss) == len(es):
+            mixed = self._mix(ids)
+            for e, m in zip(es, mixed, strict=True):
+                self.cache.put((self.layer, e), m.clone())
+            return mixed
+        if miss:
+            for i, m in zip(miss, self._mix(ids[miss]), strict=True):
+                got[i] = own = m.clone()
+                self.cache.put((self.layer, es[i]), own)
+        return torch.stack(got)  # type: ignore[arg-type]
 
     def bases(self, ids: torch.Tensor) -> torch.Tensor:
-        """[n, 2r, d] mixed bases for experts ids (prepared for this forward, or mixed now)."""
+        """[n, 2r, d] for experts ids (prepared for this forward, or mixed now)."""
         if self.ready is not None and self.slot is not None:
             rows = self.slot[ids]
             first = int(rows[0])
             if bool((rows == torch.arange(first, first + len(rows))).all()):  # batches come in prepare's order
                 return self.ready[first:first + len(rows)]
             return self.ready[rows.to(self.ready.device)]
-        return self._mix(ids)
+        return self._mixed(ids)
 
-    def _factored(self, ids: torch.Tensor, M: torch.Tensor, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    def apply(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        M = self.bases(ids)
         r = self.r
         A_g, A_u = (self.w.experts(self.A_name[pr], ids) for pr in PROJS)
+        down = self.down(ids)
         if x.shape[1] >= self.threshold:
             return batched_swiglu(x, torch.bmm(A_g, M[:, :r]), torch.bmm(A_u, M[:, r:]), down)
         z = torch.bmm(x, M.mT)
         return torch.bmm(F.silu(torch.bmm(z[..., :r], A_g.mT)) * torch.bmm(z[..., r:], A_u.mT), down.mT)
 
-    def apply(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.cache is None or self.materialize_all:
-            return self._factored(ids, self.bases(ids), x, self.down(ids))
-        return self._apply_cached(ids, x)
-
-    def _apply_cached(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Each expert as its cache entry holds it: materialised ones like the original, the others
-        factored; an entry that reaches the crossover with this batch's rows is materialised now."""
-        es = ids.tolist()
-        missing = [e for e in es if e not in self.entries]
-        if missing:
-            self._cache_mixed(torch.tensor(missing, dtype=torch.long))
-        ents = [self.entries[e] for e in es]
-        C, p = x.shape[1], self.p
-        promote = []
-        for i, ent in enumerate(ents):
-            if not ent.materialised:
-                ent.rows += C
-                if ent.rows >= self.threshold:
-                    promote.append(i)
-        if promote:
-            sel = ids[promote]
-            M = torch.stack([ents[i].t for i in promote])
-            W = torch.cat([torch.bmm(self.w.experts(self.A_name[pr], sel), M[:, j * self.r:(j + 1) * self.r])
-                           for j, pr in enumerate(PROJS)], dim=1)
-            for i, w in zip(promote, W, strict=True):
-                ents[i] = self.entries[es[i]] = CachedExpert(w.clone(), materialised=True)
-                self.cache.replace((self.layer, es[i]), ents[i])  # type: ignore[union-attr]
-        down = self.down(ids)
-        mat = [i for i, ent in enumerate(ents) if ent.materialised]
-        fac = [i for i, ent in enumerate(ents) if not ent.materialised]
-        if not fac:
-            W = torch.stack([ent.t for ent in ents])
-            return batched_swiglu(x, W[:, :p], W[:, p:], down)
-        if not mat:
-            return self._factored(ids, torch.stack([ent.t for ent in ents]), x, down)
-        y = torch.empty_like(x)
-        W = torch.stack([ents[i].t for i in mat])
-        y[mat] = batched_swiglu(x[mat], W[:, :p], W[:, p:], down[mat])
-        y[fac] = self._factored(ids[fac], torch.stack([ents[i].t for i in fac]), x[fac], down[fac])
-        return y
-
     def gate_up(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructed W_e = A_e M_e (tests and tools; the forward chooses per batch, see apply)."""
-        self.ready = None
         M = self.bases(ids)
         A_g, A_u = (self.w.experts(self.A_name[pr], ids) for pr in PROJS)
         return torch.bmm(A_g, M[:, : self.r]), torch.bmm(A_u, M[:, self.r:])
@@ -258,5 +204,4 @@ class LowRankExperts(OriginalExperts):
         return torch.bmm(F.silu(self._proj("gate_proj", ids, x)) * self._proj("up_proj", ids, x), self.down(ids).mT)
 
 
-__all__ = ["CachedExpert", "LowRankExperts", "MixedBasisCache", "MobeExperts", "all_bases_bytes", "auto_cache_bytes",
-           "materialize_threshold"]
+__all__ = ["LowRankExperts", "MixedBasisCache", "MobeExperts", "all_bases_bytes", "auto_cache_bytes", "materialize_threshold"]
