@@ -152,40 +152,22 @@ def _install(model: nn.Module, config) -> None:
             mlp.experts = _HubExperts(config)
 
 
-class MobeQwen3MoeConfig(Qwen3MoeConfig):
-    model_type = "mobe_qwen3_moe"
-
-
-class MobeQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
-    config_class = MobeQwen3MoeConfig
+def _family(stem: str, model_type: str, config_base: type, model_base: type) -> tuple[type, type]:
+    """(config class, model class) of one family: its transformers classes with the experts replaced."""
+    config_cls = type(f"{stem}Config", (config_base,), {"model_type": model_type, "__module__": __name__})
 
     def __init__(self, config):
-        super().__init__(config)
+        model_base.__init__(self, config)
         _install(self, config)
         self.post_init()
 
-
-class MobeDeepseekV3Config(DeepseekV3Config):
-    model_type = "mobe_deepseek_v3"
-
-
-class MobeDeepseekV3ForCausalLM(DeepseekV3ForCausalLM):
-    config_class = MobeDeepseekV3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _install(self, config)
-        self.post_init()
+    model_cls = type(f"{stem}ForCausalLM", (model_base,), {"config_class": config_cls, "__init__": __init__,
+                                                          "__module__": __name__})
+    return config_cls, model_cls
 
 
-class MobeKimiK2Config(DeepseekV3Config):
-    model_type = "mobe_kimi_k2"
-
-
-class MobeKimiK2ForCausalLM(DeepseekV3ForCausalLM):
-    config_class = MobeKimiK2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _install(self, config)
-        self.post_init()
+MobeQwen3MoeConfig, MobeQwen3MoeForCausalLM = _family("MobeQwen3Moe", "mobe_qwen3_moe", Qwen3MoeConfig,
+                                                      Qwen3MoeForCausalLM)
+MobeDeepseekV3Config, MobeDeepseekV3ForCausalLM = _family("MobeDeepseekV3", "mobe_deepseek_v3", DeepseekV3Config,
+                                                          DeepseekV3ForCausalLM)
+MobeKimiK2Config, MobeKimiK2ForCausalLM = _family("MobeKimiK2", "mobe_kimi_k2", DeepseekV3Config, DeepseekV3ForCausalLM)
