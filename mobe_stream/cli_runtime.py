@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from .cli_common import counted_progress, friendly, model_path
+from .dtypes import AUTO, dtype_key, dtype_name
 
 if TYPE_CHECKING:
     from .runtime.tokenizer import Tokenizer
@@ -40,8 +41,9 @@ def _dry_run(model: Path, dtype: str, device_map: str, max_memory: str | None,
 
     with CheckpointReader(model) as reader:
         cfg = parse_config(reader.config, reader.config_path)
-        plan, sizes = plan_model(reader, cfg, resolve_dtype(dtype), None if device_map == "none" else device_map,
-                                 max_memory, dry_run=True, expert_cache=expert_cache)
+        plan, sizes = plan_model(reader, cfg, resolve_dtype(dtype, reader.config, reader.config_path),
+                                 None if device_map == "none" else device_map, max_memory, dry_run=True,
+                                 expert_cache=expert_cache)
     print(format_plan(plan, sizes))
 
 
@@ -55,6 +57,8 @@ MOBE_CACHE_HELP = ("MoBE checkpoints: bytes of mixed bases kept between forwards
 MAX_MEMORY_HELP = 'accelerate form, e.g. "0=20GiB,cpu=64GiB,disk"; a GPU named here must exist (unless --dry-run).'
 OFFLOAD_HELP = ("Kept for accelerate compatibility. Disk-offloaded weights are read from the checkpoint's own "
                 "safetensors shards (mmap) and nothing is written here; every source mobe-stream reads is safetensors.")
+DTYPE_HELP = ("Compute dtype: auto (the checkpoint's own: config.json's dtype/torch_dtype; FP8 checkpoints compute in "
+              "bfloat16; none given: bfloat16), bf16/bfloat16, fp16/float16/half, fp32/float32/float.")
 DRY_RUN_HELP = ("Plan only: print the device map (as --print-device-map) for the devices --max-memory names, even if "
                 "this machine lacks them, read no weight, exit 0.")
 
@@ -83,7 +87,7 @@ def register(app: typer.Typer) -> None:
         offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
-        dtype: str = typer.Option("bf16", help="bf16 or fp32."),
+        dtype: str = typer.Option(AUTO, help=DTYPE_HELP),
         mobe_cache: str = typer.Option("auto", help=MOBE_CACHE_HELP),
         expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
@@ -95,6 +99,7 @@ def register(app: typer.Typer) -> None:
         from .runtime.tokenizer import Tokenizer
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        dtype_name(dtype)
         if dry_run:
             return _dry_run(model, dtype, device_map, max_memory, expert_cache)
         if prompt == "-":
@@ -107,7 +112,7 @@ def register(app: typer.Typer) -> None:
         finally:
             m.close()
         if json_out:
-            d = {"model": str(model), **r.as_dict()}
+            d = {"model": str(model), "dtype": dtype_key(m.dtype), **r.as_dict()}
             d["device_map"] = {u: str(v) for u, v in m.plan.items()}
             print(json.dumps(d))
         ec, mc = r.expert_cache, r.mobe_cache
@@ -131,7 +136,7 @@ def register(app: typer.Typer) -> None:
         offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
-        dtype: str = typer.Option("bf16", help="bf16 or fp32."),
+        dtype: str = typer.Option(AUTO, help=DTYPE_HELP),
         mobe_cache: str = typer.Option("auto", help=MOBE_CACHE_HELP),
         expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
@@ -144,6 +149,7 @@ def register(app: typer.Typer) -> None:
 
         if ctx < 2:
             raise ConfigError(f"--ctx: must be at least 2 tokens, got {ctx}")
+        dtype_name(dtype)
         if dry_run:
             return _dry_run(model, dtype, device_map, max_memory, expert_cache)
 
@@ -164,7 +170,7 @@ def register(app: typer.Typer) -> None:
         finally:
             m.close()
         if json_out:
-            print(json.dumps({"model": str(model), "text": str(text), "ctx": ctx, **r}))
+            print(json.dumps({"model": str(model), "text": str(text), "ctx": ctx, "dtype": dtype_key(m.dtype), **r}))
         else:
             print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens ({r['windows']} windows of {ctx}), "
                   f"{r['tokens_per_s']:.1f} tok/s")

@@ -107,3 +107,63 @@ def test_eval_original_and_mobe(tiny, tmp_path):
     assert abs(ppl["mobe"]["perplexity"] - ppl["recon"]["perplexity"]) < 1e-3 * ppl["recon"]["perplexity"]
     res = runner.invoke(app, ["eval", str(src), "--text", str(text), "--ctx", "1"])
     assert res.exit_code == 2
+
+
+def _set_config(path, **changes):
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def test_dtype_auto_is_the_checkpoints_own(tiny, tmp_path):
+    """--dtype defaults to auto: config.json's dtype (torch_dtype before transformers 5); FP8 checkpoints
+    compute in bfloat16; no dtype in the config: bfloat16. The JSON output says which was used."""
+    f32 = make_tiny_moe(tmp_path / "f32", "qwen3_moe", dtype=torch.float32, num_shards=1)
+    fp8 = make_tiny_moe(tmp_path / "fp8", "deepseek_v3", fp8=True, num_shards=1)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+
+    def used(path, *args, cmd="generate"):
+        extra = ["--prompt", "hi", "--max-new-tokens", "1"] if cmd == "generate" else ["--text", str(text), "--ctx", "8"]
+        res = runner.invoke(app, [cmd, str(path), *extra, "--json", *args])
+        assert res.exit_code == 0, res.output
+        return _json(res)["dtype"]
+
+    assert used(f32) == used(f32, cmd="eval") == "float32"  # was bfloat16 whatever the checkpoint
+    assert used(tiny) == "bfloat16" and used(fp8) == "bfloat16"
+    _set_config(f32, torch_dtype=None, dtype="float16")  # transformers 5 spelling
+    assert used(f32) == "float16"
+    _set_config(f32, dtype=None)
+    assert used(f32) == "bfloat16"
+    # every spelling of transformers/torch, on both commands
+    for spelling, want in (("half", "float16"), ("float", "float32"), ("BF16", "bfloat16"), ("fp32", "float32")):
+        assert used(tiny, "--dtype", spelling) == want and used(tiny, "--dtype", spelling, cmd="eval") == want
+    res = runner.invoke(app, ["generate", str(tiny), "--prompt", "hi", "--dtype", "int4"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "auto, bf16, bfloat16, fp16, float16, half, fp32, float32, float" in res.stderr
+    _set_config(f32, dtype="float64")
+    res = runner.invoke(app, ["generate", str(f32), "--prompt", "hi"])
+    assert res.exit_code == 2 and "config.json" in res.stderr and "float64" in res.stderr
+
+
+def test_compress_and_export_accept_the_same_dtype_spellings():
+    """One spelling table (mobe_stream/dtypes.py) for every command: compress and export take half/float too."""
+    from mobe_stream.dtypes import spellings
+    from mobe_stream.errors import ConfigError
+    from mobe_stream.pipeline.export import ExportOptions, _target_dtype
+    from mobe_stream.pipeline.options import CompressOptions, resolve_dtype
+
+    cfg = {"mobe": {"dtype": "bfloat16"}, "quantization_config": {"quant_method": "fp8"}}
+    for s in spellings(fp8=True):
+        CompressOptions(dtype=s).validate()
+        assert _target_dtype(cfg, ExportOptions(dtype=s)) in ("bf16", "fp16", "fp32", "fp8")
+    assert resolve_dtype("half", {"BF16"}) == torch.float16 and resolve_dtype("float", {"BF16"}) == torch.float32
+    assert _target_dtype(cfg, ExportOptions(dtype="float")) == "fp32"
+    assert _target_dtype(cfg, ExportOptions(dtype="bfloat16")) == "bf16"  # was refused: short names only
+    with pytest.raises(ConfigError, match="half"):
+        CompressOptions(dtype="int4").validate()

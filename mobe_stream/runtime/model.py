@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..checkpoint.families import EXPERTS_MODULE, detect_layout
 from ..checkpoint.mobe_format import factor_name
 from ..checkpoint.reader import CheckpointReader
+from ..dtypes import AUTO, COMPUTE, dtype_name, to_torch
 from ..errors import ConfigError, ResourceError
 from ..sizes import parse_size
 from .attention_gqa import gqa_attention
@@ -33,9 +34,6 @@ from .ops import rms_norm, swiglu
 from .rope import Rope, softmax_scale
 from .unit_weights import UnitWeights
 from .weights import unit_names, unit_nbytes
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 class MoEModel:
@@ -146,12 +144,23 @@ def unit_sizes(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype)
     return {u: unit_nbytes(reader, cfg, u, dtype) for u in unit_names(cfg)}
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype.lower() not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r} (bf16, fp16, fp32)")
-        return DTYPES[dtype.lower()]
-    return dtype
+def resolve_dtype(dtype: torch.dtype | str, config: dict | None = None, config_path: Path | None = None) -> torch.dtype:
+    """The compute dtype for a dtypes.py spelling. `auto` (transformers' torch_dtype="auto") is the
+    checkpoint's own: config.json's `dtype` (`torch_dtype` before transformers 5); an FP8-quantized
+    checkpoint computes in bfloat16 (what its weights dequantize to); no dtype in the config: bfloat16."""
+    if not isinstance(dtype, str):
+        return dtype
+    name = dtype_name(dtype)
+    if name == AUTO:
+        config = config or {}
+        stored = config.get("dtype") or config.get("torch_dtype")
+        if (config.get("quantization_config") or {}).get("quant_method") == "fp8" or stored is None:
+            return torch.bfloat16
+        name = COMPUTE.get(str(stored).removeprefix("torch.").lower(), "")
+        if not name:
+            raise ConfigError(f"dtype {stored!r} is not one the runtime computes in (--dtype auto); "
+                              f"choose --dtype {', '.join(COMPUTE)}", config_path)
+    return to_torch(name)
 
 
 def _single_device(device_map: str | None, device: str | None) -> Device | None:
@@ -232,10 +241,12 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     mobe_cache: bytes of mixed MoBE bases kept (LRU, all layers), "auto" (mobe_experts.auto_cache_bytes)
     or 0 for none; ignored for checkpoints that are not MoBE.
     """
-    dtype = resolve_dtype(dtype)
+    if isinstance(dtype, str):
+        dtype_name(dtype)  # a bad spelling fails before the checkpoint is opened
     cache_size = None if mobe_cache == "auto" else parse_size(mobe_cache, "--mobe-cache", allow_zero=True)
     reader = CheckpointReader(model_dir)
     try:
+        dtype = resolve_dtype(dtype, reader.config, reader.config_path)
         cfg = parse_config(reader.config, reader.config_path)
         plan, sizes = plan_model(reader, cfg, dtype, device_map, max_memory, device, expert_cache=expert_cache)
         if on_plan is not None:
