@@ -87,7 +87,9 @@ def test_errors_exit_2(tiny, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.stderr
     res = runner.invoke(app, ["generate", str(tiny), "--prompt", "hi", "--max-memory", "cpu=12 parsecs"])
     assert res.exit_code == 2
-    res = runner.invoke(app, ["generate", str(tiny), "--prompt", "hi", "--max-memory", "cpu=1KB"])
+    # cpu=1KB used to be "does not fit" (exit 2); as accelerate does, what does not fit now goes to disk
+    # with one warning (test_disk_fallback_warns_once_on_stderr)
+    res = runner.invoke(app, ["generate", str(tiny), "--prompt", "hi", "--max-memory", "cpu=1KB,disk=1KB"])
     assert res.exit_code == 2 and "does not fit" in res.stderr
 
 
@@ -167,3 +169,44 @@ def test_compress_and_export_accept_the_same_dtype_spellings():
     assert _target_dtype(cfg, ExportOptions(dtype="bfloat16")) == "bf16"  # was refused: short names only
     with pytest.raises(ConfigError, match="half"):
         CompressOptions(dtype="int4").validate()
+
+
+def test_disk_fallback_warns_once_on_stderr(tiny):
+    """A max_memory without disk that cannot hold the model: the rest goes to disk with one warning line
+    (accelerate's behaviour), the tokens are the in-memory ones."""
+    args = ["generate", str(tiny), "--prompt", "The quick brown fox", "--max-new-tokens", "4"]
+    ref = runner.invoke(app, args)
+    res = runner.invoke(app, [*args, "--max-memory", "cpu=1KB", "--print-device-map"])
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "offloaded to disk" in warnings[0] and "cpu=1000" in warnings[0]
+    assert res.stdout == ref.stdout and "-> disk" in res.stderr
+    named = runner.invoke(app, [*args, "--max-memory", "cpu=1KB,disk"])
+    assert named.exit_code == 0 and "warning:" not in named.stderr
+
+
+def test_device_map_and_max_memory_as_json(tiny, tmp_path):
+    args = ["generate", str(tiny), "--prompt", "The quick brown fox", "--max-new-tokens", "4"]
+    ref = runner.invoke(app, args)
+    spec = tmp_path / "map.json"
+    spec.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers": "disk", "model.layers.0": "cpu",
+                                "model.norm": "cpu", "lm_head": "cpu"}))
+    res = runner.invoke(app, [*args, "--device-map", str(spec), "--json"])
+    assert res.exit_code == 0, res.output
+    d = _json(res)
+    assert d["device_map"] == {"embed": "cpu", "layers.0": "cpu", "layers.1": "disk", "layers.2": "disk",
+                               "norm": "cpu", "lm_head": "cpu"}
+    assert d["text"] == ref.stdout.rstrip("\n")
+    spec.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers": "cpu"}))
+    for cmd in (args, ["eval", str(tiny), "--text", str(spec)]):
+        res = runner.invoke(app, [*cmd, "--device-map", str(spec)])
+        assert res.exit_code == 2 and f"{spec}: device map does not place norm" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    mem = tmp_path / "mem.json"
+    mem.write_text('{"cpu": 1000, "disk": null}')
+    for spec_mem in (str(mem), '{"cpu": "1000", "disk": null}'):
+        res = runner.invoke(app, [*args, "--max-memory", spec_mem, "--dry-run"])
+        assert res.exit_code == 0 and "-> disk" in res.stdout and "warning" not in res.stderr, res.output
+    mem.write_text('{"cpu": "lots"}')
+    res = runner.invoke(app, [*args, "--max-memory", str(mem)])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {mem}: max_memory[cpu]: cannot parse size 'lots'")
