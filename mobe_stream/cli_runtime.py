@@ -47,14 +47,18 @@ def _dry_run(model: Path, dtype: str, device_map: str, max_memory: str | None,
     print(format_plan(plan, sizes))
 
 
-DEVICE_MAP_HELP = ("auto, balanced, sequential, cpu (plan with --max-memory), or one device: cuda, cuda:N; "
-                   "experts: everything but the routed experts on the compute device, experts on cpu/disk, "
-                   "fetched per token through --expert-cache.")
+DEVICE_MAP_HELP = ("auto, balanced, balanced_low_0, sequential (planned with --max-memory); one device for everything: "
+                   "cpu, cuda, cuda:N or N; a JSON file {module: device} (transformers' names: model.embed_tokens, "
+                   "model.layers.N, model.norm, lm_head, or embed, layers.N, norm, lm_head; a prefix such as model "
+                   "covers what is under it; devices: N, cuda:N, cpu, disk); experts: everything but the routed "
+                   "experts on the compute device, experts on cpu/disk, fetched per token through --expert-cache.")
 EXPERT_CACHE_HELP = ("With --device-map experts: bytes of hot routed experts kept on the compute device (LRU), "
                      "e.g. 8GiB; default half the device room left.")
 MOBE_CACHE_HELP = ("MoBE checkpoints: bytes of mixed bases kept between forwards (LRU over all layers), e.g. 2GiB; "
                    "auto: all of them if that is at most a quarter of the free memory, else a quarter; 0: none.")
-MAX_MEMORY_HELP = 'accelerate form, e.g. "0=20GiB,cpu=64GiB,disk"; a GPU named here must exist (unless --dry-run).'
+MAX_MEMORY_HELP = ('accelerate form, e.g. "0=20GiB,cpu=64GiB,disk", a JSON object {"0": "20GiB", "cpu": "64GiB", '
+                   '"disk": null} (ints are bytes) or a .json file of one; a GPU named here must exist (unless '
+                   '--dry-run). What the devices named cannot hold goes to disk, with a warning unless disk is named.')
 OFFLOAD_HELP = ("Kept for accelerate compatibility. Disk-offloaded weights are read from the checkpoint's own "
                 "safetensors shards (mmap) and nothing is written here; every source mobe-stream reads is safetensors.")
 DTYPE_HELP = ("Compute dtype: auto (the checkpoint's own: config.json's dtype/torch_dtype; FP8 checkpoints compute in "
