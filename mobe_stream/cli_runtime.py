@@ -59,8 +59,11 @@ MOBE_CACHE_HELP = ("MoBE checkpoints: bytes of mixed bases kept between forwards
 MAX_MEMORY_HELP = ('accelerate form, e.g. "0=20GiB,cpu=64GiB,disk", a JSON object {"0": "20GiB", "cpu": "64GiB", '
                    '"disk": null} (ints are bytes) or a .json file of one; a GPU named here must exist (unless '
                    '--dry-run). What the devices named cannot hold goes to disk, with a warning unless disk is named.')
-OFFLOAD_HELP = ("Kept for accelerate compatibility. Disk-offloaded weights are read from the checkpoint's own "
-                "safetensors shards (mmap) and nothing is written here; every source mobe-stream reads is safetensors.")
+OFFLOAD_HELP = ("Where disk-offloaded tensors stored in another dtype than --dtype (a bf16 checkpoint run in fp32) "
+                "are kept cast, as safetensors + index.json, written once and reused by later runs with the same "
+                "checkpoint and dtype (anything else rewrites them, with a warning). Other disk tensors, FP8 ones "
+                "included, are read from the checkpoint's own shards (mmap); without this option, casts happen on "
+                "every fetch. Must not lie inside the model directory.")
 DTYPE_HELP = ("Compute dtype: auto (the checkpoint's own: config.json's dtype/torch_dtype; FP8 checkpoints compute in "
               "bfloat16; none given: bfloat16), bf16/bfloat16, fp16/float16/half, fp32/float32/float.")
 DRY_RUN_HELP = ("Plan only: print the device map (as --print-device-map) for the devices --max-memory names, even if "

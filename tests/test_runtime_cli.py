@@ -210,3 +210,25 @@ def test_device_map_and_max_memory_as_json(tiny, tmp_path):
     mem.write_text('{"cpu": "lots"}')
     res = runner.invoke(app, [*args, "--max-memory", str(mem)])
     assert res.exit_code == 2 and res.stderr.startswith(f"error: {mem}: max_memory[cpu]: cannot parse size 'lots'")
+
+
+def test_offload_folder_is_reused_and_says_why_it_is_rewritten(tiny, tmp_path):
+    folder = tmp_path / "off"
+    args = ["generate", str(tiny), "--prompt", "The quick brown fox", "--max-new-tokens", "3", "--max-memory",
+            "cpu=1,disk", "--offload-folder", str(folder)]
+    ref = runner.invoke(app, ["generate", str(tiny), "--prompt", "The quick brown fox", "--max-new-tokens", "3",
+                              "--dtype", "fp32"])
+    first = runner.invoke(app, [*args, "--dtype", "fp32"])
+    assert first.exit_code == 0 and first.stdout == ref.stdout, first.output
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert "index.json" in stamps and len(stamps) > 1
+    again = runner.invoke(app, [*args, "--dtype", "float"])
+    assert again.exit_code == 0 and "warning" not in again.stderr and again.stdout == ref.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    half = runner.invoke(app, [*args, "--dtype", "half"])
+    assert half.exit_code == 0
+    assert [line for line in half.stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: {folder}: offload files were written for dtype float32, not float16; rewriting them"]
+    inside = runner.invoke(app, [*args[:-1], str(tiny / "off")])
+    assert inside.exit_code == 2 and "must not be or lie inside the model directory" in inside.stderr
+    assert not (tiny / "off").exists()

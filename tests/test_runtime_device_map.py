@@ -86,8 +86,11 @@ def test_offloaded_runs_match_in_memory(tmp_path, family, fp8, dtype, layout):
         got, inc, plan = _run(src, dtype=dtype, device_map="auto", max_memory=max_memory, offload_folder=folder)
         if "disk" in max_memory:
             assert set(plan.values()) == {"disk"}
-        # disk offload reads the source shards; nothing converted is ever written (FP8 or not)
-        assert not folder.exists() or not any(folder.iterdir())
+        # disk offload reads the source shards; only tensors stored in another dtype than they compute in
+        # (here the bf16 qwen3 run in fp32) are kept converted in the offload folder, FP8 never
+        converted = "disk" in max_memory and family == "qwen3_moe"
+        assert (folder / "index.json").exists() == converted
+        assert not folder.exists() or converted
         assert torch.equal(got, ref) and torch.equal(inc, ref_inc)
 
 
@@ -219,3 +222,77 @@ def test_json_device_map_runs_like_in_memory(tmp_path):
     got, inc, plan = _run(src, dtype=torch.bfloat16, device_map=spec)
     assert plan == {"embed": "cpu", "layers.0": "cpu", "layers.1": "disk", "layers.2": "cpu", "norm": "cpu", "lm_head": "disk"}
     assert torch.equal(got, ref) and torch.equal(inc, ref_inc)
+
+
+def _stamps(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(folder.iterdir())}
+
+
+def test_offload_folder_keeps_converted_units_across_runs(tmp_path, capsys):
+    """A bf16 checkpoint run in fp32 with its units on disk: the cast tensors are written once to
+    --offload-folder (safetensors in the compute dtype + index.json), reused by the next run with the
+    same checkpoint and dtype, rewritten with one warning when either changes."""
+    from mobe_stream.checkpoint.safetensors_io import read_header
+
+    src = make_tiny_moe(tmp_path / "m", "qwen3_moe", num_shards=2)  # stored bf16
+    model_files = sorted(p.name for p in src.iterdir())
+    ref, ref_inc, _ = _run(src, dtype=torch.float32)
+    folder = tmp_path / "off"
+    disk = dict(device_map="auto", max_memory="cpu=1,disk", offload_folder=folder)
+    got, inc, plan = _run(src, dtype=torch.float32, **disk)
+    assert torch.equal(got, ref) and torch.equal(inc, ref_inc)
+    index = json.loads((folder / "index.json").read_text())
+    assert index["format"] == "mobe-stream-offload/1" and index["dtype"] == "float32"
+    assert index["fingerprint"]["digest"] and set(index["units"]) == set(plan)
+    for unit, record in index["units"].items():
+        header = read_header(folder / f"{unit}.safetensors")
+        assert {e.dtype for e in header.tensors.values()} == {"F32"} and set(header.tensors) == set(record["tensors"])
+    first = _stamps(folder)
+    assert capsys.readouterr().err == ""
+
+    got, _, _ = _run(src, dtype=torch.float32, **disk)  # same checkpoint, same dtype: reused, not rewritten
+    assert torch.equal(got, ref) and _stamps(folder) == first and capsys.readouterr().err == ""
+
+    _run(src, dtype=torch.float16, **disk)  # another dtype: rewritten, one line says why
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {folder}: offload files were written for dtype float32, not float16; rewriting them"]
+    assert json.loads((folder / "index.json").read_text())["dtype"] == "float16"
+    (folder / "layers.1.safetensors").unlink()  # a file lost: that unit alone is rewritten
+    before = _stamps(folder)
+    _run(src, dtype=torch.float16, **disk)
+    after = _stamps(folder)
+    assert "missing or not what index.json records" in capsys.readouterr().err
+    assert [n for n in after if after[n] != before.get(n)] == ["index.json", "layers.1.safetensors"]
+
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "note": "edited"}))  # the checkpoint changed
+    got, _, _ = _run(src, dtype=torch.float16, **disk)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another checkpoint or a changed one (config.json content differs)" in err
+    assert sorted(p.name for p in src.iterdir()) == model_files  # nothing written into the model directory
+
+
+def test_offload_folder_never_converts_fp8_and_never_writes_into_the_model(tmp_path):
+    from mobe_stream.checkpoint.reader import CheckpointReader
+    from mobe_stream.checkpoint.safetensors_io import read_header
+
+    src = make_tiny_moe(tmp_path / "m", "deepseek_v3", fp8=True, num_shards=2)
+    ref, _, _ = _run(src, dtype=torch.float32)
+    folder = tmp_path / "off"
+    got, _, _ = _run(src, dtype=torch.float32, device_map="auto", max_memory="cpu=1,disk", offload_folder=folder)
+    assert torch.equal(got, ref)
+    with CheckpointReader(src) as r:
+        fp8_weights = {n for n in r.names() if r.scale_of(n) is not None}
+        scales = {r.scale_of(n) for n in fp8_weights}
+    written = {n for f in folder.glob("*.safetensors") for n in read_header(f).tensors}
+    assert written and fp8_weights and not written & (fp8_weights | scales)  # FP8 stays as stored, with its scales
+    for bad in (src, src / "off"):
+        with pytest.raises(ConfigError, match="must not be or lie inside the model directory"):
+            load_model(src, dtype=torch.float32, device_map="auto", max_memory="cpu=1,disk", offload_folder=bad)
+    assert not (src / "off").exists()
+    foreign = tmp_path / "accelerate_offload"
+    foreign.mkdir()
+    (foreign / "index.json").write_text('{"model.layers.0.mlp.gate.weight": {"dtype": "float32", "shape": [8, 64]}}')
+    with pytest.raises(ConfigError, match="not a mobe-stream offload index"):
+        load_model(src, dtype=torch.float32, device_map="auto", max_memory="cpu=1,disk", offload_folder=foreign)
+    assert [p.name for p in foreign.iterdir()] == ["index.json"]

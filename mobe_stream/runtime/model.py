@@ -30,6 +30,7 @@ from .expert_store import ExpertWeightStore
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts, all_bases_bytes, auto_cache_bytes
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
 from .offload import WeightStore
+from .offload_folder import check_folder
 from .ops import rms_norm, swiglu
 from .rope import Rope, softmax_scale
 from .unit_weights import UnitWeights
@@ -236,6 +237,8 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     cache_size = None if mobe_cache == "auto" else parse_size(mobe_cache, "--mobe-cache", allow_zero=True)
     reader = CheckpointReader(model_dir)
     try:
+        if offload_folder is not None:
+            check_folder(offload_folder, reader.model_dir)
         dtype = resolve_dtype(dtype, reader.config, reader.config_path)
         cfg = parse_config(reader.config, reader.config_path)
         plan, sizes = plan_model(reader, cfg, dtype, device_map, max_memory, device, expert_cache=expert_cache, warn=warn)
@@ -245,7 +248,7 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         if is_expert_plan(plan):
             store = ExpertWeightStore(reader, cfg, dtype, plan, sizes)
         else:
-            store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
+            store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch, warn)
     except BaseException:
         reader.close()
         raise
