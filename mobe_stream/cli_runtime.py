@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from .cli_common import counted_progress, friendly, model_path
+from .dtypes import AUTO, dtype_key, dtype_name
 
 if TYPE_CHECKING:
     from .runtime.tokenizer import Tokenizer
@@ -40,21 +41,31 @@ def _dry_run(model: Path, dtype: str, device_map: str, max_memory: str | None,
 
     with CheckpointReader(model) as reader:
         cfg = parse_config(reader.config, reader.config_path)
-        plan, sizes = plan_model(reader, cfg, resolve_dtype(dtype), None if device_map == "none" else device_map,
-                                 max_memory, dry_run=True, expert_cache=expert_cache)
+        plan, sizes = plan_model(reader, cfg, resolve_dtype(dtype, reader.config, reader.config_path),
+                                 None if device_map == "none" else device_map, max_memory, dry_run=True,
+                                 expert_cache=expert_cache)
     print(format_plan(plan, sizes))
 
 
-DEVICE_MAP_HELP = ("auto, balanced, sequential, cpu (plan with --max-memory), or one device: cuda, cuda:N; "
-                   "experts: everything but the routed experts on the compute device, experts on cpu/disk, "
-                   "fetched per token through --expert-cache.")
+DEVICE_MAP_HELP = ("auto, balanced, balanced_low_0, sequential (planned with --max-memory); one device for everything: "
+                   "cpu, cuda, cuda:N or N; a JSON file {module: device} (transformers' names: model.embed_tokens, "
+                   "model.layers.N, model.norm, lm_head, or embed, layers.N, norm, lm_head; a prefix such as model "
+                   "covers what is under it; devices: N, cuda:N, cpu, disk); experts: everything but the routed "
+                   "experts on the compute device, experts on cpu/disk, fetched per token through --expert-cache.")
 EXPERT_CACHE_HELP = ("With --device-map experts: bytes of hot routed experts kept on the compute device (LRU), "
                      "e.g. 8GiB; default half the device room left.")
 MOBE_CACHE_HELP = ("MoBE checkpoints: bytes of mixed bases kept between forwards (LRU over all layers), e.g. 2GiB; "
                    "auto: all of them if that is at most a quarter of the free memory, else a quarter; 0: none.")
-MAX_MEMORY_HELP = 'accelerate form, e.g. "0=20GiB,cpu=64GiB,disk"; a GPU named here must exist (unless --dry-run).'
-OFFLOAD_HELP = ("Kept for accelerate compatibility. Disk-offloaded weights are read from the checkpoint's own "
-                "safetensors shards (mmap) and nothing is written here; every source mobe-stream reads is safetensors.")
+MAX_MEMORY_HELP = ('accelerate form, e.g. "0=20GiB,cpu=64GiB,disk", a JSON object {"0": "20GiB", "cpu": "64GiB", '
+                   '"disk": null} (ints are bytes) or a .json file of one; a GPU named here must exist (unless '
+                   '--dry-run). What the devices named cannot hold goes to disk, with a warning unless disk is named.')
+OFFLOAD_HELP = ("Where disk-offloaded tensors stored in another dtype than --dtype (a bf16 checkpoint run in fp32) "
+                "are kept cast, as safetensors + index.json, written once and reused by later runs with the same "
+                "checkpoint and dtype (anything else rewrites them, with a warning). Other disk tensors, FP8 ones "
+                "included, are read from the checkpoint's own shards (mmap); without this option, casts happen on "
+                "every fetch. Must not lie inside the model directory.")
+DTYPE_HELP = ("Compute dtype: auto (the checkpoint's own: config.json's dtype/torch_dtype; FP8 checkpoints compute in "
+              "bfloat16; none given: bfloat16), bf16/bfloat16, fp16/float16/half, fp32/float32/float.")
 DRY_RUN_HELP = ("Plan only: print the device map (as --print-device-map) for the devices --max-memory names, even if "
                 "this machine lacks them, read no weight, exit 0.")
 
@@ -83,7 +94,7 @@ def register(app: typer.Typer) -> None:
         offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
-        dtype: str = typer.Option("bf16", help="bf16 or fp32."),
+        dtype: str = typer.Option(AUTO, help=DTYPE_HELP),
         mobe_cache: str = typer.Option("auto", help=MOBE_CACHE_HELP),
         expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of streamed text."),
@@ -95,6 +106,7 @@ def register(app: typer.Typer) -> None:
         from .runtime.tokenizer import Tokenizer
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        dtype_name(dtype)
         if dry_run:
             return _dry_run(model, dtype, device_map, max_memory, expert_cache)
         if prompt == "-":
@@ -107,7 +119,7 @@ def register(app: typer.Typer) -> None:
         finally:
             m.close()
         if json_out:
-            d = {"model": str(model), **r.as_dict()}
+            d = {"model": str(model), "dtype": dtype_key(m.dtype), **r.as_dict()}
             d["device_map"] = {u: str(v) for u, v in m.plan.items()}
             print(json.dumps(d))
         ec, mc = r.expert_cache, r.mobe_cache
@@ -136,7 +148,7 @@ def register(app: typer.Typer) -> None:
         offload_folder: Path | None = typer.Option(None, help=OFFLOAD_HELP),
         print_device_map: bool = typer.Option(False, "--print-device-map", help="Print unit -> device, planned bytes."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
-        dtype: str = typer.Option("bf16", help="bf16 or fp32."),
+        dtype: str = typer.Option(AUTO, help=DTYPE_HELP),
         mobe_cache: str = typer.Option("auto", help=MOBE_CACHE_HELP),
         expert_cache: str | None = typer.Option(None, help=EXPERT_CACHE_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON object."),
@@ -152,6 +164,7 @@ def register(app: typer.Typer) -> None:
         if reference_revision is not None and reference is None:
             raise ConfigError("--reference-revision: only used with --reference")
         ref_dir = None if reference is None else model_path(reference, reference_revision)
+        dtype_name(dtype)
         if dry_run:
             return _dry_run(model, dtype, device_map, max_memory, expert_cache)
 
@@ -182,7 +195,8 @@ def register(app: typer.Typer) -> None:
                 m.close()
         ref = {} if ref_dir is None else {"reference": str(ref_dir)}
         if json_out:
-            print(json.dumps({"model": str(model), "text": str(text), "ctx": ctx, **ref, **r}))
+            print(json.dumps({"model": str(model), "text": str(text), "ctx": ctx, "dtype": dtype_key(models[0].dtype),
+                              **ref, **r}))
             return
         print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens ({r['windows']} windows of {ctx}), "
               f"{r['tokens_per_s']:.1f} tok/s")

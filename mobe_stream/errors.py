@@ -1,8 +1,10 @@
-"""User-facing errors: one line, naming the file and the problem; the CLI maps them to exit 2."""
+"""User-facing errors: one line, naming the file and the problem; the CLI maps them to exit 2. Warnings:
+one line on stderr in the same form."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 
 class MobeError(Exception):
@@ -25,3 +27,9 @@ class ConfigError(MobeError):
 
 class ResourceError(MobeError):
     """Not enough disk, RAM or device memory for the planned work."""
+
+
+def warning(message: str, path: str | os.PathLike | None = None) -> None:
+    """A warning as users see one: one line on stderr, naming the file when there is one (the runtime's
+    default sink; pipeline code reports warnings as events instead)."""
+    print(f"warning: {os.fspath(path)}: {message}" if path else f"warning: {message}", file=sys.stderr, flush=True)

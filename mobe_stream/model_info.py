@@ -13,9 +13,10 @@ from .checkpoint.families import get_family
 from .checkpoint.mobe_format import EXPORT_KEY, PROJECTIONS, is_factor, projection_bytes
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.safetensors_io import ST_TO_TORCH
+from .dtypes import dtype_key
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
 from .pipeline.estimate import GPU_CHOICES, estimate, source_target_bytes
-from .pipeline.options import CompressOptions, dtype_key, resolve_dtype, resolve_precision
+from .pipeline.options import CompressOptions, resolve_dtype, resolve_precision
 from .sizes import parse_size
 
 

@@ -217,7 +217,7 @@ def main() -> None:
 
 def _sub(engine, form, plan, path, mm, work, tokens, mat, dtype) -> dict:
     cmd = [sys.executable, __file__, "--one", "--engine", "transformers" if engine.startswith("transformers") else "mobe",
-           "--model", str(path), "--plan", plan, "--tokens", str(tokens), "--offload", str(work / f"off-{form}-{plan}"),
+           "--model", str(path), "--plan", plan, "--tokens", str(tokens), "--offload", str(work / f"off-{engine}-{form}-{plan}"),
            "--dtype", dtype]
     if mm:
         cmd += ["--max-memory", mm]

@@ -103,7 +103,7 @@ def read_all(d: Path, setting: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size to generate (GB = 1e9 bytes)")
+    ap.add_argument("--size", default="2GB", help="checkpoint size to generate (accelerate units: 2GB, 4GiB ...)")
     ap.add_argument("--side", type=int, default=4096, help="tensors are bf16 [side, side]")
     ap.add_argument("--shard-size", default="512MB", help="max shard size (accelerate units)")
     ap.add_argument("--dir", type=Path, help="reuse/create the checkpoint here instead of a temp dir")
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--child-make", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_make:
-        make_checkpoint(args.child_make, int(args.size_gb * GB), args.side, parse_size(args.shard_size))
+        make_checkpoint(args.child_make, parse_size(args.size, "--size"), args.side, parse_size(args.shard_size, "--shard-size"))
         return
     if args.child_read:
         print(json.dumps(read_all(args.child_read, args.settings)))
@@ -125,7 +125,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         # in a child: Linux carries the parent's peak RSS into a spawned child's ru_maxrss
-        subprocess.run([sys.executable, __file__, "--child-make", str(d), "--size-gb", str(args.size_gb),
+        subprocess.run([sys.executable, __file__, "--child-make", str(d), "--size", args.size,
                         "--side", str(args.side), "--shard-size", args.shard_size], check=True)
         gen = time.perf_counter() - t0
         shards = sorted(d.glob("*.safetensors"))

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -184,13 +185,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data.cast("B")
 
 
-def _header_bytes(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> bytes:
-    entries = []
-    for name, t in items:
-        if t.dtype not in TORCH_TO_ST:
-            raise ValueError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
-        entries.append((name, TORCH_TO_ST[t.dtype], tuple(t.shape)))
-    return encode_header(entries, metadata)
+def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+    for name, dtype, _ in entries:
+        if dtype not in TORCH_TO_ST:
+            raise ValueError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+    return encode_header([(name, TORCH_TO_ST[dtype], shape) for name, dtype, shape in entries], metadata)
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
@@ -241,15 +240,24 @@ def atomic_file(path: str | os.PathLike):
 def write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]],
                       metadata: dict[str, str] | None = None) -> tuple[str, int]:
     """Write a shard atomically, streaming tensor bytes; returns (sha256 hex, size in bytes)."""
+    return stream_safetensors(path, [(n, t.dtype, tuple(t.shape)) for n, t in items], (t for _, t in items), metadata)
+
+
+def stream_safetensors(path: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                       tensors: Iterable[torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[str, int]:
+    """write_safetensors with the tensors produced one at a time (`entries`: name, dtype, shape of
+    each, for the header), so only one is in memory at once; each is checked against its entry."""
+    header = _header_bytes(entries, metadata)
     sha = hashlib.sha256()
-    header = _header_bytes(items, metadata)
     size = 0
     with atomic_file(path) as f:
         f.write(header)
         sha.update(header)
         size += len(header)
         faults.on_bytes_written(len(header), f.name)
-        for _, t in items:
+        for (name, dtype, shape), t in zip(entries, tensors, strict=True):
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"tensor {name} is {t.dtype} {list(t.shape)}, its header says {dtype} {list(shape)}")
             mv = _tensor_bytes(t)
             for i in range(0, len(mv), WRITE_CHUNK):
                 chunk = mv[i:i + WRITE_CHUNK]
@@ -257,7 +265,7 @@ def write_safetensors(path: str | os.PathLike, items: list[tuple[str, torch.Tens
                 sha.update(chunk)
                 faults.on_bytes_written(len(chunk), f.name)  # test-only ENOSPC injection
             size += len(mv)
-            del mv
+            del mv, t
     return sha.hexdigest(), size
 
 

@@ -24,6 +24,7 @@ from ..checkpoint.families import Family, fused_name, get_family, layer_of, per_
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..checkpoint.writer import write_index_and_manifest
+from ..dtypes import AUTO, dtype_key, dtype_name, short_name, to_torch
 from ..errors import ConfigError
 from ..factorize import MethodPlan, factors_from_tensors
 from ..memory import pin_mmap_threshold
@@ -34,16 +35,15 @@ from .events import Reporter
 from .job import StopFlag
 from .journal import Journal
 from .lock import OutputLock
-from .options import DTYPES, dtype_key
 from .signals import catch_signals
 from .source_check import SourceShards
 
-EXPORT_DTYPES = {k: DTYPES[k] for k in ("bf16", "fp16", "fp32", "fp8")}  # the short names of the one --dtype table
+EXPORT_DTYPES = {short_name(k): to_torch(k) for k in ("bf16", "fp16", "fp32", "fp8")}  # keyed by dtypes.py's short names
 
 
 @dataclass
 class ExportOptions:
-    dtype: str = "auto"
+    dtype: str = AUTO
     max_shard_size: str = "5GB"
     expert_chunk: int = 32
     resume: bool = False
@@ -52,11 +52,10 @@ class ExportOptions:
 
 def _target_dtype(cfg: dict, opts: ExportOptions) -> str:
     src_fp8 = (cfg.get("quantization_config") or {}).get("quant_method") == "fp8"
-    name = opts.dtype
-    if name == "auto":
+    name = dtype_name(opts.dtype, "--dtype", fp8=True)
+    if name == AUTO:
         name = "fp8" if src_fp8 else {"float32": "fp32", "float16": "fp16"}.get(cfg["mobe"].get("dtype"), "bf16")
-    if name not in EXPORT_DTYPES:
-        raise ConfigError(f"unknown --dtype {name!r}; use auto, bf16, fp16, fp32 or fp8")
+    name = short_name(name)  # the journal records the short name
     if name == "fp8" and not src_fp8:
         raise ConfigError("--dtype fp8 needs a source that was FP8 block-quantized (DeepSeek-V3/Kimi-K2 release format)")
     return name

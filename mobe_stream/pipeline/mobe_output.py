@@ -11,13 +11,13 @@ import torch
 from ..checkpoint import fp8, mobe_format
 from ..checkpoint.safetensors_io import atomic_write_bytes, atomic_write_json
 from ..checkpoint.writer import write_index_and_manifest
+from ..dtypes import dtype_key
 from ..errors import ConfigError
 from ..factorize import LowRankFactors, MethodPlan, MoBEFactors, factors_from_tensors
 from . import outdir
 from .job import CompressJob, OutputSpec
 from .journal import Journal
 from .model_card import model_card
-from .options import dtype_key
 from .plan import Unit
 
 

@@ -15,19 +15,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from .. import defaults
-from ..checkpoint import fp8
 from ..checkpoint.safetensors_io import ST_TO_TORCH
+from ..dtypes import AUTO, COMPUTE, FP8, dtype_key, dtype_name, to_torch
 from ..errors import ConfigError
 from ..factorize import INITS, METHODS, PRECISIONS
 from ..sizes import parse_size
 from .solvers import SOLVERS
 
-# --dtype: the first name of each dtype is its short name. fp8 = e4m3 with fp32 128x128 block scales
-# (checkpoint/fp8.py); `auto` is the source experts' storage dtype (resolve_dtype).
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32, "fp8": fp8.FP8_DTYPE, "float8_e4m3fn": fp8.FP8_DTYPE}
-AUTO = "auto"
-DTYPE_CHOICES = (AUTO, *DTYPES)
+# --dtype: the spellings of dtypes.py, fp8 included (e4m3 with fp32 128x128 block scales,
+# checkpoint/fp8.py); `auto` is the source experts' storage dtype (resolve_dtype).
 PRECISION_CHOICES = (AUTO, *PRECISIONS)
 # --precision auto: the fastest precision whose final error stays within 1% of fp32's, per device
 # kind (measured with tools/bench_solver.py --solvers als:scaled:fp32,als:scaled:bf16,...; CHANGELOG)
@@ -113,7 +109,7 @@ class CompressOptions:
         _choice("--init", self.init, INITS)
         _choice("--precision", self.precision, PRECISION_CHOICES)
         _choice("--activation", self.activation, ACTIVATIONS)
-        _choice("--dtype", self.dtype, DTYPE_CHOICES)
+        dtype_name(self.dtype, "--dtype", fp8=True)
         for option, value in (("--num-bases", self.num_bases), ("--rank", self.rank)):
             if value is not None and value < 1:
                 raise ConfigError(f"{option}: must be at least 1, got {value}")
@@ -158,7 +154,7 @@ def _options_from_settings(settings: dict) -> dict:
     """Journal settings (settings_for_journal) back as option values."""
     out = {k: settings[k] for k in ("method", "solver", "init", "precision", "num_bases", "rank", "activation",
                                     "groups", "steps", "lr", "tol", "seed") if k in settings}
-    if "dtype" in settings and settings["dtype"] in DTYPES:  # recorded resolved: "bfloat16", "float8_e4m3fn"
+    if "dtype" in settings and settings["dtype"] in {**COMPUTE, **FP8}:  # recorded resolved: "bfloat16", "float8_e4m3fn"
         out["dtype"] = settings["dtype"]
     if isinstance(settings.get("layers"), list):
         out["layers"] = ",".join(str(x) for x in settings["layers"])
@@ -176,20 +172,13 @@ def resolve_precision(precision: str, device: str) -> str:
 def resolve_dtype(dtype: str, source_dtypes: set[str]) -> torch.dtype:
     """`--dtype` as a torch dtype; `auto` is the storage dtype (safetensors names, e.g. F8_E4M3 -> fp8)
     of the source experts' gate/up weights, which must be one output dtype."""
-    _choice("--dtype", dtype, DTYPE_CHOICES)
-    if dtype != AUTO:
-        return DTYPES[dtype]
+    if dtype_name(dtype, "--dtype", fp8=True) != AUTO:
+        return to_torch(dtype)
     found = {ST_TO_TORCH.get(s) for s in source_dtypes}
-    if len(found) != 1 or next(iter(found)) not in DTYPES.values():
+    if len(found) != 1 or next(iter(found)) not in {to_torch(n) for n in (*COMPUTE.values(), *FP8.values())}:
         raise ConfigError(f"--dtype auto: the source experts are stored as {', '.join(sorted(source_dtypes)) or 'nothing'}; "
                           f"choose --dtype bf16, fp16, fp32 or fp8")
     return found.pop()  # type: ignore[return-value]
-
-
-def dtype_key(dtype: torch.dtype | str) -> str:
-    """A dtype as every JSON output and the config's mobe block spell it: torch's name without the
-    module ("bfloat16", "float8_e4m3fn", "float32"); a name torch does not know passes through."""
-    return str(dtype).removeprefix("torch.")
 
 
 def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layers: list[int],

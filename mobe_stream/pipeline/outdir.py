@@ -26,6 +26,7 @@ from ..checkpoint.safetensors_io import atomic_file, atomic_write_bytes, sha256_
 from ..checkpoint.writer import ShardWriter
 from ..errors import ConfigError, ResourceError
 from ..memory import release_freed_memory
+from ..paths import is_inside
 from .events import Reporter
 from .journal import STATE_DIR, Journal
 
@@ -40,37 +41,9 @@ _NOT_COPIED_NAMES = {"model.safetensors.index.json", "config.json", "manifest.js
 _COPY_CHUNK = 16 * 2**20
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _chain(path: Path) -> list[tuple[int, int]]:
-    """(device, inode) of `path` and every existing ancestor."""
-    ids = []
-    for p in (path, *path.parents):
-        ident = _identity(p)
-        if ident is not None:
-            ids.append(ident)
-    return ids
-
-
 def check_not_overlapping(src: Path, out: Path) -> None:
-    """Refuse an output that is, contains or lies inside the source, however it is reached.
-
-    Paths are compared resolved *and* by (device, inode) of every existing ancestor: a bind mount
-    or a second mount of the same filesystem gives the source another path but not another inode.
-    """
-    src_id = _identity(src)
-    overlap = out == src or src in out.parents or out in src.parents
-    if not overlap and src_id is not None:
-        overlap = src_id in _chain(out)  # out is the source or lies inside it
-        out_id = _identity(out)
-        overlap = overlap or (out_id is not None and out_id in _chain(src))  # out contains the source
-    if overlap:
+    """Refuse an output that is, contains or lies inside the source, however it is reached (paths.is_inside)."""
+    if is_inside(out, src) or is_inside(src, out):
         raise ConfigError(f"{out}: output directory must not be, contain or lie inside the source {src}")
 
 

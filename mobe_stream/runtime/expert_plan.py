@@ -18,9 +18,9 @@ Host: each MoE layer's experts go to "cpu" while they fit (on a CPU-only machine
 part and the cache). A layer whose experts no longer fit in RAM is kept whole on the compute device
 while its room allows (static residency, no transfer; with a GPU this is what keeps all of Kimi-K2
 off the disk at 0=70GiB,cpu=900GiB: 60 layers x 15.75 GiB of experts = 945 GiB > 900 GiB of RAM),
-and only then goes to "disk" if max_memory allows. expert_cache defaults to half the device room
-left after that (capped at the expert bytes not resident); the other half is left for activations
-and the KV cache.
+and only then goes to "disk" (with a warning unless max_memory names disk, as in device_map.py).
+expert_cache defaults to half the device room left after that (capped at the expert bytes not
+resident); the other half is left for activations and the KV cache.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import torch
 from ..checkpoint.families import EXPERTS_MODULE, fused_name
 from ..checkpoint.mobe_format import PROJECTIONS, factor_name
 from ..checkpoint.reader import CheckpointReader
-from ..errors import ResourceError
+from ..errors import ResourceError, warning
 from ..sizes import parse_size
 from .config import RuntimeConfig
-from .device_map import Device, default_max_memory, parse_max_memory
+from .device_map import Device, Warn, default_max_memory, fmt_mem, parse_max_memory
 from .weights import tensor_stored_bytes, unit_names, unit_scales, unit_tensors, unit_working_bytes
 
 STRATEGY = "experts"
@@ -98,12 +98,12 @@ def layer_experts(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dty
 
 
 def plan_experts(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype, max_memory: str | dict | None,
-                 expert_cache: int | str | None = None) -> tuple[dict[str, Device], dict[str, int]]:
+                 expert_cache: int | str | None = None, warn: Warn | None = None) -> tuple[dict[str, Device], dict[str, int]]:
     """(entry -> device, entry -> bytes): every unit on the compute device at its non-expert bytes,
-    `layers.N.experts` on cpu/disk, and the device's dequant_working, expert_staging, expert_cache."""
+    `layers.N.experts` on cpu/disk, and the device's dequant_working, expert_staging, expert_cache.
+    Experts that fit nowhere else go to disk, with one line to `warn` (default stderr) unless
+    max_memory names disk (device_map's rule)."""
     mem = parse_max_memory(max_memory) if max_memory is not None else default_max_memory()
-    if max_memory is None:
-        mem["disk"] = math.inf
     gpus = sorted(k for k in mem if isinstance(k, int))
     device: Device = gpus[0] if gpus else "cpu"
     if device == "cpu" and "cpu" not in mem:
@@ -151,11 +151,13 @@ def plan_experts(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtyp
             plan[key] = device
             room -= info.total_bytes
             on_device += info.total_bytes
-        elif "disk" in mem:
-            plan[key] = "disk"
         else:
-            raise ResourceError(f"--device-map experts: the routed experts of layer {layer} ({_gib(info.total_bytes)}) "
-                                f"do not fit in the cpu memory left (add disk offload, e.g. ',disk')", reader.model_dir)
+            plan[key] = "disk"
+    on_disk = [k for k, d in plan.items() if d == "disk"]
+    if on_disk and "disk" not in mem:
+        (warn or warning)(f"--device-map experts: max_memory {fmt_mem(mem)} cannot hold the routed experts: those of "
+                          f"{len(on_disk)} of {len(experts)} MoE layers ({on_disk[0]} on) are read from the checkpoint's "
+                          f"shards (slow); name disk in --max-memory to plan for it without this warning")
     if cache is None:  # half of the device room left (on a CPU-only machine: of the RAM left)
         cache = min(total_experts - on_device, int(max(room if device != "cpu" else host_room, 0) * DEFAULT_CACHE_SHARE))
     plan[CACHE_KEY], sizes[CACHE_KEY] = device, cache

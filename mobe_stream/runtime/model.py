@@ -16,26 +16,25 @@ import torch.nn.functional as F
 from ..checkpoint.families import EXPERTS_MODULE, detect_layout
 from ..checkpoint.mobe_format import factor_name
 from ..checkpoint.reader import CheckpointReader
-from ..errors import ConfigError, ResourceError
+from ..dtypes import AUTO, COMPUTE, dtype_name, to_torch
+from ..errors import ConfigError, ResourceError, warning
 from ..sizes import parse_size
 from .attention_gqa import gqa_attention
 from .attention_mla import mla_attention
 from .cache import KVCache, causal_mask
 from .config import RuntimeConfig, parse_config
-from .device_map import Device, check_gpus, parse_max_memory, plan_device_map
+from .device_map import Device, Warn, check_gpus, parse_max_memory, plan_device_map, resolve_device_map
 from .expert_plan import CACHE_KEY, plan_experts
 from .expert_plan import STRATEGY as EXPERTS_STRATEGY
 from .expert_store import ExpertWeightStore
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts, all_bases_bytes, auto_cache_bytes
 from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
 from .offload import WeightStore
+from .offload_folder import check_folder
 from .ops import rms_norm, swiglu
 from .rope import Rope, softmax_scale
 from .unit_weights import UnitWeights
 from .weights import unit_names, unit_nbytes
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 class MoEModel:
@@ -146,68 +145,66 @@ def unit_sizes(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype)
     return {u: unit_nbytes(reader, cfg, u, dtype) for u in unit_names(cfg)}
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype.lower() not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r} (bf16, fp16, fp32)")
-        return DTYPES[dtype.lower()]
-    return dtype
-
-
-def _single_device(device_map: str | None, device: str | None) -> Device | None:
-    """The one device of a whole-model placement (`--device-map cuda:1`, or device_map None), else None."""
-    if isinstance(device_map, str) and (device_map.startswith("cuda") or device_map.isdigit()):
-        device = device_map if not device_map.isdigit() else f"cuda:{device_map}"
-    elif device_map is not None:
-        return None
-    try:
-        d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r} (cpu, cuda, cuda:N)") from None
-    if d.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r} (cpu, cuda, cuda:N)")
-    return "cpu" if d.type == "cpu" else (d.index or 0)
+def resolve_dtype(dtype: torch.dtype | str, config: dict | None = None, config_path: Path | None = None) -> torch.dtype:
+    """The compute dtype for a dtypes.py spelling. `auto` (transformers' torch_dtype="auto") is the
+    checkpoint's own: config.json's `dtype` (`torch_dtype` before transformers 5); an FP8-quantized
+    checkpoint computes in bfloat16 (what its weights dequantize to); no dtype in the config: bfloat16."""
+    if not isinstance(dtype, str):
+        return dtype
+    name = dtype_name(dtype)
+    if name == AUTO:
+        config = config or {}
+        stored = config.get("dtype") or config.get("torch_dtype")
+        if (config.get("quantization_config") or {}).get("quant_method") == "fp8" or stored is None:
+            return torch.bfloat16
+        name = COMPUTE.get(str(stored).removeprefix("torch.").lower(), "")
+        if not name:
+            raise ConfigError(f"dtype {stored!r} is not one the runtime computes in (--dtype auto); "
+                              f"choose --dtype {', '.join(COMPUTE)}", config_path)
+    return to_torch(name)
 
 
 def plan_model(reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype,
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
                device: str | None = None, dry_run: bool = False,
-               expert_cache: int | str | None = None) -> tuple[dict[str, Device], dict[str, int]]:
+               expert_cache: int | str | None = None, warn: Warn | None = None) -> tuple[dict[str, Device], dict[str, int]]:
     """(unit -> device, unit -> planned bytes) from the shard headers alone; no weight is read.
 
-    dry_run plans for the devices max_memory names whether or not this machine has them; otherwise
-    a GPU that is not here is refused (one-line ConfigError) before anything is loaded. device_map
-    "experts" plans expert-granular placement (expert_plan.py; its plan has extra entries). "auto"
-    goes past accelerate once: when a GPU computes, whole layers would spill to disk and the
-    expert-granular plan keeps everything off the disk, that plan is used instead."""
+    device_map: a strategy, one device, an explicit {module: device} map or a JSON file of one
+    (device_map.resolve_device_map), None: everything on `device`. dry_run plans for the devices
+    max_memory names whether or not this machine has them; otherwise a GPU that is not here is
+    refused (one-line ConfigError) before anything is loaded. device_map "experts" plans
+    expert-granular placement (expert_plan.py; its plan has extra entries). "auto" goes past
+    accelerate once: when a GPU computes, whole layers would spill to disk and the expert-granular
+    plan keeps everything off the disk, that plan is used instead. Warnings (disk as the last
+    resort) go to `warn`, default one line on stderr, only for the plan returned."""
     if max_memory is not None and not dry_run:
         check_gpus(parse_max_memory(max_memory), "max_memory")
     if expert_cache is not None and device_map != EXPERTS_STRATEGY:
         raise ConfigError(f"--expert-cache: only used with --device-map {EXPERTS_STRATEGY}")
+    notes: list[str] = []
     if device_map == EXPERTS_STRATEGY:
-        plan, sizes = plan_experts(reader, cfg, dtype, max_memory, expert_cache)
-        if not dry_run:
-            check_gpus(plan.values(), "device map")
-        return plan, sizes
-    sizes = unit_sizes(reader, cfg, dtype)
-    single = None if isinstance(device_map, dict) else _single_device(device_map, device)
-    if single is not None:
-        plan = {u: single for u in sizes}
-    elif isinstance(device_map, dict):
-        plan = {u: device_map[u] for u in sizes}
+        plan, sizes = plan_experts(reader, cfg, dtype, max_memory, expert_cache, notes.append)
     else:
-        plan = plan_device_map(sizes, max_memory, device_map or "auto")
-        gpu = any(isinstance(d, int) for d in plan.values())
-        if (device_map or "auto") == "auto" and gpu and "disk" in plan.values() and cfg.moe_layers:
-            # Whole layers would spill to disk; routed experts in RAM (or whole on the GPU) may not.
-            try:
-                eplan, esizes = plan_experts(reader, cfg, dtype, max_memory, None)
-            except ResourceError:
-                eplan = None
-            if eplan is not None and "disk" not in eplan.values():
-                plan, sizes = eplan, esizes
+        sizes = unit_sizes(reader, cfg, dtype)
+        placement = resolve_device_map(device_map, list(sizes), device)
+        if isinstance(placement, dict):
+            plan = placement
+        else:
+            plan = plan_device_map(sizes, max_memory, placement, notes.append)
+            gpu = any(isinstance(d, int) for d in plan.values())
+            if placement == "auto" and gpu and "disk" in plan.values() and cfg.moe_layers:
+                # Whole layers would spill to disk; routed experts in RAM (or whole on the GPU) may not.
+                try:
+                    eplan, esizes = plan_experts(reader, cfg, dtype, max_memory, None, lambda _: None)
+                except ResourceError:
+                    eplan = None
+                if eplan is not None and "disk" not in eplan.values():
+                    plan, sizes, notes = eplan, esizes, []
     if not dry_run:
         check_gpus(plan.values(), "device map")
+    for note in notes:
+        (warn or warning)(note)
     return plan, sizes
 
 
@@ -220,31 +217,38 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
                offload_folder: str | Path | None = None, mobe_cache: int | str = "auto",
                materialize_all: bool = False, prefetch: bool = True, device: str | None = None,
-               on_plan=None, expert_cache: int | str | None = None) -> MoEModel:
+               on_plan=None, expert_cache: int | str | None = None, warn: Warn | None = None) -> MoEModel:
     """Open a checkpoint and place its units.
 
-    device_map None: everything on `device` (default cuda if available, else cpu); "cuda[:N]" the
-    same on that GPU. A strategy ("auto", "balanced", "sequential", "cpu") plans with max_memory; a
-    dict is used as given. on_plan(plan, sizes) is called before any weight is read (for
-    --print-device-map). offload_folder is accepted for accelerate compatibility and never written.
+    dtype: a torch dtype or a dtypes.py spelling, "auto" the checkpoint's own (resolve_dtype).
+    device_map None: everything on `device` (default cuda if available, else cpu); one device
+    ("cpu", "cuda[:N]", "N") the same there. A strategy ("auto", "balanced", "balanced_low_0",
+    "sequential") plans with max_memory; a {module: device} dict or JSON file is used as given
+    (device_map.explicit_map). on_plan(plan, sizes) is called before any weight is read (for
+    --print-device-map); warn(line) gets the warnings (default: stderr). offload_folder: disk units'
+    tensors converted to the compute dtype are kept there across runs (offload_folder.py).
     device_map "experts": non-expert weights on the compute device, routed experts on cpu/disk
     fetched per forward through an LRU of expert_cache bytes on the device (expert_plan.py).
     mobe_cache: bytes of mixed MoBE bases kept (LRU, all layers), "auto" (mobe_experts.auto_cache_bytes)
     or 0 for none; ignored for checkpoints that are not MoBE.
     """
-    dtype = resolve_dtype(dtype)
+    if isinstance(dtype, str):
+        dtype_name(dtype)  # a bad spelling fails before the checkpoint is opened
     cache_size = None if mobe_cache == "auto" else parse_size(mobe_cache, "--mobe-cache", allow_zero=True)
     reader = CheckpointReader(model_dir)
     try:
+        if offload_folder is not None:
+            check_folder(offload_folder, reader.model_dir)
+        dtype = resolve_dtype(dtype, reader.config, reader.config_path)
         cfg = parse_config(reader.config, reader.config_path)
-        plan, sizes = plan_model(reader, cfg, dtype, device_map, max_memory, device, expert_cache=expert_cache)
+        plan, sizes = plan_model(reader, cfg, dtype, device_map, max_memory, device, expert_cache=expert_cache, warn=warn)
         if on_plan is not None:
             on_plan(plan, sizes)
         store: WeightStore | ExpertWeightStore
         if is_expert_plan(plan):
             store = ExpertWeightStore(reader, cfg, dtype, plan, sizes)
         else:
-            store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch)
+            store = WeightStore(reader, cfg, dtype, plan, offload_folder, prefetch, warn)
     except BaseException:
         reader.close()
         raise

@@ -3,9 +3,10 @@
   GPU unit     resident on its GPU.
   "cpu" unit   resident in host RAM (pinned when a GPU computes); copied to the GPU just in time.
   "disk" unit  not resident: read straight from the checkpoint's own safetensors shards through
-               their mmap, every time it runs. Nothing is ever written to an offload folder: FP8
-               weights travel as stored and are dequantized at use, other dtype casts happen on the
-               fetch (for Kimi-K2 a converted copy would be 1.6 TB of temporary files).
+               their mmap, every time it runs. FP8 weights travel as stored and are dequantized at
+               use; other dtype casts happen on the fetch, or, with an offload folder, once: the
+               tensors that need a cast are kept there in the compute dtype, across runs
+               (offload_folder.py).
 
 Everywhere, FP8 weights are held as stored (1 byte per parameter + fp32 block scales) in a
 UnitWeights, which dequantizes a matrix (or one routed expert) when the compute reads it.
@@ -25,7 +26,8 @@ from safetensors import safe_open
 
 from ..checkpoint.reader import CheckpointReader
 from .config import RuntimeConfig
-from .device_map import Device
+from .device_map import Device, Warn
+from .offload_folder import OffloadFolder
 from .unit_weights import UnitWeights
 from .weights import build_unit, load_unit
 
@@ -34,10 +36,12 @@ Weights = UnitWeights
 
 class WeightStore:
     def __init__(self, reader: CheckpointReader, cfg: RuntimeConfig, dtype: torch.dtype, plan: dict[str, Device],
-                 offload_folder: str | Path | None = None, prefetch: bool = True):
-        """offload_folder: accepted for accelerate compatibility; never written (every source is
-        safetensors, which disk offload maps directly)."""
+                 offload_folder: str | Path | None = None, prefetch: bool = True, warn: Warn | None = None):
+        """offload_folder: where disk units' tensors stored in another dtype are kept cast to the
+        compute dtype (OffloadFolder; written once, reused by later runs); None: cast on every fetch."""
         self.reader, self.cfg, self.dtype, self.plan = reader, cfg, dtype, plan
+        disk = [u for u, d in plan.items() if d == "disk"]
+        self.offload = OffloadFolder(offload_folder, reader, cfg, dtype, disk, warn) if offload_folder else None
         self.has_gpu = any(isinstance(d, int) for d in plan.values()) or (
             torch.cuda.is_available() and any(d != "cpu" for d in plan.values()))
         self.main_device = torch.device("cuda", min((d for d in plan.values() if isinstance(d, int)), default=0)) \
@@ -72,9 +76,9 @@ class WeightStore:
     # ---- disk ----------------------------------------------------------------------------------
 
     def _read_stored(self, name: str) -> torch.Tensor:
-        """A tensor as stored: a view of its shard's mmap (the handle is kept open: a fresh mapping
-        per read would page-fault every page again)."""
-        path = self.reader.shard_path(self.reader.info(name).shard)
+        """A tensor as stored, or as the offload folder keeps it cast: a view of its file's mmap (the
+        handle is kept open: a fresh mapping per read would page-fault every page again)."""
+        path = (self.offload.paths.get(name) if self.offload else None) or self.reader.shard_path(self.reader.info(name).shard)
         f = self._handles.get(path)
         if f is None:
             f = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")

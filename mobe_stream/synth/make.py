@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import fp8
 from ..checkpoint.safetensors_io import atomic_write_json, write_safetensors
+from ..dtypes import dtype_key
 from .configs import deepseek_v3_config, qwen3_moe_config
 from .kimi_tokenizer import DEFAULT_VOCAB as TIKTOKEN_VOCAB
 from .kimi_tokenizer import write_kimi_tokenizer
@@ -19,7 +20,6 @@ from .tokenizer import write_tokenizer
 
 FAMILIES = ("qwen3_moe", "deepseek_v3", "kimi_k2")
 TOKENIZERS = ("tokenizers", "tiktoken")
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
 class _Values:
@@ -114,7 +114,7 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
     out.mkdir(parents=True)
     kw: dict[str, Any] = dict(num_layers=num_layers or 3, num_experts=num_experts or 8,
               hidden=hidden_size or (256 if fp8 else 64), moe_inter=moe_intermediate_size or (192 if fp8 else 32),
-              vocab=vocab_size or (TIKTOKEN_VOCAB if tokenizer == "tiktoken" else 512), dtype=DTYPE_NAMES[dtype])
+              vocab=vocab_size or (TIKTOKEN_VOCAB if tokenizer == "tiktoken" else 512), dtype=dtype_key(dtype))
     fused = layout == "fused"
     if family == "qwen3_moe":
         cfg = qwen3_moe_config(**kw)
