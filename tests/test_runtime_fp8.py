@@ -119,7 +119,10 @@ def test_dry_run_plans_gpus_that_are_not_here(tiny_fp8, monkeypatch):
     monkeypatch.setattr(CheckpointReader, "get", no_read)
     monkeypatch.setattr(CheckpointReader, "get_expert", no_read)
     for cmd in (["generate", str(tiny_fp8), "-p", "hi"], ["eval", str(tiny_fp8), "--text", "unused.txt"]):
-        res = runner.invoke(app, [*cmd, "--dry-run", "--print-device-map", "--max-memory", "0=8MiB,1=8MiB,cpu=6MiB,disk"])
+        # balanced: layer-granular over both GPUs (auto may take the expert-granular plan, which computes on GPU 0
+        # only); a MoE layer plans room for a batch of all 8 experts dequantized (weights.unit_working_bytes)
+        res = runner.invoke(app, [*cmd, "--dry-run", "--print-device-map", "--device-map", "balanced",
+                                  "--max-memory", "0=10MiB,1=10MiB,cpu=6MiB,disk"])
         assert res.exit_code == 0, res.output
         lines = res.stdout.splitlines()
         devices = {line.split("->")[1].split()[0] for line in lines if "->" in line}
