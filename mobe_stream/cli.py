@@ -81,9 +81,12 @@ def compress(
                            device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force,
                            explicit=typed_options(ctx))
-    reporter = _reporter(quiet or as_json, log_json)
-    summary = run_job(reporter, lambda: run(src, out, opts, reporter), as_json)
-    if not as_json:  # always one line saying where the result is (stdout, so scripts can take it)
+    from .pipeline.dist import world_from_env
+
+    main_rank = world_from_env().main  # under torchrun only rank 0 draws progress and reports; the others work
+    reporter = _reporter(quiet or as_json or not main_rank, log_json)
+    summary = run_job(reporter, lambda: run(src, out, opts, reporter), as_json and main_rank)
+    if not as_json and main_rank:  # always one line saying where the result is (stdout, so scripts can take it)
         print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "
               f"model params -{100 * summary['total_reduction']:.1f}%")
 

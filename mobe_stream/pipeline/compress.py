@@ -4,6 +4,7 @@ projection) at a time, each written to its own shards and journaled before the n
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ..errors import CheckpointError
 from ..factorize import Targets, fit_baseline, refit_for_storage, relative_error, zscored
 from ..memory import pin_mmap_threshold
 from ..verify import verify
-from . import mobe_output, outdir, preflight
+from . import dist, mobe_output, outdir, preflight
 from .events import Reporter
 from .fit import ProjectionFit, StopRequested
 from .job import CompressJob, make_job
@@ -44,37 +45,48 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
     reader = CheckpointReader(src)
     try:
         job = make_job(src, out, opts, reader)
-        outdir.prepare(out)
+        world = dist.world_from_env()
+        dist.init(world, cuda=torch.cuda.is_available())
+        if world.main:
+            outdir.prepare(out)
         warn = lambda t: reporter.event("warning", text=t)  # noqa: E731
-        with OutputLock(out, warn=warn), catch_signals(job.stop, reporter):
+        lock = OutputLock(out, warn=warn) if world.main else contextlib.nullcontext()
+        with lock, catch_signals(job.stop, reporter):
             units = _plan(job)
-            # disk and RAM are judged before the journal exists: a refused run leaves no state behind
-            earlier = Journal.load(out) if opts.resume else None
-            todo = [u for u in units if earlier is None or not earlier.done(u.key)]
-            need_disk = preflight.projected_output_bytes(reader, job.family, job.plan, todo, job.output.dtype, job.output.block,
-                                                        outdir.side_files_bytes(src))
-            need_ram = preflight.layer_ram_bytes(job) if any(u.kind == "factorize" for u in todo) else None
-            preflight.check(out, need_disk, need_ram, force=opts.force, warn=warn)
-            journal = outdir.open_journal(out, job.settings, reader.fingerprint(), resume=opts.resume,
-                                          overwrite=opts.overwrite, reporter=reporter,
-                                          side_files=[e.name for e in outdir.side_files(src)])
-            todo = [u for u in units if not journal.done(u.key)]
-            fits = sum(u.kind == "factorize" for u in todo)
-            est = preflight.estimate_for(job, fits) if fits and job.plan.method == "mobe" else None
-            if est is not None:
-                reporter.event("estimate", text=f"estimate: {fits} projections x {est.steps} steps, "
-                                                f"{est.step_seconds:.3g} s/step, about {_duration(est.hours * 3600)} "
-                                                f"({est.basis})", **est.as_dict())
-            reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),
-                           num_bases=job.spec.num_bases, rank=job.spec.rank, layers=job.layers,
-                           unit_seconds={u.key: _unit_seconds(job, u, est) for u in todo})
-            for unit in todo:
-                if job.stop.requested:
-                    raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
-                if unit.kind == "copy":
-                    _run_copy(job, journal, unit, reporter)
-                else:
-                    _run_factorize(job, journal, unit, reporter)
+            journal = _open(job, units, opts, reporter, warn) if world.main else None
+            dist.barrier(world)  # rank 0 has created or resumed the journal
+            if journal is None:
+                journal = Journal.load(out)
+                assert journal is not None
+                journal.shard_stride = SHARD_STRIDE
+            elif world.size > 1:
+                journal.shard_stride = SHARD_STRIDE
+            claims = dist.Claims(out / STATE_DIR, world) if world.size > 1 else None
+            try:
+                for unit in [u for u in units if not journal.done(u.key)]:
+                    if job.stop.requested:
+                        raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
+                    if claims is not None:
+                        journal.reload()
+                        if journal.done(unit.key) or not claims.try_claim(unit.key):
+                            continue
+                    if unit.kind == "copy":
+                        _run_copy(job, journal, unit, reporter)
+                    else:
+                        _run_factorize(job, journal, unit, reporter)
+                    if claims is not None:
+                        claims.release(unit.key)
+            finally:
+                if claims is not None:
+                    claims.close()
+            dist.barrier(world)  # every unit journaled by some rank
+            if not world.main:
+                return {}
+            journal.reload()
+            missing = [u.key for u in units if not journal.done(u.key)]
+            if missing:
+                raise Interrupted(f"{len(missing)} unit(s) not finished ({missing[0]} ...); rerun with --resume")
+            outdir.renumber_shards(out, journal, [u.key for u in units])
             summary = mobe_output.finalize(job, journal, units)
             outdir.self_check(out, lambda d: verify(d, full=False, own_run=True))
             journal.mark_complete()
@@ -116,6 +128,35 @@ def _reuse_journal_settings(opts: CompressOptions, out: Path, reporter: Reporter
         opts.validate()
         reporter.event("message", text=f"resuming with the journal's {', '.join('--' + t.replace('_', '-') for t in taken)}")
     return opts
+
+
+def _open(job: CompressJob, units: list[Unit], opts: CompressOptions, reporter: Reporter, warn) -> Journal:
+    """Rank 0 (or the only process): disk and RAM judged before the journal exists (a refused run
+    leaves no state behind), then the journal created or resumed, the estimate and the plan told."""
+    src, out, reader = job.src, job.out, job.reader
+    earlier = Journal.load(out) if opts.resume else None
+    todo = [u for u in units if earlier is None or not earlier.done(u.key)]
+    need_disk = preflight.projected_output_bytes(reader, job.family, job.plan, todo, job.output.dtype, job.output.block,
+                                                 outdir.side_files_bytes(src))
+    need_ram = preflight.layer_ram_bytes(job) if any(u.kind == "factorize" for u in todo) else None
+    preflight.check(out, need_disk, need_ram, force=opts.force, warn=warn)
+    journal = outdir.open_journal(out, job.settings, reader.fingerprint(), resume=opts.resume,
+                                  overwrite=opts.overwrite, reporter=reporter,
+                                  side_files=[e.name for e in outdir.side_files(src)])
+    todo = [u for u in units if not journal.done(u.key)]
+    fits = sum(u.kind == "factorize" for u in todo)
+    est = preflight.estimate_for(job, fits) if fits and job.plan.method == "mobe" else None
+    if est is not None:
+        reporter.event("estimate", text=f"estimate: {fits} projections x {est.steps} steps, "
+                                        f"{est.step_seconds:.3g} s/step, about {_duration(est.hours * 3600)} "
+                                        f"({est.basis})", **est.as_dict())
+    reporter.event("plan", total_units=len(units), done_units=len(units) - len(todo), source=str(src),
+                   num_bases=job.spec.num_bases, rank=job.spec.rank, layers=job.layers,
+                   unit_seconds={u.key: _unit_seconds(job, u, est) for u in todo})
+    return journal
+
+
+SHARD_STRIDE = 1000  # shard indices a unit reserves in a distributed run (renumbered at the end)
 
 
 def _plan(job: CompressJob) -> list[Unit]:

@@ -7,6 +7,7 @@ projection), so a run killed at any moment resumes from the last finished unit.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..checkpoint.fingerprint import SourceFingerprint
@@ -39,6 +40,7 @@ class Journal:
     def __init__(self, out_dir: Path, data: dict):
         self.path = Path(out_dir) / JOURNAL_NAME
         self.data = data
+        self.shard_stride = 0  # > 0 in distributed runs: each unit reserves this many shard indices
 
     @classmethod
     def create(cls, out_dir: Path, settings: dict, source_fingerprint: SourceFingerprint) -> Journal:
@@ -92,12 +94,45 @@ class Journal:
         return key in self.data["units"]
 
     def allocate_shard_index(self) -> int:
+        if self.shard_stride:
+            return self.reserve_shard_indices(self.shard_stride)
         return int(self.data["next_shard_index"])
 
     def commit(self, key: str, records: list, info: dict, next_shard_index: int) -> None:
-        self.data["units"][key] = {"shards": [r if isinstance(r, dict) else r._asdict() for r in records], "info": info}
-        self.data["next_shard_index"] = max(int(self.data["next_shard_index"]), next_shard_index)
-        self.save()
+        with self._locked():  # several ranks may commit: merge with what is on disk
+            self.reload()
+            self.data["units"][key] = {"shards": [r if isinstance(r, dict) else r._asdict() for r in records],
+                                       "info": info}
+            self.data["next_shard_index"] = max(int(self.data["next_shard_index"]), next_shard_index)
+            self.save()
+
+    def reserve_shard_indices(self, count: int) -> int:
+        """First of `count` shard indices no other rank will use (distributed runs; renumbered in
+        plan order when the run finishes, so the names do not depend on who finished first)."""
+        with self._locked():
+            self.reload()
+            first = int(self.data["next_shard_index"])
+            self.data["next_shard_index"] = first + count
+            self.save()
+            return first
+
+    def reload(self) -> None:
+        """Units and the shard counter as on disk (other ranks' commits)."""
+        other = Journal.load(self.path.parent)
+        if other is not None:
+            self.data["units"] = {**self.data["units"], **other.data["units"]}
+            self.data["next_shard_index"] = max(int(self.data["next_shard_index"]), int(other.data["next_shard_index"]))
+
+    @contextmanager
+    def _locked(self):
+        import fcntl
+
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def forget(self, key: str) -> None:
         self.data["units"].pop(key, None)

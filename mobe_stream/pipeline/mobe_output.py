@@ -73,11 +73,12 @@ def stored_factors(plan: MethodPlan, experts_prefix: str, proj: str, tensors: di
 
 
 def mobe_block(job: CompressJob, journal: Journal) -> dict:
-    errors: dict[str, dict[str, float]] = {}
-    for key, u in journal.units.items():
-        if u["info"].get("kind") == "factorize":
-            _, layer, proj = key.split(".")
-            errors.setdefault(layer, {})[proj] = u["info"]["rel_error"]
+    errors: dict[str, dict[str, float]] = {}  # in plan order, whatever order the units finished in
+    for layer in job.layers:
+        for proj in mobe_format.PROJECTIONS:
+            u = journal.units.get(f"layer.{layer}.{proj}")
+            if u is not None and u["info"].get("kind") == "factorize":
+                errors.setdefault(str(layer), {})[proj] = u["info"]["rel_error"]
     mobe = job.plan.method == "mobe"
     return {
         "format_version": mobe_format.FORMAT_VERSION,

@@ -27,12 +27,14 @@ from ..checkpoint.writer import ShardWriter
 from ..errors import ConfigError, ResourceError
 from ..memory import release_freed_memory
 from ..paths import is_inside
+from .dist import world_from_env
 from .events import Reporter
 from .journal import STATE_DIR, Journal
 
 # What a run of ours writes at the top of an output dir; --overwrite deletes these and nothing else.
-_SHARD = re.compile(r"^model-\d{5}\.safetensors$")
-_OWN_NAMES = {"model.safetensors.index.json", "manifest.json", "config.json", JOURNAL_NAME, STATE_DIR, CARD_NAME,
+_SHARD = re.compile(r"^model-\d{5,}\.safetensors$")
+_OWN_NAMES = {"model.safetensors.index.json", "manifest.json", "config.json", JOURNAL_NAME, JOURNAL_NAME + ".lock",
+              STATE_DIR, CARD_NAME,
               MODELING_FILE, *SOURCE_NAMES.values()}
 # Files of the source that are weights or that we write ourselves; every other regular file is copied.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
@@ -156,10 +158,30 @@ def write_unit(out: Path, journal: Journal, key: str, items: Iterable[tuple[str,
                                 e.filename or out) from None
         raise
     info = {**info, "seconds": seconds_before + time.monotonic() - t0}
+    world = world_from_env()
+    if world.size > 1:
+        info["rank"] = world.rank  # who did it (distributed runs)
     journal.commit(key, records, info, writer.next_index)
     del writer, items
     release_freed_memory()  # RSS must not creep with depth
     reporter.event("unit_done", unit=key, **info)
+
+
+def renumber_shards(out: Path, journal: Journal, order: list[str]) -> None:
+    """Name the shards model-00001... in plan order (a distributed run wrote them in completion
+    order under reserved indices): the output does not depend on which rank finished first. A
+    no-op for a single process, which writes in plan order."""
+    records = [rec for key in order for rec in journal.units[key]["shards"]]
+    names = [f"model-{i:05d}.safetensors" for i in range(1, len(records) + 1)]
+    if [r["filename"] for r in records] == names:
+        return
+    for rec in records:  # two steps, so that no new name lands on a file not yet moved
+        os.replace(out / rec["filename"], out / (rec["filename"] + ".renumber"))
+    for rec, name in zip(records, names, strict=True):
+        os.replace(out / (rec["filename"] + ".renumber"), out / name)
+        rec["filename"] = name
+    journal.data["next_shard_index"] = len(records) + 1
+    journal.save()
 
 
 def remove_orphan_shards(out: Path, journal: Journal) -> None:
