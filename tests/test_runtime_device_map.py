@@ -156,7 +156,7 @@ def test_device_map_json_file(tmp_path):
     ({"": "tpu"}, "unknown device 'tpu'"),
     ({"": True}, "unknown device True"),
     ('{"": 0', "not valid JSON"),
-    ('{"": 0, "": 1}', "appears twice"),
+    ('{"": 0, "": 1}', "duplicate key"),
     ("[0]", "expected a JSON object"),
 ])
 def test_device_map_json_errors_name_the_file(tmp_path, obj, words):

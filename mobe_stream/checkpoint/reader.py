@@ -56,12 +56,13 @@ def load_json(path: Path, what: str) -> Any:
     except OSError as e:
         raise CheckpointError(f"cannot read {what} ({e.strerror or e})", path) from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
     except ValueError as e:
         raise CheckpointError(f"{what} is not valid JSON ({e})", path) from None
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads object_pairs_hook: a key given twice is an error (json keeps the last silently)."""
     out: dict = {}
     for k, v in pairs:
         if k in out:

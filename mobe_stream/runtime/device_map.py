@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from ..checkpoint.reader import no_duplicate_keys
 from ..errors import ConfigError, ResourceError, warning
 from ..sizes import parse_size
 
@@ -53,15 +54,6 @@ def parse_device(value: object, what: str, path: str | Path | None = None) -> De
     raise ConfigError(f"unknown device {value!r} in {what} (use a GPU index N, cuda:N, cpu or disk)", path)
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"key {k!r} appears twice")
-        out[k] = v
-    return out
-
-
 def _json_object(spec: str, what: str, any_file: bool) -> tuple[dict, Path | None] | None:
     """`spec` as a JSON object: inline ("{...}"; "[" too, to say it is not an object) or a file (a
     .json name, or with any_file any file that exists); None when it is neither. Errors name the file."""
@@ -76,7 +68,7 @@ def _json_object(spec: str, what: str, any_file: bool) -> tuple[dict, Path | Non
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read {what} file ({getattr(e, 'strerror', None) or e})", p) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        obj = json.loads(text, object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", path) from None
     except ValueError as e:
