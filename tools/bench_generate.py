@@ -143,7 +143,8 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None)
     ap.add_argument("--fp8", action="store_true", help="FP8 block-scaled source (deepseek_v3 / kimi_k2 only)")
     ap.add_argument("--forms", default="original,mobe", help="which checkpoints to run (original, mobe)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="compute dtype (default: float32 for the plans, bfloat16 for --side-by-side)")
     ap.add_argument("--expert-plans", action="store_true",
                     help="also --device-map experts (experts in RAM; on disk with a 25%% cache)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -163,11 +164,12 @@ def main() -> None:
     if args.side_by_side:
         from bench_forms import speed
 
-        res = speed(argparse.Namespace(shapes="trained,kimi", dtype="bfloat16" if args.dtype == "float32" else args.dtype,
+        res = speed(argparse.Namespace(shapes="trained,kimi", dtype=args.dtype or "bfloat16",
                                        ctx=256, tokens=args.tokens, reps=args.reps))
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=1))
         return
+    args.dtype = args.dtype or "float32"
 
     from mobe_stream.synth import make_tiny_moe
 
