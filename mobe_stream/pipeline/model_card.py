@@ -9,12 +9,12 @@ from pathlib import Path
 from ..checkpoint.mobe_format import SOURCE_NAMES
 
 
-def _base_model(src: Path, config: dict | None = None) -> str:
+def _base_model(src: Path) -> str:
     """A hub id when the source is a Hugging Face cache snapshot (models--Org--Name), else its name."""
     for part in (src, *src.parents):
         if part.name.startswith("models--"):
             return part.name.removeprefix("models--").replace("--", "/")
-    return (config or {}).get("_name_or_path") or src.name
+    return src.name
 
 
 def model_card(src: Path, mobe: dict, summary: dict) -> str:

@@ -85,10 +85,10 @@ class MobeExperts(OriginalExperts):
 
     def __init__(self, w: UnitWeights, p: int, layout: str, layer: int, act: str,
                  cache: MixedBasisCache | None = None, materialize_all: bool = False):
-        super().__init__(w, p, layout, w.tensors[factor_name(EXPERTS, "gate_proj", "mobe_B")].shape[-1])
+        B_name = {pr: factor_name(EXPERTS, pr, "mobe_B") for pr in PROJS}
+        super().__init__(w, p, layout, w.tensors[B_name["gate_proj"]].shape[-1])
         self.layer, self.act, self.cache, self.materialize_all = layer, act, cache, materialize_all
         self.A_name = {pr: factor_name(EXPERTS, pr, "mobe_A") for pr in PROJS}  # read per routed expert
-        B_name = {pr: factor_name(EXPERTS, pr, "mobe_B") for pr in PROJS}
         self.B = {pr: w.tensors[B_name[pr]] for pr in PROJS}  # as stored: read chunk by chunk when mixing
         self.B_scale = {pr: w.scales.get(B_name[pr]) for pr in PROJS}
         self.alpha = {pr: w[factor_name(EXPERTS, pr, "mobe_alpha")] for pr in PROJS}
@@ -158,19 +158,21 @@ class MobeExperts(OriginalExperts):
 
     def apply(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         M = self.bases(ids)
-        r = self.r
         A_g, A_u = (self.w.experts(self.A_name[pr], ids) for pr in PROJS)
         down = self.down(ids)
         if x.shape[1] >= self.threshold:
-            return batched_swiglu(x, torch.bmm(A_g, M[:, :r]), torch.bmm(A_u, M[:, r:]), down)
+            return batched_swiglu(x, *self._materialise(A_g, A_u, M), down)
+        r = self.r
         z = torch.bmm(x, M.mT)
         return torch.bmm(F.silu(torch.bmm(z[..., :r], A_g.mT)) * torch.bmm(z[..., r:], A_u.mT), down.mT)
 
+    def _materialise(self, A_g: torch.Tensor, A_u: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.bmm(A_g, M[:, : self.r]), torch.bmm(A_u, M[:, self.r:])
+
     def gate_up(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructed W_e = A_e M_e (tests and tools; the forward chooses per batch, see apply)."""
-        M = self.bases(ids)
         A_g, A_u = (self.w.experts(self.A_name[pr], ids) for pr in PROJS)
-        return torch.bmm(A_g, M[:, : self.r]), torch.bmm(A_u, M[:, self.r:])
+        return self._materialise(A_g, A_u, self.bases(ids))
 
 
 class LowRankExperts(OriginalExperts):
