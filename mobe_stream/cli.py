@@ -62,6 +62,12 @@ def compress(
     max_gpu_memory: str | None = typer.Option(
         None, help="Device memory the solver may use; experts are streamed in batches beyond it."),
     checkpoint_every: float = typer.Option(300.0, help="Seconds between solver checkpoints."),
+    calib: Path | None = typer.Option(None, help="Calibration text: fit each expert's error weighted by the inputs it "
+                                      "is routed on this text (measured through the original model), not raw weights."),
+    calib_tokens: int = typer.Option(defaults.CALIB_TOKENS, help="Tokens of --calib text used."),
+    calib_ctx: int = typer.Option(defaults.CALIB_CTX, help="Window length of the calibration forward."),
+    calib_rank: int = typer.Option(defaults.CALIB_RANK, help="Rank of each expert's input metric (low rank plus diagonal)."),
+    calib_damp: float = typer.Option(defaults.CALIB_DAMP, help="Damping added to the metric, times its mean diagonal."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     force: bool = typer.Option(False, "--force", help="Warn instead of refusing when disk/RAM look too small."),
@@ -80,12 +86,14 @@ def compress(
                            layers=layers,
                            device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force,
-                           explicit=typed_options(ctx))
+                           calib=None if calib is None else str(calib), calib_tokens=calib_tokens, calib_ctx=calib_ctx,
+                           calib_rank=calib_rank, calib_damp=calib_damp, explicit=typed_options(ctx))
     from .pipeline.dist import world_from_env
+    from .runtime.calibrate import RUNTIME
 
     main_rank = world_from_env().main  # under torchrun only rank 0 draws progress and reports; the others work
     reporter = _reporter(quiet or as_json or not main_rank, log_json)
-    summary = run_job(reporter, lambda: run(src, out, opts, reporter), as_json and main_rank)
+    summary = run_job(reporter, lambda: run(src, out, opts, reporter, RUNTIME), as_json and main_rank)
     if not as_json and main_rank:  # always one line saying where the result is (stdout, so scripts can take it)
         print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "
               f"model params -{100 * summary['total_reduction']:.1f}%")

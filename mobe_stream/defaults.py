@@ -6,3 +6,9 @@ INIT = "scaled"  # grouped SVD with bases at entry RMS 0.5, own logit 3 (factori
 STEPS = 1000
 PRECISION = "auto"
 LR = 0.07
+# --calib (pipeline/calib.py): 64 windows of 2048 tokens, as GPTQ-style recipes use; the input
+# metric's rank chosen by measurement (tools/bench_calib.py); damping GPTQ's 1% of the mean diagonal
+CALIB_TOKENS = 131072
+CALIB_CTX = 2048
+CALIB_RANK = 64
+CALIB_DAMP = 0.01

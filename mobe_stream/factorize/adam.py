@@ -19,7 +19,7 @@ class AdamSolver(Solver):
     def _batch_loss(self, W, per, B, idx: range):
         M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
         R = W - self.precision.bmm(per["A"], M)
-        return (R * R).sum()
+        return self._squared_error(R, idx)
 
     def best_factors(self) -> MoBEFactors:
         return MoBEFactors(self.best["A"].cpu().clone(), self.best["B"].cpu().clone(), self.best["alpha"].cpu().clone(),

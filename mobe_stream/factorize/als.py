@@ -30,9 +30,9 @@ class AlternatingSolver(Solver):
     def _batch_loss(self, W, per, B, idx: range):
         M = mixed_bases(per["alpha"], B, idx, self.E, self.spec.activation)
         with torch.no_grad():
-            A = solve_A(W, M, self.precision.bmm)
+            A = solve_A(W, M, self.precision.bmm, self._metric_of(idx))
         R = W - self.precision.bmm(A, M)
-        return (R * R).sum()
+        return self._squared_error(R, idx)
 
     def _batch_backward(self, W, per, B, idx: range):
         alpha = per["alpha"]
@@ -44,13 +44,18 @@ class AlternatingSolver(Solver):
         pre = mix(w, B.detach(), sels).view(k, r, d)
         act = self.spec.activation
         M = ACTIVATIONS[act](pre)
-        A = solve_A(W, M, self.precision.bmm)
+        H = self._metric_of(idx)
+        A = solve_A(W, M, self.precision.bmm, H)
         R = W.sub_(self.precision.bmm(A, M))  # W is this batch's own fp32 buffer
-        flat = R.view(-1)
-        loss = torch.dot(flat, flat)
-        dM = self.precision.bmm(A.transpose(1, 2), R).mul_(-2.0 / self.N)
+        if H is None:
+            flat = R.view(-1)
+            loss, RH = torch.dot(flat, flat), R
+        else:  # calibrated: loss tr(R H Rᵀ), its gradient w.r.t. M -2 Aᵀ R H
+            RH = H.apply(R)
+            loss = torch.dot(R.view(-1), RH.view(-1))
+        dM = self.precision.bmm(A.transpose(1, 2), RH).mul_(-2.0 / self.N)
         dpre = ACTIVATION_GRADS[act](dM, pre, M).view(k, r * d)
-        del pre, M, dM, R
+        del pre, M, dM, R, RH
         gw = torch.empty((k, mg), dtype=torch.float32, device=W.device)
         if B.grad is None:
             B.grad = torch.zeros_like(B)
@@ -71,5 +76,6 @@ class AlternatingSolver(Solver):
             for e0 in range(0, self.E, self.batch):
                 e1 = min(self.E, e0 + self.batch)
                 M = mixed_bases(alpha[e0:e1].to(self.device), B, range(e0, e1), self.E, self.spec.activation)
-                A[e0:e1] = solve_A(self.T.slice(e0, e1).to(self.device).batch(), M).cpu()  # fp32: the stored A
+                A[e0:e1] = solve_A(self.T.slice(e0, e1).to(self.device).batch(), M,
+                                   metric=self._metric_of(range(e0, e1))).cpu()  # fp32: the stored A
         return MoBEFactors(A, self.best["B"].cpu().clone(), alpha.cpu().clone(), 1.0, self.spec.activation)

@@ -15,6 +15,10 @@ FP8 targets and the variable-projection solver (als), resident on one device:
   in and out (38.7 GB) plus the targets every step.
 FLOPs per step (als): 2Er²d (Gram) + 2Eprd (MWᵀ) + Er³/3 + 2Er²p (Cholesky solves) + 4Eprd
 (A·M and Aᵀ·dR) + 6E·m_g·r·d (mixing, both passes) = 102 TFLOP; Adam: 6Eprd + 6E·m_g·r·d = 71 TFLOP.
+
+A calibrated fit (`metric_rank` k, factorize/metric.py) keeps the input metric on the device
+(E·d·(k+1) fp32: 0.7 GB at k = 64) and adds per expert the weighted residual R·H (p·d) and thin
+products with V: 6pdk + 4rdk + 2r²k + 2rpk FLOPs (Kimi-K2 at k = 64: +4 TFLOP, +4%).
 """
 
 from __future__ import annotations
@@ -51,15 +55,22 @@ def shared_state_bytes(spec: MoBESpec, d: int) -> int:
     return SHARED_COPIES * F32 * spec.num_bases * spec.rank * d
 
 
-def batch_bytes_per_expert(kind: str, p: int, d: int, r: int) -> int:
+def metric_bytes(E: int, d: int, metric_rank: int | None) -> int:
+    """The calibrated fit's input metric (diagonal + rank-k factor, fp32); 0 for a data-free fit."""
+    return 0 if metric_rank is None else F32 * E * d * (metric_rank + 1)
+
+
+def batch_bytes_per_expert(kind: str, p: int, d: int, r: int, metric_rank: int | None = None) -> int:
     """Device temporaries one expert adds to a batch (fp32). als (backward by hand): the dequantized
     targets (the residual overwrites them), A·M, the mixed basis before and after the activation, dM
     and the activation's gradient, and the least-squares system (G, its factor, MWᵀ, A). adam
     (autograd): targets, residual and its gradient, the mixed basis, its input and their gradients,
-    A with its gradient."""
+    A with its gradient. A calibrated fit adds the weighted residual R·H, M scaled by the metric's
+    diagonal and the thin products with its factor."""
+    extra = 0 if metric_rank is None else F32 * (p * d + r * d + 2 * (p + r) * metric_rank)
     if kind == "als":
-        return F32 * (2 * p * d + 4 * r * d + 3 * p * r + 2 * r * r)
-    return F32 * (3 * p * d + 5 * r * d + 4 * p * r)
+        return F32 * (2 * p * d + 4 * r * d + 3 * p * r + 2 * r * r) + extra
+    return F32 * (3 * p * d + 5 * r * d + 4 * p * r) + extra
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,8 @@ class MemoryPlan:
 
 
 def plan_memory(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_bytes: int, device_type: str,
-                budget: int | None = None, expert_batch: int | None = None) -> MemoryPlan:
+                budget: int | None = None, expert_batch: int | None = None,
+                metric_rank: int | None = None) -> MemoryPlan:
     """Where the fit's tensors live and how many experts a batch takes.
 
     `target_bytes`: the targets as stored (FP8 + scales, bf16, or fp32). On the CPU everything is
@@ -80,10 +92,11 @@ def plan_memory(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_bytes:
     resident when targets + all state + one expert's temporaries fit, the batch filling the rest;
     otherwise targets and per-expert state stay on the host (pinned) and stream through the device
     in double-buffered batches, each step moving the targets in and the per-expert state in and out.
+    A calibrated fit's metric (`metric_rank`) stays on the device in both cases.
     """
     r = spec.rank
-    per_batch = batch_bytes_per_expert(kind, p, d, r)
-    shared = shared_state_bytes(spec, d)
+    per_batch = batch_bytes_per_expert(kind, p, d, r, metric_rank)
+    shared = shared_state_bytes(spec, d) + metric_bytes(E, d, metric_rank)
     per_state = per_expert_state_bytes(kind, p, r, spec)
     state = shared + E * per_state
     if device_type == "cpu":  # a budget here caps the batch temporaries only (host RAM is checked elsewhere)
@@ -103,29 +116,35 @@ def plan_memory(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_bytes:
     return MemoryPlan(False, batch, shared + batch * (per_batch + in_flight), target_bytes + E * per_state, pcie)
 
 
-def step_flops(kind: str, E: int, p: int, d: int, spec: MoBESpec) -> int:
+def step_flops(kind: str, E: int, p: int, d: int, spec: MoBESpec, metric_rank: int | None = None) -> int:
     """Matmul FLOPs of one step (one pass over all experts, forward and backward)."""
     r, mg = spec.rank, spec.bases_per_group
     mixing = 6 * E * mg * r * d
+    k = metric_rank or 0
     if kind == "als":
-        return 2 * E * r * r * d + 2 * E * p * r * d + E * r**3 // 3 + 2 * E * r * r * p + 4 * E * p * r * d + mixing
-    return 6 * E * p * r * d + mixing
+        calib = E * (6 * p * d * k + 4 * r * d * k + 2 * r * r * k + 2 * r * p * k)
+        return 2 * E * r * r * d + 2 * E * p * r * d + E * r**3 // 3 + 2 * E * r * r * p + 4 * E * p * r * d + mixing \
+            + calib
+    return 6 * E * p * r * d + mixing + E * 6 * p * d * k  # R·V forward, two thin products backward
 
 
-def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_elem_bytes: float) -> int:
+def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_elem_bytes: float,
+                       metric_rank: int | None = None) -> int:
     """Memory traffic of the step's elementwise work, read + write, counted per pass over a tensor:
     the part of a step that is bound by memory bandwidth rather than by matmul throughput.
     als (backward by hand, als.py): per target element, the stored read and fp32 write of the
     dequantized batch, A·M written, the residual formed in place (read 8, write 4) and its dot (4);
     per mixed-basis element, the mixing output, the activation (read, write), dM written and scaled
     (4 + 8), the fused activation gradient (read 8, write 4). adam (autograd): its saved tensors and
-    elementwise chain are counted the same way, about twice the passes."""
+    elementwise chain are counted the same way, about twice the passes. A calibrated fit adds the
+    diagonal scaling of R and of M (twice: Gram and right-hand side) and the weighted loss's reads."""
     r = spec.rank
+    calib = 0 if metric_rank is None else 3 * F32 * E * (p * d + 2 * r * d)
     bases = 12 * F32 * spec.num_bases * r * d  # Adam on B: value, grad, two moments, best: ~12 passes
     if kind == "als":
-        return int(E * p * d * (target_elem_bytes + F32 + 20) + E * r * d * 32 + bases)
+        return int(E * p * d * (target_elem_bytes + F32 + 20) + E * r * d * 32 + bases + calib)
     targets = E * p * d * (target_elem_bytes + 2 * F32)
     residual = 6 * F32 * E * p * d  # R = W - AM, its square, its gradient
     mixed = 10 * F32 * E * r * d  # mixing output, activation in/out, their gradients
     per_expert = 12 * F32 * E * p * r  # Adam on A
-    return int(targets + residual + mixed + per_expert + bases)
+    return int(targets + residual + mixed + per_expert + bases + calib)

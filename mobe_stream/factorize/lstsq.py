@@ -10,19 +10,23 @@ from collections.abc import Callable
 
 import torch
 
+from .metric import InputMetric
+
 Bmm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 RIDGE = 1e-6  # relative to the mean eigenvalue of M Mᵀ: keeps the solve well posed, biases nothing measurable
 
 
-def solve_A(W: torch.Tensor, M: torch.Tensor, bmm: Bmm = torch.bmm) -> torch.Tensor:
+def solve_A(W: torch.Tensor, M: torch.Tensor, bmm: Bmm = torch.bmm, metric: InputMetric | None = None) -> torch.Tensor:
     """argmin_A ||W - A M||² (+ tiny ridge), batched over experts: [k, p, r]. `bmm` computes the
-    two products (the solver's precision); the factorisation and solve are fp32."""
-    G = bmm(M, M.transpose(1, 2))  # [k, r, r]
+    two products (the solver's precision); the factorisation and solve are fp32. With a metric
+    (calibrated fit, metric.py) the weighted argmin of tr((W - A M) H (W - A M)ᵀ):
+    A = W H Mᵀ (M H Mᵀ)⁻¹."""
+    G = bmm(M, M.transpose(1, 2)) if metric is None else metric.bilinear(M, M, bmm)  # [k, r, r]
     r = G.shape[-1]
     lam = RIDGE * G.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
     G = G + lam[:, None, None] * torch.eye(r, dtype=G.dtype, device=G.device)
-    rhs = bmm(M, W.transpose(1, 2))  # [k, r, p]
+    rhs = bmm(M, W.transpose(1, 2)) if metric is None else metric.bilinear(M, W, bmm)  # [k, r, p]
     # Cholesky: the ridge makes G positive definite and it is ~1.7x faster than LU for small
     # batched systems on CPU. Reading `info` would be a host sync on CUDA, so there a failed
     # factorisation shows up as NaN (the fit rolls back on NaN); on CPU it falls back to LU.

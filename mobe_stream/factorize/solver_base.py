@@ -17,6 +17,10 @@ Host syncs: when everything is resident on a CUDA device the best iterate is tra
 the host, the next batch is copied on a side stream while the current one computes, and the step
 ends with one sync (the host-side best iterate must know whether the loss improved).
 
+A calibrated fit passes an input metric (metric.py): every squared error becomes tr(R H Rᵀ) and
+the closed-form A its weighted argmin. The metric stays on the compute device (it is small next to
+the bases) and is sliced per batch like the targets.
+
 `best_factors()` returns factors of the *scaled* targets with scale 1.0: the caller folds the
 std from `zscored` in (see FORMAT.md: it goes into A).
 """
@@ -30,6 +34,7 @@ import torch
 
 from .cost import MemoryPlan, device_budget, plan_memory
 from .init import initial_factors
+from .metric import InputMetric
 from .model import MoBEFactors, MoBESpec
 from .precision import Precision
 from .targets import Targets
@@ -74,7 +79,8 @@ class Solver:
     def __init__(self, W: torch.Tensor | Targets, spec: MoBESpec, *, lr: float = 0.07,
                  device: str | torch.device = "cpu", expert_batch: int | None = None,
                  max_device_bytes: int | None = None, init: MoBEFactors | str = "paper", seed: int = 0,
-                 tol: float | None = None, patience: int = 20, precision: str = "fp32"):
+                 tol: float | None = None, patience: int = 20, precision: str = "fp32",
+                 metric: InputMetric | None = None):
         # seed: the clustered init's row sketch (the only random draw); kept in the state dict
         self.spec, self.lr, self.tol, self.patience, self.seed = spec, float(lr), tol, patience, seed
         self.device = torch.device(device)
@@ -82,6 +88,11 @@ class Solver:
         targets = Targets.of(W)
         E, p, d = targets.shape
         self.E, self.p, self.d, self.N = E, p, d, E * p * d
+        if metric is not None and (metric.num_experts, metric.diag.shape[1]) != (E, d):
+            raise ValueError(f"input metric is for {metric.num_experts} experts of width {metric.diag.shape[1]}, "
+                             f"targets are {E} x {p} x {d}")
+        self.metric_rank = None if metric is None else metric.rank
+        self.metric = None if metric is None else metric.to(self.device)
         self.plan = self._plan(targets, max_device_bytes, expert_batch)
         self.batch = self.plan.batch
         self.home = self.device if self.plan.resident else torch.device("cpu")
@@ -126,6 +137,15 @@ class Solver:
     def best_factors(self) -> MoBEFactors:
         raise NotImplementedError
 
+    # -- the objective's weighting (calibrated fits)
+    def _metric_of(self, idx: range) -> InputMetric | None:
+        return None if self.metric is None else self.metric.slice(idx.start, idx.stop)
+
+    def _squared_error(self, R: torch.Tensor, idx: range) -> torch.Tensor:
+        """Σ ||R_e||² over the batch, or Σ tr(R_e H_e R_eᵀ) in a calibrated fit."""
+        H = self._metric_of(idx)
+        return (R * R).sum() if H is None else H.quadratic(R)
+
     # -- host views of device scalars (reading them syncs)
     @property
     def best_loss(self) -> float:
@@ -144,7 +164,7 @@ class Solver:
     def _plan(self, targets: Targets, max_device_bytes: int | None, expert_batch: int | None) -> MemoryPlan:
         budget = device_budget(self.device, max_device_bytes)
         return plan_memory(self.cost_kind, self.E, self.p, self.d, self.spec, targets.nbytes, self.device.type,
-                           budget, expert_batch)
+                           budget, expert_batch, self.metric_rank)
 
     def _home(self, name: str) -> torch.device:
         return self.home if name in self.per_expert else self.device

@@ -15,6 +15,7 @@ import torch
 
 from .baselines import LowRankFactors
 from .lstsq import solve_A
+from .metric import InputMetric
 from .model import MoBEFactors, mixed_bases
 from .targets import Targets
 
@@ -22,9 +23,11 @@ Roundtrip = Callable[[torch.Tensor], torch.Tensor]  # a tensor as it reads back 
 
 
 def refit_for_storage(W: torch.Tensor | Targets, factors: MoBEFactors | LowRankFactors, roundtrip: Roundtrip,
-                      device: str | torch.device = "cpu", expert_batch: int = 16) -> MoBEFactors | LowRankFactors:
+                      device: str | torch.device = "cpu", expert_batch: int = 16,
+                      metric: InputMetric | None = None) -> MoBEFactors | LowRankFactors:
     """Factors of W [E, p, d] whose shared part is `roundtrip(shared)` and whose per-expert part is
-    the least-squares fit against it (in fp32; the caller rounds it when storing)."""
+    the least-squares fit against it (in fp32; the caller rounds it when storing); weighted by the
+    input metric of a calibrated MoBE fit when one is given."""
     T = Targets.of(W)
     E, p, _ = T.shape
     if isinstance(factors, MoBEFactors):
@@ -34,7 +37,8 @@ def refit_for_storage(W: torch.Tensor | Targets, factors: MoBEFactors | LowRankF
         for e0 in range(0, E, expert_batch):
             e1 = min(E, e0 + expert_batch)
             M = mixed_bases(alpha[e0:e1], B, range(e0, e1), E, factors.activation)
-            A[e0:e1] = solve_A(T.slice(e0, e1).to(device).batch() / factors.scale, M).cpu()
+            H = None if metric is None else metric.slice(e0, e1).to(device)
+            A[e0:e1] = solve_A(T.slice(e0, e1).to(device).batch() / factors.scale, M, metric=H).cpu()
         return MoBEFactors(A, B.cpu(), alpha, factors.scale, factors.activation)
     mean = None if factors.mean is None else roundtrip(factors.mean.float())
     V = roundtrip(factors.V.float())

@@ -126,6 +126,16 @@ class Targets:
         n, _, s2 = self._sums()
         return s2 / max(n, 1.0) * self.scale * self.scale
 
+    def weighted_mean_square(self, metric) -> float:
+        """Σ_e tr(W_e H_e W_eᵀ) / N for an input metric (metric.py): the calibrated loss of a zero
+        fit, so loss over it is the weighted squared relative error. One pass, STD_CHUNK experts at a time."""
+        E = self.shape[0]
+        total = 0.0
+        for e0 in range(0, E, STD_CHUNK):
+            e1 = min(E, e0 + STD_CHUNK)
+            total += float(metric.slice(e0, e1).quadratic(self.batch(e0, e1)))
+        return total / max(math.prod(self.shape), 1)
+
     def first_nonfinite(self) -> int | None:
         """Index of the first expert holding a NaN/Inf, or None (finite sums: no scan needed)."""
         if all(math.isfinite(v) for v in self._sums()):

@@ -12,11 +12,11 @@ import torch
 
 from ..checkpoint import fp8
 from ..checkpoint.reader import CheckpointReader
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..factorize import Targets, fit_baseline, refit_for_storage, relative_error, zscored
 from ..memory import pin_mmap_threshold
 from ..verify import verify
-from . import dist, mobe_output, outdir, preflight
+from . import calib, dist, mobe_output, outdir, preflight
 from .events import Reporter
 from .fit import ProjectionFit, StopRequested
 from .job import CompressJob, make_job
@@ -29,14 +29,20 @@ from .signals import Interrupted, catch_signals
 __all__ = ["Interrupted", "compress"]  # Interrupted is imported from here by demo.py and older callers
 
 
-def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: Reporter | None = None) -> dict:
+def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: Reporter | None = None,
+             calib_runtime: calib.CalibRuntime | None = None) -> dict:
     """Compress `src` into `out`. Returns the summary dict (also reported as a `summary` event).
 
     Order matters: options, source and output are all judged before the output directory is
-    created, so a typo or a bad source leaves nothing behind.
+    created, so a typo or a bad source leaves nothing behind. A calibrated run (`opts.calib`) needs
+    the runtime's calibration forward (runtime/calibrate.py; the CLI passes it: the runtime sits on
+    a floor above this one).
     """
     reporter = reporter or Reporter()
     opts.validate()
+    if opts.calib is not None and calib_runtime is None:
+        raise ConfigError("--calib: this caller did not provide the calibration forward "
+                          "(pass calib_runtime=mobe_stream.runtime.calibrate.RUNTIME)")
     src, out = Path(src).resolve(), Path(out).resolve()
     if opts.resume:
         opts = _reuse_journal_settings(opts, out, reporter)
@@ -72,6 +78,10 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
                             continue
                     if unit.kind == "copy":
                         _run_copy(job, journal, unit, reporter)
+                    elif unit.kind == calib.UNIT:
+                        assert job.calib is not None and calib_runtime is not None
+                        calib.run(out, src, journal, job.layers, job.family.num_experts, job.calib, job.settings,
+                                  calib_runtime, job.fit.device, job.stop, reporter)
                     else:
                         _run_factorize(job, journal, unit, reporter)
                     if claims is not None:
@@ -105,6 +115,8 @@ def _unit_seconds(job: CompressJob, unit: Unit, est) -> float:
     factorized projection is hours on Kimi-K2, a layer's copy seconds)."""
     if unit.kind == "copy":
         return sum(job.reader.info(n).nbytes for n in unit.tensors) / COPY_BYTES_PER_S
+    if unit.kind == calib.UNIT:  # one read of every layer up to the last compressed one
+        return sum(job.reader.info(n).nbytes for n in job.reader.names()) / COPY_BYTES_PER_S
     if est is None:
         return job.fit.steps * STEP_SECONDS_UNKNOWN
     return job.fit.steps * est.step_seconds + est.init_seconds
@@ -164,7 +176,8 @@ def _plan(job: CompressJob) -> list[Unit]:
     for layer in job.layers:
         for proj in PROJECTIONS:
             excluded.update(job.family.expert_tensor_names(layer, proj))
-    return plan_units(job.reader.names(), job.layers, excluded)
+    units = plan_units(job.reader.names(), job.layers, excluded)
+    return ([Unit(calib.UNIT, calib.UNIT)] if job.calib is not None else []) + units
 
 
 def _run_copy(job: CompressJob, journal: Journal, unit: Unit, reporter: Reporter) -> None:
@@ -186,9 +199,11 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
     _refuse_nonfinite(job, unit, source)
     W_scaled, std = zscored(source)  # reads back z-scored; no copy
     t0 = time.monotonic()
+    metric = _metric(job, journal, unit.layer) if job.calib is not None else None
     if job.plan.method == "mobe":
         state_path = _state_path(job, unit)
-        fit = ProjectionFit(W_scaled, unit.key, job.spec, job.fit, job.settings, state_path, job.stop, reporter)
+        fit = ProjectionFit(W_scaled, unit.key, job.spec, job.fit, job.settings, state_path, job.stop, reporter,
+                            metric)
         try:
             fit.run()
         except StopRequested:
@@ -197,6 +212,8 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
         factors = fit.solver.best_factors()
         info = {"kind": "factorize", "steps": fit.solver.step_count, "best_loss": float(fit.solver.best_loss),
                 "lr_final": fit.solver.lr}
+        if metric is not None:  # the objective the fit minimised: error weighted by the routed inputs
+            info["rel_error_calib"] = fit.weighted_rel_error()
         seconds = fit.seconds()
         fit.release()  # the solver's device state (Kimi-K2: ~40 GB) before the error passes below
     else:  # closed-form baselines (svd, delta, molae): no solver state; the unit is the resume granule
@@ -207,7 +224,8 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
     dev = job.fit.device
     info["rel_error_fit"] = relative_error(W_scaled, factors, device=dev)
     if job.output.dtype != torch.float32:  # the shared part is stored first, A re-solved against it
-        factors = refit_for_storage(W_scaled, factors, mobe_output.roundtrip_for(job.output), job.fit.device)
+        factors = refit_for_storage(W_scaled, factors, mobe_output.roundtrip_for(job.output), job.fit.device,
+                                    metric=metric)
     prefix = job.family.experts_prefix(unit.layer)
     tensors = mobe_output.factor_tensors(prefix, unit.proj, factors, std, job.output)
     info["rel_error"] = relative_error(W_scaled, mobe_output.stored_factors(job.plan, prefix, unit.proj, tensors,
@@ -216,6 +234,19 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
                       seconds_before=seconds, announce=False)
     if job.plan.method == "mobe":
         state_path.unlink(missing_ok=True)
+
+
+CALIB_POLL_SECONDS = 2.0
+
+
+def _metric(job: CompressJob, journal: Journal, layer: int):
+    """The layer's input metric; in a distributed run another rank may still be measuring it."""
+    while not journal.done(calib.UNIT):
+        if job.stop.requested:
+            raise Interrupted("interrupted while waiting for the calibration unit; rerun with --resume")
+        time.sleep(CALIB_POLL_SECONDS)
+        journal.reload()
+    return calib.load_metric(job.out, layer, job.settings)
 
 
 def _refuse_nonfinite(job: CompressJob, unit: Unit, W: Targets) -> None:

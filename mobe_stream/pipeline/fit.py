@@ -15,7 +15,7 @@ import torch
 
 from .. import faults
 from ..errors import ResourceError
-from ..factorize import MoBESpec, Targets
+from ..factorize import InputMetric, MoBESpec, Targets
 from .events import Reporter
 from .job import FitSettings, StopFlag
 from .journal import upgrade_settings
@@ -37,21 +37,24 @@ class ProjectionFit:
     """
 
     def __init__(self, W_scaled: torch.Tensor | Targets, key: str, spec: MoBESpec, fit: FitSettings, run_settings: dict,
-                 state_path: Path, stop: StopFlag, reporter: Reporter):
+                 state_path: Path, stop: StopFlag, reporter: Reporter, metric: InputMetric | None = None):
         self.W, self.key, self.spec, self.fit, self.run_settings = W_scaled, key, spec, fit, run_settings
+        self.metric = metric
         self.state_path, self.stop, self.reporter = state_path, stop, reporter
         self.batch: int | None = None
         self.rollbacks = 0
         self.elapsed_before = 0.0
         self.t0 = time.monotonic()
-        self.mean_square = max(Targets.of(W_scaled).mean_square(), 1e-30)
+        T = Targets.of(W_scaled)  # the loss of a zero fit, in the objective's own weighting
+        self.mean_square = max(T.mean_square() if metric is None else T.weighted_mean_square(metric), 1e-30)
         self.solver = self._new_solver()
         self._restore(announce=True)
 
     def _new_solver(self):
         f = self.fit
         return make_solver(f.solver, self.W, self.spec, lr=f.lr, device=f.device, max_device_bytes=f.max_device_bytes,
-                           seed=f.seed, tol=f.tol, expert_batch=self.batch, init=f.init, precision=f.precision)
+                           seed=f.seed, tol=f.tol, expert_batch=self.batch, init=f.init, precision=f.precision,
+                           metric=self.metric)
 
     def _event(self, kind: str, /, **fields) -> None:
         self.reporter.event(kind, unit=self.key, **fields)
@@ -82,6 +85,10 @@ class ProjectionFit:
         del self.solver
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def weighted_rel_error(self) -> float:
+        """Relative error of the best iterate in the fit's own objective (weighted when calibrated)."""
+        return math.sqrt(self.solver.best_loss / self.mean_square)
 
     def seconds(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0

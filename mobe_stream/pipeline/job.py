@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..factorize import MethodPlan, MoBESpec, choose_bases_rank, plan_method
 from ..sizes import parse_size
 from ..verify import check_source
-from .options import CompressOptions, resolve_dtype, settings_for_journal
+from .options import CalibSettings, CompressOptions, resolve_dtype, settings_for_journal
 from .plan import parse_layers
 
 
@@ -74,6 +74,7 @@ class CompressJob:
     fit: FitSettings
     output: OutputSpec
     opts: CompressOptions
+    calib: CalibSettings | None = None  # a calibrated fit (pipeline/calib.py)
     stop: StopFlag = field(default_factory=StopFlag)
 
 
@@ -104,7 +105,7 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
     output = OutputSpec(out_dtype, parse_size(opts.max_shard_size, "--max-shard-size"),
                         reader.scale_block)
     return CompressJob(src, out, reader, family, spec, plan, layers,
-                       settings_for_journal(opts, m, r, layers, out_dtype), fit, output, opts)
+                       settings_for_journal(opts, m, r, layers, out_dtype), fit, output, opts, opts.calib_settings())
 
 
 def source_expert_dtypes(reader: CheckpointReader, family: Family, layers: list[int]) -> set[str]:

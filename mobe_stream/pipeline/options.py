@@ -8,9 +8,11 @@ layers that exist) run in `pipeline.job.make_job`, still before the first byte i
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -74,6 +76,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@dataclass(frozen=True)
+class CalibSettings:
+    text: Path
+    tokens: int = defaults.CALIB_TOKENS
+    ctx: int = defaults.CALIB_CTX
+    rank: int = defaults.CALIB_RANK
+    damp: float = defaults.CALIB_DAMP
+
+    def validate(self) -> None:
+        if not self.text.is_file():
+            raise ConfigError(f"--calib: {self.text} is not a file")
+        for option, value, low in (("--calib-tokens", self.tokens, 2), ("--calib-ctx", self.ctx, 2),
+                                   ("--calib-rank", self.rank, 0)):
+            if value < low:
+                raise ConfigError(f"{option}: must be at least {low}, got {value}")
+        _number("--calib-damp", self.damp, low=0)
+
+    def for_journal(self) -> dict:
+        """What decides the metrics: the text's content, token budget, window, rank, damping."""
+        digest = hashlib.sha256(self.text.read_bytes()).hexdigest()
+        return {"sha256": digest, "tokens": self.tokens, "ctx": self.ctx, "rank": self.rank, "damp": self.damp}
+
+
 @dataclass
 class CompressOptions:
     method: str = "mobe"
@@ -95,6 +120,12 @@ class CompressOptions:
     max_shard_size: str = "5GB"
     max_gpu_memory: str | None = None
     checkpoint_every: float = 300.0
+    # calibrated fit (pipeline/calib.py): text file, token budget, window, metric rank, damping
+    calib: str | None = None
+    calib_tokens: int = defaults.CALIB_TOKENS
+    calib_ctx: int = defaults.CALIB_CTX
+    calib_rank: int = defaults.CALIB_RANK
+    calib_damp: float = defaults.CALIB_DAMP
     resume: bool = False
     overwrite: bool = False
     force: bool = False
@@ -129,6 +160,17 @@ class CompressOptions:
         if self.max_gpu_memory is not None:
             parse_size(self.max_gpu_memory, "--max-gpu-memory")
         resolve_device(self.device)
+        calib = self.calib_settings()
+        if calib is not None:
+            if self.method != "mobe":
+                raise ConfigError(f"--calib: calibrated fits are for --method mobe, not {self.method}")
+            calib.validate()
+
+    def calib_settings(self) -> CalibSettings | None:
+        if self.calib is None:
+            return None
+        return CalibSettings(Path(self.calib).expanduser().resolve(), self.calib_tokens, self.calib_ctx,
+                             self.calib_rank, self.calib_damp)
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
@@ -154,6 +196,10 @@ def _options_from_settings(settings: dict) -> dict:
     """Journal settings (settings_for_journal) back as option values."""
     out = {k: settings[k] for k in ("method", "solver", "init", "precision", "num_bases", "rank", "activation",
                                     "groups", "steps", "lr", "tol", "seed") if k in settings}
+    calib = settings.get("calib")
+    if isinstance(calib, dict):
+        out.update(calib=calib.get("path"), calib_tokens=calib.get("tokens"), calib_ctx=calib.get("ctx"),
+                   calib_rank=calib.get("rank"), calib_damp=calib.get("damp"))
     if "dtype" in settings and settings["dtype"] in {**COMPUTE, **FP8}:  # recorded resolved: "bfloat16", "float8_e4m3fn"
         out["dtype"] = settings["dtype"]
     if isinstance(settings.get("layers"), list):
@@ -185,8 +231,12 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
                          out_dtype: torch.dtype) -> dict:
     """What determines the output tensors. Device, checkpoint cadence and memory caps do not.
 
-    Sizes are stored parsed (bytes), so `5000MB` and `5GB` are the same setting on resume.
+    Sizes are stored parsed (bytes), so `5000MB` and `5GB` are the same setting on resume. A
+    calibrated run adds `calib` (the text's path and digest, tokens, ctx, rank, damp); a data-free
+    run has no such key, as before calibration existed.
     """
+    calib = opts.calib_settings()
+    extra = {} if calib is None else {"calib": {"path": str(calib.text), **calib.for_journal()}}
     return {
         "method": opts.method,
         "solver": opts.solver,
@@ -203,4 +253,5 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
         "dtype": dtype_key(out_dtype),  # resolved: `auto` and `fp8` on an FP8 source are one run
         "layers": layers,
         "max_shard_size": parse_size(opts.max_shard_size, "--max-shard-size"),
+        **extra,
     }

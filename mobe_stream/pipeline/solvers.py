@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from ..factorize import AdamSolver, AlternatingSolver, MoBESpec, Targets
+from ..factorize import AdamSolver, AlternatingSolver, InputMetric, MoBESpec, Targets
 
 SOLVERS = {"adam": AdamSolver, "als": AlternatingSolver}
 
 
 def make_solver(name: str, W_scaled: torch.Tensor | Targets, spec: MoBESpec, *, lr: float, device: str,
                 max_device_bytes: int | None, seed: int, tol: float | None, expert_batch: int | None = None,
-                init: str = "paper", precision: str = "fp32"):
+                init: str = "paper", precision: str = "fp32", metric: InputMetric | None = None):
     return SOLVERS[name](W_scaled, spec, lr=lr, device=device, max_device_bytes=max_device_bytes, seed=seed, tol=tol,
-                         expert_batch=expert_batch, init=init, precision=precision)
+                         expert_batch=expert_batch, init=init, precision=precision, metric=metric)

@@ -8,6 +8,7 @@ WeightStore unit by unit, so the same code runs all-in-memory and offloaded plan
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ class MoEModel:
             self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
             self.scale = cfg.head_dim ** -0.5
         self.moe_layers = set(cfg.moe_layers)
+        # called with (MoE inputs [n, d], routed experts [n, top_k]) by every MoE layer (calibrate.py)
+        self.moe_probe: Callable[[torch.Tensor, torch.Tensor], object] | None = None
         self.layout = detect_layout(reader.names(), reader.model_dir)
 
     @property
@@ -120,6 +123,8 @@ class MoEModel:
             weights, idx = route_sigmoid_grouped(x2, w["mlp.gate.weight"], w.get("mlp.gate.e_score_correction_bias"), cfg)
         else:
             weights, idx = route_softmax(x2, w["mlp.gate.weight"], cfg)
+        if self.moe_probe is not None:
+            self.moe_probe(x2, idx)
         p = cfg.moe_intermediate_size
         bank: OriginalExperts
         if factor_name(EXPERTS_MODULE, "gate_proj", "mobe_A") in w:
