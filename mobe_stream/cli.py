@@ -120,6 +120,10 @@ def inspect_cmd(
     precision: str = typer.Option(defaults.PRECISION, help="Precision to estimate (as compress --precision)."),
     steps: int = typer.Option(defaults.STEPS, help="Steps per projection to estimate."),
     max_gpu_memory: str | None = typer.Option(None, help="Device memory budget to estimate with (default 90% of the GPU's)."),
+    calib_tokens: int | None = typer.Option(None, help="Estimate a calibrated run (compress --calib) over this many "
+                                            "tokens: forward, input metrics and their bytes."),
+    calib_rank: int = typer.Option(defaults.CALIB_RANK, help="Metric rank to estimate (as compress --calib-rank)."),
+    calib_ctx: int = typer.Option(defaults.CALIB_CTX, help="Calibration window to estimate (as compress --calib-ctx)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Family, layers, dims, dtypes, parameter counts, and what compress will produce and need."""
@@ -129,7 +133,8 @@ def inspect_cmd(
     try:
         info = describe(model, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups, dtype=dtype,
                         method=method, estimate_on=gpu if estimate else None, solver=solver, precision=precision,
-                        steps=steps, max_gpu_memory=max_gpu_memory)
+                        steps=steps, max_gpu_memory=max_gpu_memory, calib_tokens=calib_tokens, calib_rank=calib_rank,
+                        calib_ctx=calib_ctx)
     except ValueError as e:
         raise MobeError(str(e)) from None
     if as_json:
@@ -190,7 +195,14 @@ def estimate_rows(est: dict) -> list[tuple[str, str]]:
         ("time", f"{est['step_seconds']:.3g} s/step + {est['init_seconds']:.3g} s init per projection: "
                  f"{est['hours']:.2f} h in all"),
         ("rates", est["basis"]),
-    ]
+    ] + ([] if not est.get("calib") else [_calib_row(est["calib"])])
+
+
+def _calib_row(c: dict) -> tuple[str, str]:
+    return ("calibration", f"{c['tokens']:,} tokens, metric rank {c['rank']}: {_gb(c['metric_bytes_per_layer'])} per layer "
+                           f"({_gb(c['metric_bytes'])} in all, on disk), {_gb(c['host_bytes'])} of RAM, "
+                           f"{c['forward_flops'] / 1e15:.2f} PFLOP forward + {c['metric_flops'] / 1e15:.2f} PFLOP metrics, "
+                           f"reads {_gb(c['read_bytes'])}: {c['seconds'] / 3600:.2f} h (in the total)")
 
 
 def _gb(n: int) -> str:

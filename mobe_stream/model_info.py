@@ -15,7 +15,7 @@ from .checkpoint.reader import CheckpointReader
 from .checkpoint.safetensors_io import ST_TO_TORCH
 from .dtypes import dtype_key
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
-from .pipeline.estimate import GPU_CHOICES, estimate, source_target_bytes
+from .pipeline.estimate import GPU_CHOICES, calib_estimate, estimate, source_target_bytes
 from .pipeline.options import CompressOptions, resolve_dtype, resolve_precision
 from .sizes import parse_size
 
@@ -23,9 +23,11 @@ from .sizes import parse_size
 def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | None = None,
              reduction: float | None = None, groups: int = 1, dtype: str = "auto", method: str = "mobe",
              estimate_on: str | None = None, solver: str = defaults.SOLVER, precision: str = defaults.PRECISION,
-             steps: int = defaults.STEPS, max_gpu_memory: str | None = None) -> dict:
+             steps: int = defaults.STEPS, max_gpu_memory: str | None = None, calib_tokens: int | None = None,
+             calib_rank: int = defaults.CALIB_RANK, calib_ctx: int = defaults.CALIB_CTX) -> dict:
     """dtype: output dtype of the factors (auto = the experts' stored dtype, so FP8 stays FP8).
-    estimate_on: a GPU of pipeline.estimate.GPUS or "cpu": add the projected time of compress."""
+    estimate_on: a GPU of pipeline.estimate.GPUS or "cpu": add the projected time of compress;
+    calib_tokens: estimate a calibrated run (`compress --calib`) with this many tokens."""
     # the same option checks as compress (one place): a bad value is exit 2 before any header is read
     CompressOptions(method=method, num_bases=num_bases, rank=rank, reduction=reduction, groups=groups,
                     dtype=dtype, solver=solver, precision=precision, steps=steps,
@@ -109,10 +111,21 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             if estimate_on is not None and plan.method == "mobe":
                 dev_kind = "cpu" if estimate_on == "cpu" else "cuda"
                 budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
-                out["estimate"] = estimate(E, p, d, spec, solver=solver,
-                                           precision=resolve_precision(precision, dev_kind), steps=steps,
-                                           projections=len(moe) * len(PROJECTIONS), targets=tb, device=estimate_on,
-                                           budget=budget).as_dict()
+                calibrated = calib_tokens is not None
+                est = estimate(E, p, d, spec, solver=solver, precision=resolve_precision(precision, dev_kind),
+                               steps=steps, projections=len(moe) * len(PROJECTIONS), targets=tb, device=estimate_on,
+                               budget=budget, metric_rank=calib_rank if calibrated else None).as_dict()
+                out["estimate"] = est
+                if calib_tokens is not None:
+                    active = total - expert + expert * fam.top_k // max(E, 1)
+                    cfg = reader.config
+                    width = int(cfg.get("num_attention_heads") or 0) * int(
+                        cfg.get("v_head_dim") or cfg.get("head_dim") or d // max(1, int(cfg.get("num_attention_heads") or 1)))
+                    calib = calib_estimate(E=E, d=d, top_k=fam.top_k, layers=fam.num_layers, compressed_layers=len(moe),
+                                           tokens=calib_tokens, ctx=calib_ctx, rank=calib_rank, active_params=active,
+                                           attention_width=width, checkpoint_bytes=size, device=estimate_on)
+                    est["calib"] = calib
+                    est["hours"] += calib["seconds"] / 3600
             out["projection"] = {
                 "method": plan.method, "num_bases": plan.num_bases, "rank": plan.rank, "groups": plan.groups,
                 "dtype": dtype_key(out_dtype),

@@ -199,6 +199,7 @@ def test_calibration_unit_resumes_at_the_next_layer_bit_identically(tmp_path):
     assert starts == [None, 2]  # the resumed forward started after the layer that was finished
     a, b = all_tensors(tmp_path / "whole"), all_tensors(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not calib.state_dir(tmp_path / "cut").exists()  # removed once the run completed
     journal = Journal.load(tmp_path / "cut")
     assert journal is not None and journal.done(calib.UNIT)
     assert journal.data["settings"]["calib"]["rank"] == 8

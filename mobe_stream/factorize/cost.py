@@ -17,8 +17,10 @@ FLOPs per step (als): 2Er²d (Gram) + 2Eprd (MWᵀ) + Er³/3 + 2Er²p (Cholesky 
 (A·M and Aᵀ·dR) + 6E·m_g·r·d (mixing, both passes) = 102 TFLOP; Adam: 6Eprd + 6E·m_g·r·d = 71 TFLOP.
 
 A calibrated fit (`metric_rank` k, factorize/metric.py) keeps the input metric on the device
-(E·d·(k+1) fp32: 0.7 GB at k = 64) and adds per expert the weighted residual R·H (p·d) and thin
-products with V: 6pdk + 4rdk + 2r²k + 2rpk FLOPs (Kimi-K2 at k = 64: +4 TFLOP, +4%).
+(E·d·(k+1) fp32: 1.4 GB at k = 128) and adds per expert the weighted residual R·H (p·d) and thin
+products with V: 6pdk + 4rdk + 2r²k + 2rpk FLOPs (Kimi-K2 at k = 128: +8.4 TFLOP, +8%), and the
+diagonal scalings' memory traffic (+200 GB, the larger share of its cost: +27% per step on an H100
+by the estimate).
 """
 
 from __future__ import annotations

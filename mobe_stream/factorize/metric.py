@@ -8,7 +8,7 @@ H_e itself does not fit at scale (Kimi-K2: 384 x 7168² fp32 = 79 GB per layer),
 low rank plus diagonal, H_e ≈ V_e V_eᵀ + diag(h_e): V_e [d, k] the top-k eigen-directions of the
 measured second moment (exact when the expert saw at most k distinct directions), h_e what the
 top k leave of the measured diagonal plus a damping term. That is E·d·(k+1) floats (Kimi-K2,
-k = 64: 0.7 GB per layer), and every product with H costs two thin matmuls (p·d·k each) instead
+k = 128: 1.4 GB per layer), and every product with H costs two thin matmuls (p·d·k each) instead
 of one p·d² one. Each H_e is scaled to mean diagonal 1, so a weighted loss reads like the
 data-free one (mean squared error of z-scored targets) and experts weigh alike.
 

@@ -8,12 +8,12 @@ the hidden states after the last one (`hidden.state.zst`), so a killed calibrati
 next layer, not at the embedding. Fits of a layer then weigh their error by its metric; gate_proj
 and up_proj read the same input, so one metric serves both.
 
-Cost at Kimi-K2 scale (k = 64, 131,072 tokens): metrics 384 x 7168 x 65 x 4 B = 0.72 GB per layer
-(43 GB for 60 layers, on the output's disk until the run completes); hidden states 131k x 7168 in
-bf16 = 1.9 GB of RAM (plus the captured inputs of the layer being measured, as much again); the
-forward reads every layer once (the whole checkpoint, ~1 TB, at disk speed) and computes
-2 x 32 G active parameters x 131k tokens = 8.4 PFLOP; each expert's eigen-solve is over its
-~2.7k routed tokens (min(n, d)² d).
+Cost at Kimi-K2 scale (k = 128, 131,072 tokens; `inspect --estimate --calib-tokens N` prints it):
+metrics 384 x 7168 x 129 x 4 B = 1.42 GB per layer (85 GB for 60 layers, on the output's disk until
+the run completes); hidden states 131k x 7168 in bf16 = 1.9 GB of RAM (plus the captured inputs of
+the layer being measured, as much again); the forward reads every layer once (the whole
+checkpoint, ~1 TB, at disk speed) and computes 2 x 32 G active parameters x 131k tokens = 8.4
+PFLOP; each expert's eigen-solve is over its ~2.7k routed tokens (min(n, d)² max(n, d)).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ projection) at a time, each written to its own shards and journaled before the n
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
             summary = mobe_output.finalize(job, journal, units)
             outdir.self_check(out, lambda d: verify(d, full=False, own_run=True))
             journal.mark_complete()
+            shutil.rmtree(calib.state_dir(out), ignore_errors=True)  # the metrics served their fits
         reporter.event("summary", **summary)
         return summary
     finally:

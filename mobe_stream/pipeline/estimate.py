@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import fp8
 from ..checkpoint.families import kept_target_dtype
 from ..factorize import MoBEFactors, MoBESpec
-from ..factorize.cost import DEVICE_FRACTION, plan_memory, step_flops, step_traffic_bytes
+from ..factorize.cost import DEVICE_FRACTION, metric_bytes, plan_memory, step_flops, step_traffic_bytes
 
 MATMUL_EFFICIENCY = 0.6  # of the dense spec-sheet peak, for large batched GEMMs (assumed)
 MEMORY_EFFICIENCY = 0.7  # of the spec-sheet bandwidth, for elementwise passes (assumed)
@@ -131,15 +131,17 @@ def probe_cpu_batch(solver: str, p: int, d: int, spec: MoBESpec, batch: int, pre
 
 
 def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: str, steps: int, projections: int,
-             targets: int, device: str, budget: int | None = None, expert_batch: int | None = None) -> Estimate:
-    """`device`: a key of GPUS or "cpu"; `targets`: bytes of one projection's stored targets."""
-    flops = step_flops(solver, E, p, d, spec)
-    traffic = step_traffic_bytes(solver, E, p, d, spec, targets / (E * p * d))
+             targets: int, device: str, budget: int | None = None, expert_batch: int | None = None,
+             metric_rank: int | None = None) -> Estimate:
+    """`device`: a key of GPUS or "cpu"; `targets`: bytes of one projection's stored targets;
+    `metric_rank`: a calibrated fit's metric rank (None: data-free)."""
+    flops = step_flops(solver, E, p, d, spec, metric_rank)
+    traffic = step_traffic_bytes(solver, E, p, d, spec, targets / (E * p * d), metric_rank)
     r = spec.rank
     group_rows = (E // spec.num_bases) * p  # rows of one init SVD
     svd_flops = spec.num_bases * 4 * group_rows * d * min(group_rows, d)
     if device == "cpu":
-        plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch)
+        plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch, metric_rank)
         mm_rate, bw = measure_cpu(p, d, r, plan.batch)
         # the probe times a whole step of one batch (matmuls, elementwise, overheads) including an Adam
         # update of its m_g bases; a real step has `batches` batches and one update of all m bases
@@ -152,7 +154,7 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
     else:
         hw = GPUS[device]
         budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
-        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch)
+        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch, metric_rank)
         step_s = (flops / (hw.tflops[precision] * 1e12 * MATMUL_EFFICIENCY) + traffic / (hw.bandwidth * MEMORY_EFFICIENCY)
                   + plan.pcie_bytes_per_step / hw.pcie + -(-E // plan.batch) * BATCH_OVERHEAD_S)
         init_s = svd_flops / (hw.tflops["fp32"] * 1e12 * SVD_EFFICIENCY)
@@ -161,3 +163,38 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
     hours = projections * (steps * step_s + init_s) / 3600
     return Estimate(device, basis, solver, precision, steps, projections, plan.batch, plan.resident, flops, traffic,
                     plan.device_bytes, plan.host_bytes, plan.pcie_bytes_per_step, step_s, init_s, hours)
+
+
+DISK_BYTES_PER_S = 2e9  # the calibration forward reads every layer once (NVMe-class; assumed)
+COMPUTE_BYTES = 2  # hidden states kept in the compute dtype (bf16)
+
+
+def calib_estimate(*, E: int, d: int, top_k: int, layers: int, compressed_layers: int, tokens: int, ctx: int,
+                   rank: int, active_params: int, attention_width: int, checkpoint_bytes: int, device: str) -> dict:
+    """What `compress --calib` adds before the fits (pipeline/calib.py), from headers alone.
+
+    forward: 2 x active parameters x tokens, plus attention's 2 x ctx x width per token and layer;
+    the metrics: per expert the Gram of its ~tokens·top_k/E routed rows (+ `rank` prior rows) and its
+    eigen-solve (fp64), min(n, d)² · max(n, d) work; rates as for the fit (a GPU's spec sheet, or
+    this CPU's measured matmul rate) times MATMUL_EFFICIENCY / SVD_EFFICIENCY."""
+    n = tokens * top_k / max(E, 1) + rank
+    lo, hi = min(n, d), max(n, d)
+    metric_flops = compressed_layers * E * (2 * lo * lo * hi + 10 * lo**3)
+    forward_flops = 2 * active_params * tokens + 2 * layers * tokens * ctx * attention_width
+    if device == "cpu":
+        rate, _ = measure_cpu(256, 256, 256, 8)
+        fp32 = fp64 = rate
+    else:
+        hw = GPUS[device]
+        rate, fp32 = hw.tflops["bf16"] * 1e12, hw.tflops["fp32"] * 1e12
+        fp64 = fp32  # H100/H200/A100 fp64 tensor cores run at about their fp32 rate
+    read_s = checkpoint_bytes / DISK_BYTES_PER_S
+    forward_s = forward_flops / (rate * MATMUL_EFFICIENCY)
+    metric_s = metric_flops / (fp64 * SVD_EFFICIENCY)
+    per_layer = metric_bytes(E, d, rank)
+    return {"tokens": tokens, "ctx": ctx, "rank": rank,
+            "metric_bytes_per_layer": per_layer, "metric_bytes": per_layer * compressed_layers,
+            "host_bytes": 2 * tokens * d * COMPUTE_BYTES,  # hidden states + one layer's captured inputs
+            "forward_flops": int(forward_flops), "metric_flops": int(metric_flops),
+            "read_bytes": checkpoint_bytes,
+            "seconds": read_s + forward_s + metric_s}
