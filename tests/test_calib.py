@@ -238,3 +238,16 @@ def test_bad_calibration_options_are_one_line_errors(tmp_path, args, message):
     r = run_cli("compress", str(src), "--out", str(tmp_path / "out"), *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_estimates_the_calibrated_run(tmp_path):
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    cfg = json.loads((src / "config.json").read_text())
+    base = ["inspect", str(src), "--estimate", "--gpu", "h100", "--json"]
+    free = json.loads(run_cli(*base, check=True).stdout)["estimate"]
+    cal = json.loads(run_cli(*base, "--calib-tokens", "4096", "--calib-rank", "8", check=True).stdout)["estimate"]
+    assert "calib" not in free
+    E, d = cfg["num_experts"], cfg["hidden_size"]
+    assert cal["calib"]["metric_bytes_per_layer"] == E * d * 9 * 4
+    assert cal["calib"]["tokens"] == 4096 and cal["calib"]["seconds"] > 0
+    assert cal["flops_per_step"] > free["flops_per_step"] and cal["hours"] > free["hours"]
