@@ -22,11 +22,13 @@ def solve_A(W: torch.Tensor, M: torch.Tensor, bmm: Bmm = torch.bmm, metric: Inpu
     two products (the solver's precision); the factorisation and solve are fp32. With a metric
     (calibrated fit, metric.py) the weighted argmin of tr((W - A M) H (W - A M)ᵀ):
     A = W H Mᵀ (M H Mᵀ)⁻¹."""
-    G = bmm(M, M.transpose(1, 2)) if metric is None else metric.bilinear(M, M, bmm)  # [k, r, r]
+    if metric is None:
+        G, rhs = bmm(M, M.transpose(1, 2)), bmm(M, W.transpose(1, 2))  # [k, r, r], [k, r, p]
+    else:
+        G, rhs = metric.normal_equations(M, W, bmm)
     r = G.shape[-1]
     lam = RIDGE * G.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
     G = G + lam[:, None, None] * torch.eye(r, dtype=G.dtype, device=G.device)
-    rhs = bmm(M, W.transpose(1, 2)) if metric is None else metric.bilinear(M, W, bmm)  # [k, r, p]
     # Cholesky: the ridge makes G positive definite and it is ~1.7x faster than LU for small
     # batched systems on CPU. Reading `info` would be a host sync on CUDA, so there a failed
     # factorisation shows up as NaN (the fit rolls back on NaN); on CPU it falls back to LU.

@@ -67,12 +67,16 @@ class InputMetric:
             total = total + (RV * RV).sum()
         return total
 
-    def bilinear(self, X: torch.Tensor, Y: torch.Tensor, bmm=torch.bmm) -> torch.Tensor:
-        """X H Yᵀ for X [k, a, d], Y [k, b, d] -> [k, a, b]; `bmm` does the d-long product."""
-        out = bmm(X * self.diag[:, None, :], Y.transpose(1, 2))
+    def normal_equations(self, M: torch.Tensor, W: torch.Tensor, bmm=torch.bmm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M H Mᵀ [k, r, r], M H Wᵀ [k, r, p]) for M [k, r, d], W [k, p, d]: the weighted least-squares
+        system of A (lstsq.solve_A); M·diag and M·V are formed once for both. `bmm` does the d-long products."""
+        Mh = M * self.diag[:, None, :]
+        G, rhs = bmm(Mh, M.transpose(1, 2)), bmm(Mh, W.transpose(1, 2))
         if self.rank:
-            out = out.baddbmm(torch.bmm(X, self.V), torch.bmm(Y, self.V).transpose(1, 2))
-        return out
+            MV = torch.bmm(M, self.V)
+            G = G.baddbmm(MV, MV.transpose(1, 2))
+            rhs = rhs.baddbmm(MV, torch.bmm(W, self.V).transpose(1, 2))
+        return G, rhs
 
 
 def low_rank_plus_diag(Y: torch.Tensor, extra_diag: torch.Tensor | None, k: int, damp: float = DAMP
