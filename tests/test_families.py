@@ -33,6 +33,9 @@ def _cfg(model_type: str | None, **kw) -> dict:
     (_cfg("qwen3_moe", num_experts=0), []),
     (_cfg(None, architectures=["Qwen3MoeForCausalLM"], num_experts=E), [0, 1, 2, 3]),
     (_cfg(None, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=E, first_k_dense_replace=2), [2, 3]),
+    (_cfg("mixtral", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("qwen2_moe", num_experts=E, mlp_only_layers=[3]), [0, 1, 2]),
+    (_cfg("olmoe", num_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
 ])
 def test_moe_layers(cfg, expected):
     fam = get_family(cfg)
@@ -46,15 +49,16 @@ def test_family_names():
     assert get_family(_cfg("deepseek_v3", n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg(None, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg("qwen3_moe", num_experts=E)).name == "qwen3_moe"
-    assert families.SUPPORTED == ("deepseek_v3", "kimi_k2", "qwen3_moe")
+    assert families.SUPPORTED == ("deepseek_v3", "kimi_k2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
 
 def test_unknown_family_names_config(make_ckpt):
-    d = make_ckpt({"x": torch.zeros(1)}, {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]})
+    d = make_ckpt({"x": torch.zeros(1)}, {"model_type": "dbrx", "architectures": ["DbrxForCausalLM"]})
     with CheckpointReader(d) as r, pytest.raises(CheckpointError) as ei:
         get_family(r.config, r)
     msg = str(ei.value)
-    assert "unsupported model family 'mixtral'" in msg and "supported: deepseek_v3, kimi_k2, qwen3_moe" in msg
+    assert "unsupported model family 'dbrx'" in msg and "supported: deepseek_v3 (DeepSeek-V3" in msg
+    assert all(f"; {name} (" in msg for name in families.SUPPORTED[1:])  # every family, with its published models
     assert str(d / "config.json") in msg
 
 
@@ -208,3 +212,19 @@ def test_fused_fp8_gate_up_split_exact(make_ckpt):
             assert torch.equal(fam.expert_weight(r, 0, e, "gate_proj", torch.bfloat16), full[:P])
             assert torch.equal(fam.expert_weight(r, 0, e, "up_proj", torch.bfloat16), full[P:])
         assert fam.expert_tensor_names(0, "gate_proj") == [name, name + "_scale_inv"]
+
+
+def test_family_names_and_runtime_spelling():
+    """Each family's stored names; the runtime's canonical spelling of them (FamilySpec.runtime_name)."""
+    mix = get_family(_cfg("mixtral", num_local_experts=E, intermediate_size=P))
+    assert mix.moe_intermediate_size == P  # Mixtral's expert width is intermediate_size
+    assert mix.expert_name(2, 5, "up_proj") == "model.layers.2.block_sparse_moe.experts.5.w3.weight"
+    assert mix.router_weight_name(2) == "model.layers.2.block_sparse_moe.gate.weight"
+    rt = mix.spec.runtime_name
+    assert rt("block_sparse_moe.experts.5.w1.weight") == "mlp.experts.5.gate_proj.weight"
+    assert rt("block_sparse_moe.experts.5.w2.weight") == "mlp.experts.5.down_proj.weight"
+    assert rt("block_sparse_moe.experts.gate_proj.mobe_A") == "mlp.experts.gate_proj.mobe_A"
+    assert rt("self_attn.q_proj.weight") == "self_attn.q_proj.weight"
+    qw = get_family(_cfg("qwen2_moe", num_experts=E)).spec
+    assert qw.runtime_name("mlp.shared_expert.up_proj.weight") == "mlp.shared_experts.up_proj.weight"
+    assert qw.runtime_name("mlp.shared_expert_gate.weight") == "mlp.shared_expert_gate.weight"

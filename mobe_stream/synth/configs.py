@@ -103,3 +103,38 @@ def deepseek_v3_config(*, num_layers: int, num_experts: int, hidden: int, moe_in
     if fp8:
         cfg["quantization_config"] = dict(FP8_QUANT)
     return cfg
+
+
+def _common(arch: str, model_type: str, *, num_layers: int, hidden: int, vocab: int, dtype: str) -> dict:
+    """Keys every released config of these families carries (values tiny)."""
+    return {"architectures": [arch], "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
+            "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "hidden_act": "silu", "max_position_embeddings": 512, "initializer_range": 0.02, "use_cache": True,
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_dropout": 0.0,
+            "torch_dtype": dtype}
+
+
+def family_config(family: str, *, num_layers: int, num_experts: int, hidden: int, moe_inter: int, vocab: int,
+                  dtype: str) -> dict:
+    """config.json of a tiny `family` model with the keys of its released configs (Mixtral-8x7B,
+    Qwen1.5-MoE-A2.7B, OLMoE-1B-7B-0924, ...); the first layer is dense where the family allows it."""
+    def common(arch: str, model_type: str) -> dict:
+        return _common(arch, model_type, num_layers=num_layers, hidden=hidden, vocab=vocab, dtype=dtype)
+
+    if family == "mixtral":
+        return {**common("MixtralForCausalLM", "mixtral"), "intermediate_size": moe_inter,
+                "num_local_experts": num_experts, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                "sliding_window": None, "output_router_logits": False, "router_aux_loss_coef": 0.02}
+    if family == "qwen2_moe":
+        return {**common("Qwen2MoeForCausalLM", "qwen2_moe"), "intermediate_size": 2 * hidden,
+                "moe_intermediate_size": moe_inter, "shared_expert_intermediate_size": 2 * moe_inter,
+                "num_experts": num_experts, "num_experts_per_tok": 2, "norm_topk_prob": False,
+                "decoder_sparse_step": 1, "mlp_only_layers": [0], "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": num_layers,
+                "output_router_logits": False, "router_aux_loss_coef": 0.001}
+    if family == "olmoe":
+        return {**common("OlmoeForCausalLM", "olmoe"), "intermediate_size": moe_inter,
+                "num_experts": num_experts, "num_experts_per_tok": 2, "norm_topk_prob": False, "clip_qkv": None,
+                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False,
+                "pad_token_id": 1, "output_router_logits": False, "router_aux_loss_coef": 0.01}
+    raise ValueError(f"no tiny config for family {family!r}")
