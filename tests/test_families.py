@@ -36,11 +36,18 @@ def _cfg(model_type: str | None, **kw) -> dict:
     (_cfg("mixtral", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
     (_cfg("qwen2_moe", num_experts=E, mlp_only_layers=[3]), [0, 1, 2]),
     (_cfg("olmoe", num_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("deepseek_v2", n_routed_experts=E), [0, 1, 2, 3]),  # transformers' DeepseekV2Config: first_k_dense_replace 0
+    (_cfg("glm4_moe", n_routed_experts=E), [1, 2, 3]),  # Glm4MoeConfig: first_k_dense_replace 1
+    (_cfg("ernie4_5_moe", moe_num_experts=E, moe_k=2, num_experts_per_tok=None), [1, 2, 3]),
+    (_cfg("ernie4_5_moe", moe_num_experts=E, moe_layer_start_index=0, moe_layer_end_index=2, moe_layer_interval=2),
+     [1]),
+    (_cfg("minimax_m2", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
 ])
 def test_moe_layers(cfg, expected):
     fam = get_family(cfg)
     assert fam.moe_layers() == expected
-    assert fam.num_experts == (cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    assert fam.num_experts == (cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts")
+                               or cfg.get("moe_num_experts") or 0)
     assert (fam.hidden_size, fam.moe_intermediate_size, fam.top_k) == (D, P, 2)
 
 
@@ -49,7 +56,8 @@ def test_family_names():
     assert get_family(_cfg("deepseek_v3", n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg(None, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg("qwen3_moe", num_experts=E)).name == "qwen3_moe"
-    assert families.SUPPORTED == ("deepseek_v3", "kimi_k2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    assert families.SUPPORTED == ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "kimi_k2", "minimax_m2",
+                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
 
 def test_unknown_family_names_config(make_ckpt):
@@ -57,7 +65,7 @@ def test_unknown_family_names_config(make_ckpt):
     with CheckpointReader(d) as r, pytest.raises(CheckpointError) as ei:
         get_family(r.config, r)
     msg = str(ei.value)
-    assert "unsupported model family 'dbrx'" in msg and "supported: deepseek_v3 (DeepSeek-V3" in msg
+    assert "unsupported model family 'dbrx'" in msg and f"supported: {families.SUPPORTED[0]} (" in msg
     assert all(f"; {name} (" in msg for name in families.SUPPORTED[1:])  # every family, with its published models
     assert str(d / "config.json") in msg
 
@@ -228,3 +236,9 @@ def test_family_names_and_runtime_spelling():
     qw = get_family(_cfg("qwen2_moe", num_experts=E)).spec
     assert qw.runtime_name("mlp.shared_expert.up_proj.weight") == "mlp.shared_experts.up_proj.weight"
     assert qw.runtime_name("mlp.shared_expert_gate.weight") == "mlp.shared_expert_gate.weight"
+    mm = get_family(_cfg("minimax_m2", num_local_experts=E, intermediate_size=P))
+    assert mm.router_names(0) == ["model.layers.0.block_sparse_moe.gate.weight",
+                                  "model.layers.0.block_sparse_moe.e_score_correction_bias"]
+    assert mm.spec.runtime_name("block_sparse_moe.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+    er = get_family(_cfg("ernie4_5_moe", moe_num_experts=E)).spec
+    assert er.runtime_name("mlp.moe_statics.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"

@@ -18,7 +18,7 @@ from mobe_stream.runtime import Tokenizer, generate, load_model, perplexity  # n
 from mobe_stream.synth import make_tiny_moe  # noqa: E402
 from mobe_stream.verify import verify  # noqa: E402
 
-FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "minimax_m2"]
 IDS = [5, 17, 3, 99, 42, 7, 61, 8]
 
 

@@ -133,6 +133,22 @@ FAMILY_CONFIGS = {
         num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1]),
     "olmoe": lambda: transformers.OlmoeConfig(**_TINY, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                                               clip_qkv=0.5),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **{**_TINY, "num_key_value_heads": 4, "max_position_embeddings": 40 * 32}, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5, q_lora_rank=None,
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 32,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        **_TINY, head_dim=16, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.0,
+        use_qk_norm=True, attention_bias=True),
+    "ernie4_5_moe": lambda: transformers.Ernie4_5_MoeConfig(
+        **{**_TINY, "tie_word_embeddings": True}, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
+    "minimax_m2": lambda: transformers.MiniMaxM2Config(
+        **_TINY, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rotary_dim=8),
 }
 
 

@@ -206,6 +206,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
                shared_expert_gate="shared_expert_gate.weight", published=("Qwen1.5-MoE-A2.7B", "Qwen2-57B-A14B")),
     FamilySpec("olmoe", ("olmoe",), ("OlmoeForCausalLM",), _every_layer, ("gate.weight",), None,
                width_keys=("intermediate_size",), published=("OLMoE-1B-7B",)),
+    FamilySpec("deepseek_v2", ("deepseek_v2",), ("DeepseekV2ForCausalLM",), _first_k_dense(0), ("gate.weight",),
+               "shared_experts", published=("DeepSeek-V2", "DeepSeek-V2-Lite", "DeepSeek-Coder-V2")),
+    FamilySpec("glm4_moe", ("glm4_moe",), ("Glm4MoeForCausalLM",), _first_k_dense(1), _DEEPSEEK_ROUTER,
+               "shared_experts", published=("GLM-4.5", "GLM-4.5-Air", "GLM-4.6")),
+    FamilySpec("ernie4_5_moe", ("ernie4_5_moe",), ("Ernie4_5_MoeForCausalLM",), _ernie_range,
+               ("gate.weight", "moe_statics.e_score_correction_bias"), "shared_experts",
+               published=("ERNIE-4.5-21B-A3B", "ERNIE-4.5-300B-A47B")),
+    FamilySpec("minimax_m2", ("minimax_m2",), ("MiniMaxM2ForCausalLM",), _every_layer,
+               ("gate.weight", "e_score_correction_bias"), None, moe_module="block_sparse_moe",
+               expert_projs=_MIXTRAL_PROJS, width_keys=("intermediate_size",), published=("MiniMax-M2",)),
 )
 SUPPORTED = tuple(sorted(f.name for f in FAMILIES))
 

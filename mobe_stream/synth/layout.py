@@ -76,10 +76,11 @@ def _mla(pre: str, cfg: dict) -> list[Spec]:
     d, H = cfg["hidden_size"], cfg["num_attention_heads"]
     qr, kvr = cfg["q_lora_rank"], cfg["kv_lora_rank"]
     nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    return [Spec(pre + "self_attn.q_a_proj.weight", (qr, d), "linear"),
-            Spec(pre + "self_attn.q_a_layernorm.weight", (qr,), "norm"),
-            Spec(pre + "self_attn.q_b_proj.weight", (H * (nope + rope), qr), "linear"),
-            Spec(pre + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, d), "linear"),
+    q = [Spec(pre + "self_attn.q_proj.weight", (H * (nope + rope), d), "linear")] if qr is None else [
+        Spec(pre + "self_attn.q_a_proj.weight", (qr, d), "linear"),
+        Spec(pre + "self_attn.q_a_layernorm.weight", (qr,), "norm"),
+        Spec(pre + "self_attn.q_b_proj.weight", (H * (nope + rope), qr), "linear")]
+    return q + [Spec(pre + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, d), "linear"),
             Spec(pre + "self_attn.kv_a_layernorm.weight", (kvr,), "norm"),
             Spec(pre + "self_attn.kv_b_proj.weight", (H * (nope + v), kvr), "linear"),
             Spec(pre + "self_attn.o_proj.weight", (d, H * v), "linear")]
