@@ -242,3 +242,21 @@ def test_family_names_and_runtime_spelling():
     assert mm.spec.runtime_name("block_sparse_moe.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
     er = get_family(_cfg("ernie4_5_moe", moe_num_experts=E)).spec
     assert er.runtime_name("mlp.moe_statics.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+
+
+@pytest.mark.parametrize("form", [families.IN_MEMORY, families.FusedForm(in_first=True),
+                                  families.FusedForm(in_first=True, interleaved=True)])
+def test_fused_forms_split_what_join_stores(form):
+    """The three fused forms (transformers in memory, Llama-4 hub halves, gpt-oss hub interleaved):
+    split inverts join, shapes are the ones the form names, biases split like the columns."""
+    W = _experts(seed=3)
+    stored = form.join(W["gate_proj"], W["up_proj"])
+    assert stored.shape == form.gate_up_shape(E, P, D)
+    gate, up = form.split(stored)
+    assert torch.equal(gate, W["gate_proj"]) and torch.equal(up, W["up_proj"])
+    bias = torch.arange(2 * P, dtype=torch.float32)
+    bg, bu = form.split_bias(bias)
+    half = torch.arange(P) * (2 if form.interleaved else 1)
+    assert torch.equal(bg, bias[half]) and torch.equal(bu, bias[half + (1 if form.interleaved else P)])
+    down = W["down_proj"].mT.contiguous() if form.in_first else W["down_proj"]
+    assert tuple(down.shape) == form.down_shape(E, P, D) and torch.equal(form.down(down), W["down_proj"])
