@@ -167,7 +167,6 @@ class FamilySpec:
     fused_form: FusedForm = IN_MEMORY
     # the runtime's canonical name of each router tensor (same order as router_tensors)
     router_roles: tuple[str, ...] = ("gate.weight", "gate.e_score_correction_bias")
-    expert_biases: bool = False  # routed experts carry `gate_up_proj_bias` / `down_proj_bias` (gpt-oss)
     published: tuple[str, ...] = ()  # released models this row covers (README, error messages)
 
     def runtime_name(self, rel: str) -> str:

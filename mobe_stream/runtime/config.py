@@ -16,7 +16,6 @@ from ..checkpoint import families
 from ..errors import ConfigError
 
 DEEPSEEK_TYPES = ("deepseek_v3", "kimi_k2")
-ROUTERS = ("softmax", "sigmoid_grouped", "softmax_grouped", "softmax_biased", "topk_softmax", "topk_sigmoid")
 
 
 def _get(cfg: dict, *keys: str, default=None):
@@ -46,7 +45,7 @@ class RuntimeConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int | None = None
-    router: str = "softmax"  # one of ROUTERS (moe.ROUTE)
+    router: str = "softmax"  # a key of moe.ROUTE
     attention: str = "gqa"  # "gqa" | "mla"
     qk_norm: str | None = None  # "head": RMSNorm per q/k head; "full": over the whole q/k projection
     rotary_dim: int = 0  # leading dims of a head that are rotated (partial RoPE); 0: all
