@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import mobe_format
-from .checkpoint.families import FUSED, fused_name, get_family, per_expert_name
+from .checkpoint.families import FUSED, get_family
 from .checkpoint.families import PROJS as EXPERT_PROJS
 from .checkpoint.reader import CheckpointReader
 from .checkpoint.writer import MANIFEST_NAME, verify_manifest
@@ -103,17 +103,14 @@ def _check_shapes(reader: CheckpointReader, d: Path) -> list[str]:
     mobe_layers = set(mobe["layers"]) if mobe else set()
     for layer in fam.moe_layers():
         _expect(reader, fam.router_weight_name(layer), (E, hid), problems)
-        pre = fam.experts_prefix(layer)
         projs = ("down_proj",) if layer in mobe_layers else EXPERT_PROJS
         if fam.layout == FUSED:
-            if "gate_proj" in projs:
-                _expect(reader, fused_name(pre, "gate_proj"), (E, 2 * p, hid), problems)
-            _expect(reader, fused_name(pre, "down_proj"), (E, hid, p), problems)
+            for proj in dict.fromkeys("down_proj" if proj == "down_proj" else "gate_proj" for proj in projs):
+                _expect(reader, fam.fused_tensor_name(layer, proj), fam.expert_shape(proj), problems)
         else:
             for proj in projs:
-                shape = (hid, p) if proj == "down_proj" else (p, hid)
                 for e in range(E):
-                    _expect(reader, per_expert_name(pre, e, proj), shape, problems)
+                    _expect(reader, fam.expert_name(layer, e, proj), fam.expert_shape(proj), problems)
     if mobe:
         try:
             plan = MethodPlan.from_config(mobe)

@@ -33,11 +33,21 @@ def _cfg(model_type: str | None, **kw) -> dict:
     (_cfg("qwen3_moe", num_experts=0), []),
     (_cfg(None, architectures=["Qwen3MoeForCausalLM"], num_experts=E), [0, 1, 2, 3]),
     (_cfg(None, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=E, first_k_dense_replace=2), [2, 3]),
+    (_cfg("mixtral", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("qwen2_moe", num_experts=E, mlp_only_layers=[3]), [0, 1, 2]),
+    (_cfg("olmoe", num_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("deepseek_v2", n_routed_experts=E), [0, 1, 2, 3]),  # transformers' DeepseekV2Config: first_k_dense_replace 0
+    (_cfg("glm4_moe", n_routed_experts=E), [1, 2, 3]),  # Glm4MoeConfig: first_k_dense_replace 1
+    (_cfg("ernie4_5_moe", moe_num_experts=E, moe_k=2, num_experts_per_tok=None), [1, 2, 3]),
+    (_cfg("ernie4_5_moe", moe_num_experts=E, moe_layer_start_index=0, moe_layer_end_index=2, moe_layer_interval=2),
+     [1]),
+    (_cfg("minimax_m2", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
 ])
 def test_moe_layers(cfg, expected):
     fam = get_family(cfg)
     assert fam.moe_layers() == expected
-    assert fam.num_experts == (cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    assert fam.num_experts == (cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts")
+                               or cfg.get("moe_num_experts") or 0)
     assert (fam.hidden_size, fam.moe_intermediate_size, fam.top_k) == (D, P, 2)
 
 
@@ -46,15 +56,17 @@ def test_family_names():
     assert get_family(_cfg("deepseek_v3", n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg(None, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg("qwen3_moe", num_experts=E)).name == "qwen3_moe"
-    assert families.SUPPORTED == ("deepseek_v3", "kimi_k2", "qwen3_moe")
+    assert families.SUPPORTED == ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "kimi_k2", "minimax_m2",
+                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
 
 def test_unknown_family_names_config(make_ckpt):
-    d = make_ckpt({"x": torch.zeros(1)}, {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]})
+    d = make_ckpt({"x": torch.zeros(1)}, {"model_type": "dbrx", "architectures": ["DbrxForCausalLM"]})
     with CheckpointReader(d) as r, pytest.raises(CheckpointError) as ei:
         get_family(r.config, r)
     msg = str(ei.value)
-    assert "unsupported model family 'mixtral'" in msg and "supported: deepseek_v3, kimi_k2, qwen3_moe" in msg
+    assert "unsupported model family 'dbrx'" in msg and f"supported: {families.SUPPORTED[0]} (" in msg
+    assert all(f"; {name} (" in msg for name in families.SUPPORTED[1:])  # every family, with its published models
     assert str(d / "config.json") in msg
 
 
@@ -208,3 +220,43 @@ def test_fused_fp8_gate_up_split_exact(make_ckpt):
             assert torch.equal(fam.expert_weight(r, 0, e, "gate_proj", torch.bfloat16), full[:P])
             assert torch.equal(fam.expert_weight(r, 0, e, "up_proj", torch.bfloat16), full[P:])
         assert fam.expert_tensor_names(0, "gate_proj") == [name, name + "_scale_inv"]
+
+
+def test_family_names_and_runtime_spelling():
+    """Each family's stored names; the runtime's canonical spelling of them (FamilySpec.runtime_name)."""
+    mix = get_family(_cfg("mixtral", num_local_experts=E, intermediate_size=P))
+    assert mix.moe_intermediate_size == P  # Mixtral's expert width is intermediate_size
+    assert mix.expert_name(2, 5, "up_proj") == "model.layers.2.block_sparse_moe.experts.5.w3.weight"
+    assert mix.router_weight_name(2) == "model.layers.2.block_sparse_moe.gate.weight"
+    rt = mix.spec.runtime_name
+    assert rt("block_sparse_moe.experts.5.w1.weight") == "mlp.experts.5.gate_proj.weight"
+    assert rt("block_sparse_moe.experts.5.w2.weight") == "mlp.experts.5.down_proj.weight"
+    assert rt("block_sparse_moe.experts.gate_proj.mobe_A") == "mlp.experts.gate_proj.mobe_A"
+    assert rt("self_attn.q_proj.weight") == "self_attn.q_proj.weight"
+    qw = get_family(_cfg("qwen2_moe", num_experts=E)).spec
+    assert qw.runtime_name("mlp.shared_expert.up_proj.weight") == "mlp.shared_experts.up_proj.weight"
+    assert qw.runtime_name("mlp.shared_expert_gate.weight") == "mlp.shared_expert_gate.weight"
+    mm = get_family(_cfg("minimax_m2", num_local_experts=E, intermediate_size=P))
+    assert mm.router_names(0) == ["model.layers.0.block_sparse_moe.gate.weight",
+                                  "model.layers.0.block_sparse_moe.e_score_correction_bias"]
+    assert mm.spec.runtime_name("block_sparse_moe.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+    er = get_family(_cfg("ernie4_5_moe", moe_num_experts=E)).spec
+    assert er.runtime_name("mlp.moe_statics.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+
+
+@pytest.mark.parametrize("form", [families.IN_MEMORY, families.FusedForm(in_first=True),
+                                  families.FusedForm(in_first=True, interleaved=True)])
+def test_fused_forms_split_what_join_stores(form):
+    """The three fused forms (transformers in memory, Llama-4 hub halves, gpt-oss hub interleaved):
+    split inverts join, shapes are the ones the form names, biases split like the columns."""
+    W = _experts(seed=3)
+    stored = form.join(W["gate_proj"], W["up_proj"])
+    assert stored.shape == form.gate_up_shape(E, P, D)
+    gate, up = form.split(stored)
+    assert torch.equal(gate, W["gate_proj"]) and torch.equal(up, W["up_proj"])
+    bias = torch.arange(2 * P, dtype=torch.float32)
+    bg, bu = form.split_bias(bias)
+    half = torch.arange(P) * (2 if form.interleaved else 1)
+    assert torch.equal(bg, bias[half]) and torch.equal(bu, bias[half + (1 if form.interleaved else P)])
+    down = W["down_proj"].mT.contiguous() if form.in_first else W["down_proj"]
+    assert tuple(down.shape) == form.down_shape(E, P, D) and torch.equal(form.down(down), W["down_proj"])

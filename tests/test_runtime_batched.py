@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 import mobe_stream.runtime.mobe_experts as mobe_experts
 from mobe_stream.checkpoint import fp8
-from mobe_stream.checkpoint.families import EXPERTS_MODULE, fused_name, per_expert_name
+from mobe_stream.checkpoint.families import EXPERTS_MODULE, IN_MEMORY, fused_name, per_expert_name
 from mobe_stream.factorize.model import mixed_bases, mixed_bases_as
 from mobe_stream.runtime.model import load_model
-from mobe_stream.runtime.moe import PAD_SLACK, OriginalExperts, expert_batches, run_experts
+from mobe_stream.runtime.moe import PAD_SLACK, ExpertMath, OriginalExperts, expert_batches, run_experts
 from mobe_stream.runtime.unit_weights import UnitWeights
 from mobe_stream.synth import make_tiny_moe
 from tests.test_runtime_mobe import IDS, mobeify
@@ -62,7 +62,7 @@ def test_batched_experts_equal_a_per_token_loop(layout):
                    fused_name(EXPERTS_MODULE, "down_proj"): W["down"]}
     else:
         tensors = {per_expert_name(EXPERTS_MODULE, e, f"{n}_proj"): W[n][e] for e in range(E) for n in ("gate", "up", "down")}
-    bank = OriginalExperts(UnitWeights(tensors, {}, torch.float32), p, layout, d)
+    bank = OriginalExperts(UnitWeights(tensors, {}, torch.float32), p, ExpertMath(IN_MEMORY if layout == "fused" else None), d)
     x = torch.randn(50, d, generator=g)
     weights, idx = _skewed_routing(T=50, E=E, k=3, seed=2)
     got = run_experts(x, weights, idx, bank)

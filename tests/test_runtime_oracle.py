@@ -44,7 +44,7 @@ def _build(cfg, tmp_path, seed=0, model_type=None):
         for n, p in model.named_parameters():
             if n.endswith("norm.weight") or n.endswith("layernorm.weight"):
                 p.add_(torch.randn_like(p) * 0.1)
-        for n, b in model.named_buffers():
+        for n, b in [*model.named_buffers(), *model.named_parameters()]:
             if n.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.05)
     out = tmp_path / "model"
@@ -120,3 +120,49 @@ def test_fused_expert_layout(tmp_path, make):
     model, out = _build(make(tmp_path), tmp_path, seed=3)
     _fuse(out)
     _check(model, out)
+
+
+# ---- the other families: transformers' own save_pretrained output, and the tiny factory's ----------
+
+_TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, tie_word_embeddings=False)
+FAMILY_CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**_TINY, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_TINY, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1]),
+    "olmoe": lambda: transformers.OlmoeConfig(**_TINY, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                              clip_qkv=0.5),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **{**_TINY, "num_key_value_heads": 4, "max_position_embeddings": 40 * 32}, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5, q_lora_rank=None,
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 32,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        **_TINY, head_dim=16, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.0,
+        use_qk_norm=True, attention_bias=True),
+    "ernie4_5_moe": lambda: transformers.Ernie4_5_MoeConfig(
+        **{**_TINY, "tie_word_embeddings": True}, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
+    "minimax_m2": lambda: transformers.MiniMaxM2Config(
+        **_TINY, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rotary_dim=8),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_family_matches_transformers(tmp_path, family):
+    model, out = _build(FAMILY_CONFIGS[family](), tmp_path, seed=4)
+    _check(model, out)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_factory_checkpoint_loads_in_transformers_and_matches(tmp_path, family):
+    from mobe_stream.synth import make_tiny_moe
+
+    src = make_tiny_moe(tmp_path / "m", family, dtype=torch.float32, num_shards=2)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _check(model.eval(), src)

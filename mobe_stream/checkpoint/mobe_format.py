@@ -1,7 +1,8 @@
 """Names of the MoBE checkpoint format (docs/FORMAT.md): the one owner of factor tensor names.
 
 A compressed projection of layer N is stored under the family's experts prefix
-(`model.layers.N.mlp.experts.` for every family so far) as `<prefix><proj>.<suffix>`, e.g.
+(`model.layers.N.mlp.experts.`; Mixtral/MiniMax-M2 `model.layers.N.block_sparse_moe.experts.`) as
+`<prefix><proj>.<suffix>` with proj gate_proj/up_proj whatever the family calls them, e.g.
 `model.layers.3.mlp.experts.gate_proj.mobe_A`. Which suffixes a method stores and their shapes
 are the method plan's business (factorize/baselines.py); this module only spells names.
 """

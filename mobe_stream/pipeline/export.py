@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import fp8, mobe_format
-from ..checkpoint.families import Family, fused_name, get_family, layer_of, per_expert_name
+from ..checkpoint.families import Family, get_family, layer_of
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.safetensors_io import atomic_write_json
 from ..checkpoint.writer import write_index_and_manifest
@@ -127,7 +127,7 @@ def _projected_bytes(reader: CheckpointReader, family: Family, mobe: dict, units
     """Bytes the units will write: kept tensors as `_kept_dtype` says, rebuilt experts [E, p, d] per
     compressed projection in the target dtype (fp8: 1 byte + fp32 block scales)."""
     E, p, d = family.num_experts, family.moe_intermediate_size, family.hidden_size
-    shapes = [(2 * p, d)] if mobe["layout"] == "fused" else [(p, d)] * len(mobe_format.PROJECTIONS)
+    shapes = [(2 * p, d)] if mobe["layout"] == "fused" else [(p, d)] * len(mobe_format.PROJECTIONS)  # bytes only
     item = EXPORT_DTYPES[target].itemsize
     rebuilt = sum(E * r * c * item for r, c in shapes)
     if target == "fp8":
@@ -193,15 +193,15 @@ def _unit_items(reader: CheckpointReader, family: Family, mobe: dict, layer: int
     if mobe["layout"] == "fused":
         gate = torch.cat(list(_rebuilt(reader, mobe, pre, "gate_proj", chunk)))
         up = torch.cat(list(_rebuilt(reader, mobe, pre, "up_proj", chunk)))
-        fused = torch.cat([gate, up], dim=1)  # [E, 2p, d], gate rows first
+        fused = family.form.join(gate, up)  # the family's own fused form
         del gate, up
-        yield from _emit(fused_name(pre, "gate_proj"), fused, target, block)
+        yield from _emit(family.fused_tensor_name(layer, "gate_proj"), fused, target, block)
         return
     for proj in mobe_format.PROJECTIONS:
         e0 = 0
         for W in _rebuilt(reader, mobe, pre, proj, chunk):
             for i in range(W.shape[0]):
-                yield from _emit(per_expert_name(pre, e0 + i, proj), W[i].clone(), target, block)
+                yield from _emit(family.expert_name(layer, e0 + i, proj), W[i].clone(), target, block)
             e0 += W.shape[0]
 
 

@@ -1,4 +1,7 @@
-"""Qwen3-MoE attention: grouped-query heads with RMSNorm on each q/k head before RoPE."""
+"""Grouped-query attention as the GQA families write it; what differs is a few RuntimeConfig fields:
+q/k RMSNorm per head before RoPE (Qwen3-MoE, GLM-4.5 with use_qk_norm) or over the whole q/k
+projection (OLMoE, MiniMax-M2), q/k/v clamping (OLMoE clip_qkv), RoPE on the leading rot_dim dims
+of a head only (GLM-4.5, MiniMax-M2), biases where the checkpoint has them (Qwen2-MoE, GLM-4.5)."""
 
 from __future__ import annotations
 
@@ -13,18 +16,31 @@ from .ops import rms_norm
 from .rope import Rope
 
 
+def _rotate(rope: Rope, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
+    if rot == x.shape[-1]:
+        return rope.apply(x, cos, sin)
+    return torch.cat([rope.apply(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+
+
 def gqa_attention(w: Mapping[str, torch.Tensor], x: torch.Tensor, cfg: RuntimeConfig, rope: Rope,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache: KVCache | None,
                   layer: int) -> torch.Tensor:
     B, S, _ = x.shape
     hd, H, KV = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    q = F.linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")).view(B, S, H, hd)
-    k = F.linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")).view(B, S, KV, hd)
-    v = F.linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")).view(B, S, KV, hd)
-    q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps).transpose(1, 2)
-    k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps).transpose(1, 2)
-    v = v.transpose(1, 2)
-    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+    q = F.linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+    k = F.linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+    v = F.linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+    if cfg.qk_norm == "full":
+        q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q, k, v = q.view(B, S, H, hd), k.view(B, S, KV, hd), v.view(B, S, KV, hd)
+    if cfg.qk_norm == "head":
+        q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k = _rotate(rope, q, cos, sin, cfg.rot_dim), _rotate(rope, k, cos, sin, cfg.rot_dim)
     if cache is not None:
         k, v = cache.update(layer, k, v, seq_dim=2)
     if KV != H:  # repeat each kv head for its group of query heads

@@ -1,8 +1,10 @@
-"""Runtime view of a model config: one dataclass for both decoder families, any key spelling.
+"""Runtime view of a model config: one dataclass for every family, any key spelling.
 
 Released hub configs and transformers 5.x configs spell some keys differently (`rope_scaling` vs
 `rope_parameters`, `num_experts` vs `num_local_experts` vs `n_routed_experts`); the decoders only
-ever see the normalised values below.
+ever see the normalised values below. What differs between families is a few fields (which
+attention, which router, which q/k norm, how much of a head is rotated, which GLU) set by one small
+function per family (`_FAMILY`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from ..checkpoint import families
 from ..errors import ConfigError
 
 DEEPSEEK_TYPES = ("deepseek_v3", "kimi_k2")
-QWEN_TYPES = ("qwen3_moe",)
 
 
 def _get(cfg: dict, *keys: str, default=None):
@@ -26,7 +27,7 @@ def _get(cfg: dict, *keys: str, default=None):
 
 @dataclass
 class RuntimeConfig:
-    family: str  # "qwen3_moe" | "deepseek_v3" | "kimi_k2"
+    family: str  # a families.FAMILIES name
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -44,7 +45,15 @@ class RuntimeConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int | None = None
-    # DeepSeek / Kimi only
+    router: str = "softmax"  # a key of moe.ROUTE
+    attention: str = "gqa"  # "gqa" | "mla"
+    qk_norm: str | None = None  # "head": RMSNorm per q/k head; "full": over the whole q/k projection
+    rotary_dim: int = 0  # leading dims of a head that are rotated (partial RoPE); 0: all
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-clip_qkv
+    glu: str = "silu"  # routed experts' GLU: "silu" (SwiGLU) or "clamped" (gpt-oss, swiglu_limit)
+    swiglu_limit: float = 7.0
+    norm_min: float = 1e-20  # floor of the top-k weights' sum when renormalising
+    # MLA (DeepSeek-V2/V3, Kimi-K2) only
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -54,13 +63,22 @@ class RuntimeConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     n_shared_experts: int = 0
-    rope_interleave: bool = True
+    rope_interleave: bool = False  # RoPE on neighbouring pairs (DeepSeek, ERNIE) instead of halves
     max_position_embeddings: int = 4096
     mobe: dict | None = None
 
     @property
+    def spec(self) -> families.FamilySpec:
+        return families.spec_named(self.family)
+
+    @property
     def is_deepseek(self) -> bool:
         return self.family in DEEPSEEK_TYPES
+
+    @property
+    def rot_dim(self) -> int:
+        """Dims of a head that RoPE rotates (MLA: the rope part; GQA: all, or the partial share)."""
+        return self.qk_rope_head_dim if self.attention == "mla" else (self.rotary_dim or self.head_dim)
 
 
 def _rope(cfg: dict) -> dict:
@@ -87,23 +105,91 @@ def parse_config(cfg: dict, config_path: Path | None = None) -> RuntimeConfig:
         intermediate_size=int(_get(cfg, "intermediate_size", default=0)),
         moe_intermediate_size=fam.moe_intermediate_size, num_layers=fam.num_layers, num_heads=heads,
         num_kv_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
-        head_dim=fam.hidden_size // heads,  # each family's own below
+        head_dim=int(_get(cfg, "head_dim", default=fam.hidden_size // heads)),
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", default=1e-6)), num_experts=fam.num_experts,
-        top_k=fam.top_k, norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=name != "qwen3_moe")),
+        top_k=fam.top_k, norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=False)),
         moe_layers=fam.moe_layers(), rope=_rope(cfg), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         eos_token_ids=eos_ids, max_position_embeddings=int(_get(cfg, "max_position_embeddings", default=4096)),
         mobe=cfg.get("mobe"),
     )
-    if name in QWEN_TYPES:
-        if cfg.get("norm_topk_prob") is None:
-            common.norm_topk_prob = False  # transformers' Qwen3MoeConfig default
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-        return replace(common, head_dim=int(_get(cfg, "head_dim", default=common.head_dim)), sliding_window=window)
+    return _FAMILY[name](cfg, common, config_path)
+
+
+def _window(cfg: dict) -> int | None:
+    return cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+
+
+def _partial(cfg: dict, head_dim: int, default: float = 1.0) -> int:
+    """Rotated dims of a head: `rotary_dim` (MiniMax-M2's released configs) or partial_rotary_factor."""
+    if cfg.get("rotary_dim"):
+        return int(cfg["rotary_dim"])
+    factor = _get(cfg, "partial_rotary_factor", default=(families.rope_config(cfg) or {}).get("partial_rotary_factor"))
+    return int(head_dim * float(default if factor is None else factor))
+
+
+def _qwen3(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    return replace(c, qk_norm="head", sliding_window=_window(cfg))
+
+
+def _qwen2(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    if cfg.get("use_sliding_window"):
+        raise ConfigError("qwen2_moe with use_sliding_window (per-layer windows) is not supported", where)
+    return c
+
+
+def _mixtral(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    return replace(c, norm_topk_prob=True, sliding_window=cfg.get("sliding_window"))  # always renormalised
+
+
+def _olmoe(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    clip = cfg.get("clip_qkv")
+    return replace(c, qk_norm="full", clip_qkv=None if clip is None else float(clip))
+
+
+def _minimax_m2(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    return replace(c, qk_norm="full", rotary_dim=_partial(cfg, c.head_dim), router="sigmoid_grouped",
+                   norm_topk_prob=True)
+
+
+def _glm4_moe(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    return replace(c, qk_norm="head" if cfg.get("use_qk_norm") else None, rotary_dim=_partial(cfg, c.head_dim, 0.5),
+                   router="sigmoid_grouped", norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=True)),
+                   n_group=int(_get(cfg, "n_group", default=1)), topk_group=int(_get(cfg, "topk_group", default=1)),
+                   routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", default=1.0)))
+
+
+def _ernie(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    if cfg.get("use_bias"):
+        raise ConfigError("ernie4_5_moe with use_bias is not supported (released models have none)", where)
+    return replace(c, router="softmax_biased", rope_interleave=True, norm_topk_prob=True,
+                   norm_min=float(_get(cfg, "moe_norm_min", default=1e-12)),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
+def _mla(cfg: dict, c: RuntimeConfig) -> RuntimeConfig:
     nope, rope = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
     return replace(
-        common, head_dim=nope + rope, q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=int(cfg["kv_lora_rank"]),
-        qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=int(cfg["v_head_dim"]),
-        n_group=int(_get(cfg, "n_group", default=1)), topk_group=int(_get(cfg, "topk_group", default=1)),
+        c, attention="mla", head_dim=nope + rope, q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=int(cfg["kv_lora_rank"]), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+        v_head_dim=int(cfg["v_head_dim"]), n_group=int(_get(cfg, "n_group", default=1)),
+        topk_group=int(_get(cfg, "topk_group", default=1)),
         routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", default=1.0)),
-        n_shared_experts=int(_get(cfg, "n_shared_experts", default=0)),
-        rope_interleave=bool(_get(cfg, "rope_interleave", default=True)))
+        n_shared_experts=int(_get(cfg, "n_shared_experts", default=0)))
+
+
+def _deepseek_v3(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    return replace(_mla(cfg, c), router="sigmoid_grouped", norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=True)),
+                   rope_interleave=bool(_get(cfg, "rope_interleave", default=True)))
+
+
+def _deepseek_v2(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    method = _get(cfg, "topk_method", default="greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"deepseek_v2 topk_method {method!r} is not supported (greedy, group_limited_greedy)", where)
+    out = replace(_mla(cfg, c), router="softmax_grouped", rope_interleave=True)  # V2's complex RoPE pairs neighbours
+    return out if method == "group_limited_greedy" else replace(out, n_group=1, topk_group=1)
+
+
+_FAMILY = {"qwen3_moe": _qwen3, "qwen2_moe": _qwen2, "mixtral": _mixtral, "olmoe": _olmoe,
+           "minimax_m2": _minimax_m2, "glm4_moe": _glm4_moe, "ernie4_5_moe": _ernie,
+           "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "deepseek_v2": _deepseek_v2}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint.families import EXPERTS_MODULE, fused_name
+from ..checkpoint.families import BIAS_SUFFIX, EXPERTS_MODULE, fused_name
 from ..checkpoint.mobe_format import PROJECTIONS, factor_name
 from ..checkpoint.reader import CheckpointReader
 from ..errors import ResourceError, warning
@@ -44,7 +44,8 @@ STRATEGY = "experts"
 CACHE_KEY, STAGING_KEY, WORKING_KEY = "expert_cache", "expert_staging", "dequant_working"
 DEFAULT_CACHE_SHARE = 0.5  # of the device room left after the resident part
 # per-expert slices of these [E, ...] tensors travel; MoBE's B and alpha and lowrank means stay resident
-STACKED = tuple([fused_name(EXPERTS_MODULE, "gate_proj"), fused_name(EXPERTS_MODULE, "down_proj")]
+STACKED = tuple([fused_name(EXPERTS_MODULE, "gate_proj"), fused_name(EXPERTS_MODULE, "down_proj"),
+                 *(fused_name(EXPERTS_MODULE, pr) + BIAS_SUFFIX for pr in ("gate_proj", "down_proj"))]
                 + [factor_name(EXPERTS_MODULE, pr, s) for pr in PROJECTIONS for s in ("mobe_A", "lowrank_U", "lowrank_V")])
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint.families import EXPERTS_MODULE as EXPERTS
 from ..checkpoint.mobe_format import PROJECTIONS as PROJS
 from ..checkpoint.mobe_format import factor_name
 from ..factorize.model import mixed_bases_as
 from .lru import ByteLRU
-from .moe import OriginalExperts, batched_swiglu
+from .moe import ExpertMath, OriginalExperts
 from .unit_weights import UnitWeights
 
 MIX_BYTES = 512 * 2**20  # fp32 mixing temporaries of one expert batch (Kimi-K2: 4 experts of 2 x 2048 x 7168)
@@ -83,10 +82,10 @@ class MixedBasisCache(ByteLRU[torch.Tensor]):
 class MobeExperts(OriginalExperts):
     """gate/up from (A, B, alpha) of one layer; down_proj as stored (per expert or fused)."""
 
-    def __init__(self, w: UnitWeights, p: int, layout: str, layer: int, act: str,
+    def __init__(self, w: UnitWeights, p: int, math: ExpertMath, layer: int, act: str,
                  cache: MixedBasisCache | None = None, materialize_all: bool = False):
         B_name = {pr: factor_name(EXPERTS, pr, "mobe_B") for pr in PROJS}
-        super().__init__(w, p, layout, w.tensors[B_name["gate_proj"]].shape[-1])
+        super().__init__(w, p, math, w.tensors[B_name["gate_proj"]].shape[-1])
         self.layer, self.act, self.cache, self.materialize_all = layer, act, cache, materialize_all
         self.A_name = {pr: factor_name(EXPERTS, pr, "mobe_A") for pr in PROJS}  # read per routed expert
         self.B = {pr: w.tensors[B_name[pr]] for pr in PROJS}  # as stored: read chunk by chunk when mixing
@@ -156,15 +155,15 @@ class MobeExperts(OriginalExperts):
             return self.ready[rows.to(self.ready.device)]
         return self._mixed(ids)
 
-    def apply(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def pre(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         M = self.bases(ids)
         A_g, A_u = (self.w.experts(self.A_name[pr], ids) for pr in PROJS)
-        down = self.down(ids)
         if x.shape[1] >= self.threshold:
-            return batched_swiglu(x, *self._materialise(A_g, A_u, M), down)
+            gate, up = self._materialise(A_g, A_u, M)
+            return torch.bmm(x, gate.mT), torch.bmm(x, up.mT)
         r = self.r
         z = torch.bmm(x, M.mT)
-        return torch.bmm(F.silu(torch.bmm(z[..., :r], A_g.mT)) * torch.bmm(z[..., r:], A_u.mT), down.mT)
+        return torch.bmm(z[..., :r], A_g.mT), torch.bmm(z[..., r:], A_u.mT)
 
     def _materialise(self, A_g: torch.Tensor, A_u: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.bmm(A_g, M[:, : self.r]), torch.bmm(A_u, M[:, self.r:])
@@ -178,8 +177,8 @@ class MobeExperts(OriginalExperts):
 class LowRankExperts(OriginalExperts):
     """Baseline checkpoints (`--method svd|delta`): gate/up = [W̄_g(e) +] U_e V_e, applied factored."""
 
-    def __init__(self, w: UnitWeights, p: int, layout: str, hidden: int):
-        super().__init__(w, p, layout, hidden)
+    def __init__(self, w: UnitWeights, p: int, math: ExpertMath, hidden: int):
+        super().__init__(w, p, math, hidden)
         self.U = {pr: factor_name(EXPERTS, pr, "lowrank_U") for pr in PROJS}  # read per routed expert
         self.V = {pr: factor_name(EXPERTS, pr, "lowrank_V") for pr in PROJS}
         self.mean = {pr: w.get(factor_name(EXPERTS, pr, "lowrank_mean")) for pr in PROJS}
@@ -202,8 +201,8 @@ class LowRankExperts(OriginalExperts):
             out.append(W if mean is None else W + mean[(ids // self.per_group).to(mean.device)])
         return out[0], out[1]
 
-    def apply(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(F.silu(self._proj("gate_proj", ids, x)) * self._proj("up_proj", ids, x), self.down(ids).mT)
+    def pre(self, ids: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._proj("gate_proj", ids, x), self._proj("up_proj", ids, x)
 
 
 __all__ = ["LowRankExperts", "MixedBasisCache", "MobeExperts", "all_bases_bytes", "auto_cache_bytes", "materialize_threshold"]

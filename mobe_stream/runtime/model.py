@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.families import EXPERTS_MODULE, detect_layout
+from ..checkpoint.families import EXPERTS_MODULE, FUSED, detect_layout
 from ..checkpoint.mobe_format import factor_name
 from ..checkpoint.reader import CheckpointReader
 from ..dtypes import AUTO, COMPUTE, dtype_name, to_torch
@@ -29,7 +29,7 @@ from .expert_plan import CACHE_KEY, plan_experts
 from .expert_plan import STRATEGY as EXPERTS_STRATEGY
 from .expert_store import ExpertWeightStore
 from .mobe_experts import LowRankExperts, MixedBasisCache, MobeExperts, all_bases_bytes, auto_cache_bytes
-from .moe import OriginalExperts, route_sigmoid_grouped, route_softmax, run_experts
+from .moe import GLU, ROUTE, ExpertMath, OriginalExperts, run_experts
 from .offload import WeightStore
 from .offload_folder import check_folder
 from .ops import rms_norm, swiglu
@@ -47,16 +47,15 @@ class MoEModel:
         self.mobe_cache, self.materialize_all = mobe_cache, materialize_all
         self.mobe_act = (cfg.mobe or {}).get("activation", "silu")
         self.mobe_mixed = 0
-        if cfg.is_deepseek:
-            self.rope = Rope(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_interleave)
+        self.rope = Rope(cfg.rope, cfg.rot_dim, cfg.max_position_embeddings, cfg.rope_interleave)
+        if cfg.attention == "mla":
             self.scale = softmax_scale(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         else:
-            self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
             self.scale = cfg.head_dim ** -0.5
         self.moe_layers = set(cfg.moe_layers)
         # called with (MoE inputs [n, d], routed experts [n, top_k]) by every MoE layer (calibrate.py)
         self.moe_probe: Callable[[torch.Tensor, torch.Tensor], object] | None = None
-        self.layout = detect_layout(reader.names(), reader.model_dir)
+        self.layout = detect_layout(reader.names(), reader.model_dir, cfg.spec)
 
     @property
     def plan(self) -> dict[str, Device]:
@@ -106,7 +105,7 @@ class MoEModel:
     def _layer(self, i: int, w: UnitWeights, h: torch.Tensor, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
-        if cfg.is_deepseek:
+        if cfg.attention == "mla":
             a = mla_attention(w, x, cfg, self.rope, cos, sin, mask, cache, i, self.scale)
         else:
             a = gqa_attention(w, x, cfg, self.rope, cos, sin, mask, cache, i)
@@ -119,25 +118,26 @@ class MoEModel:
     def _moe(self, i: int, w: UnitWeights, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         x2 = x.reshape(-1, x.shape[-1])
-        if cfg.is_deepseek:
-            weights, idx = route_sigmoid_grouped(x2, w["mlp.gate.weight"], w.get("mlp.gate.e_score_correction_bias"), cfg)
-        else:
-            weights, idx = route_softmax(x2, w["mlp.gate.weight"], cfg)
+        weights, idx = ROUTE[cfg.router](x2, w, cfg)
         if self.moe_probe is not None:
             self.moe_probe(x2, idx)
         p = cfg.moe_intermediate_size
+        math = ExpertMath(cfg.spec.fused_form if self.layout == FUSED else None, GLU[cfg.glu], cfg.swiglu_limit)
         bank: OriginalExperts
         if factor_name(EXPERTS_MODULE, "gate_proj", "mobe_A") in w:
-            bank = MobeExperts(w, p, self.layout, i, self.mobe_act, self.mobe_cache, self.materialize_all)
+            bank = MobeExperts(w, p, math, i, self.mobe_act, self.mobe_cache, self.materialize_all)
         elif factor_name(EXPERTS_MODULE, "gate_proj", "lowrank_U") in w:
-            bank = LowRankExperts(w, p, self.layout, cfg.hidden_size)
+            bank = LowRankExperts(w, p, math, cfg.hidden_size)
         else:
-            bank = OriginalExperts(w, p, self.layout, cfg.hidden_size)
+            bank = OriginalExperts(w, p, math, cfg.hidden_size)
         out = run_experts(x2, weights, idx, bank)
         self.mobe_mixed += getattr(bank, "mixed", 0)
         if "mlp.shared_experts.gate_proj.weight" in w:
-            out = out + swiglu(x2, w["mlp.shared_experts.gate_proj.weight"], w["mlp.shared_experts.up_proj.weight"],
-                               w["mlp.shared_experts.down_proj.weight"])
+            shared = swiglu(x2, w["mlp.shared_experts.gate_proj.weight"], w["mlp.shared_experts.up_proj.weight"],
+                            w["mlp.shared_experts.down_proj.weight"])
+            if "mlp.shared_expert_gate.weight" in w:  # Qwen2-MoE: a sigmoid gate per token on the shared expert
+                shared = torch.sigmoid(F.linear(x2, w["mlp.shared_expert_gate.weight"])) * shared
+            out = out + shared
         return out.view_as(x)
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """Which stored tensors make up each execution unit, and in which dtype the runtime wants them.
 
 Units, in module order: `embed`, `layers.0` ... `layers.{L-1}`, `norm`, `lm_head` (accelerate's
-order; a decoder layer is never split). Names inside a unit are relative to its prefix, e.g.
-`self_attn.q_proj.weight` or `mlp.experts.3.down_proj.weight`. FP8 scales are not separate
+order; a decoder layer is never split). Names inside a unit are relative to its prefix and spelled
+canonically whatever the family calls them (FamilySpec.runtime_name), e.g. `self_attn.q_proj.weight`
+or `mlp.experts.3.down_proj.weight` (Mixtral's `block_sparse_moe.experts.3.w2.weight`). FP8 scales are not separate
 weights: they travel with their FP8 weight, which stays 1 byte per parameter until the compute reads
 it (see unit_weights.py). Planned sizes come from the shard headers alone.
 """
@@ -43,7 +44,7 @@ def unit_tensors(reader: CheckpointReader, cfg: RuntimeConfig, unit: str) -> dic
     out = {}
     for n in reader.names():
         if n.startswith(prefix) and not n.endswith(fp8.SCALE_SUFFIX) and "rotary_emb." not in n:
-            out[n[len(prefix):]] = n
+            out[cfg.spec.runtime_name(n[len(prefix):])] = n  # the family's names, spelled canonically
     if not out:
         raise CheckpointError(f"no tensors for decoder layer {unit} (expected names under {prefix})", reader.model_dir)
     return out

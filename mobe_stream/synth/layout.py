@@ -76,10 +76,11 @@ def _mla(pre: str, cfg: dict) -> list[Spec]:
     d, H = cfg["hidden_size"], cfg["num_attention_heads"]
     qr, kvr = cfg["q_lora_rank"], cfg["kv_lora_rank"]
     nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    return [Spec(pre + "self_attn.q_a_proj.weight", (qr, d), "linear"),
-            Spec(pre + "self_attn.q_a_layernorm.weight", (qr,), "norm"),
-            Spec(pre + "self_attn.q_b_proj.weight", (H * (nope + rope), qr), "linear"),
-            Spec(pre + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, d), "linear"),
+    q = [Spec(pre + "self_attn.q_proj.weight", (H * (nope + rope), d), "linear")] if qr is None else [
+        Spec(pre + "self_attn.q_a_proj.weight", (qr, d), "linear"),
+        Spec(pre + "self_attn.q_a_layernorm.weight", (qr,), "norm"),
+        Spec(pre + "self_attn.q_b_proj.weight", (H * (nope + rope), qr), "linear")]
+    return q + [Spec(pre + "self_attn.kv_a_proj_with_mqa.weight", (kvr + rope, d), "linear"),
             Spec(pre + "self_attn.kv_a_layernorm.weight", (kvr,), "norm"),
             Spec(pre + "self_attn.kv_b_proj.weight", (H * (nope + v), kvr), "linear"),
             Spec(pre + "self_attn.o_proj.weight", (d, H * v), "linear")]
@@ -113,4 +114,74 @@ def deepseek_specs(cfg: dict, fused: bool, kimi: bool, mtp: bool) -> list[Spec]:
         specs += [Spec(pre + "embed_tokens.weight", (V, d), "linear16"), Spec(pre + "enorm.weight", (d,), "norm"),
                   Spec(pre + "hnorm.weight", (d,), "norm"), Spec(pre + "eh_proj.weight", (d, 2 * d), "linear16"),
                   Spec(pre + "shared_head.norm.weight", (d,), "norm"), Spec(pre + "shared_head.head.weight", (V, d), "linear16")]
+    return specs
+
+
+# ---- any family of the table: names from its FamilySpec, attention from ATTENTION -------------
+
+# (q/k/v biases, q/k RMSNorm "head"/"full"/None) of the GQA families; "mla": DeepSeek's latent attention
+ATTENTION: dict[str, tuple[bool, str | None] | str] = {
+    "mixtral": (False, None), "qwen2_moe": (True, None), "olmoe": (False, "full"), "glm4_moe": (True, None),
+    "ernie4_5_moe": (False, None), "minimax_m2": (False, "full"), "deepseek_v2": "mla",
+}
+
+
+def _gqa(pre: str, cfg: dict, bias: bool, qk_norm: str | None) -> list[Spec]:
+    d, H, KV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or d // H
+    specs = [Spec(pre + "self_attn.q_proj.weight", (H * hd, d), "linear"),
+             Spec(pre + "self_attn.k_proj.weight", (KV * hd, d), "linear"),
+             Spec(pre + "self_attn.v_proj.weight", (KV * hd, d), "linear"),
+             Spec(pre + "self_attn.o_proj.weight", (d, H * hd), "linear")]
+    if bias:
+        specs += [Spec(pre + f"self_attn.{x}_proj.bias", (n * hd,), "linear16") for x, n in (("q", H), ("k", KV), ("v", KV))]
+    if qk_norm is not None:
+        specs += [Spec(pre + f"self_attn.{x}_norm.weight", (hd if qk_norm == "head" else n * hd,), "norm")
+                  for x, n in (("q", H), ("k", KV))]
+    return specs
+
+
+def _shared_width(cfg: dict) -> int:
+    if cfg.get("shared_expert_intermediate_size"):
+        return cfg["shared_expert_intermediate_size"]
+    n = cfg.get("n_shared_experts") or cfg.get("moe_num_shared_experts") or 0
+    return cfg["moe_intermediate_size"] * n
+
+
+def family_specs(cfg: dict, fused: bool) -> list[Spec]:
+    """A tiny checkpoint of any family: attention per ATTENTION, MoE tensors named by its FamilySpec."""
+    from ..checkpoint.families import get_family
+
+    fam = get_family(cfg)
+    spec = fam.spec
+    d, V = cfg["hidden_size"], cfg["vocab_size"]
+    E, p = fam.num_experts, fam.moe_intermediate_size
+    attn = ATTENTION[spec.name]
+    specs = [Spec("model.embed_tokens.weight", (V, d), "linear16")]
+    for i in range(fam.num_layers):
+        pre = f"model.layers.{i}."
+        specs += [Spec(pre + "input_layernorm.weight", (d,), "norm"), Spec(pre + "post_attention_layernorm.weight", (d,), "norm")]
+        specs += _mla(pre, cfg) if attn == "mla" else _gqa(pre, cfg, *attn)
+        moe = fam.moe_prefix(i)
+        if not fam.is_moe_layer(i):
+            specs += _mlp(moe, cfg["intermediate_size"], d)
+            continue
+        for t in spec.router_tensors:
+            shape = (E, d) if t == spec.router_tensors[0] else ((1, E) if t.startswith("moe_statics.") else (E,))
+            specs.append(Spec(moe + t, shape, "linear16" if len(shape) == 2 and shape[0] == E else "bias"))
+        if fused:
+            form = spec.fused_form
+            specs += [Spec(fam.fused_tensor_name(i, "gate_proj"), form.gate_up_shape(E, p, d), "expert", i, "gate_up_proj"),
+                      Spec(fam.fused_tensor_name(i, "down_proj"), form.down_shape(E, p, d), "expert", i, "down_proj")]
+        else:
+            specs += [Spec(fam.expert_name(i, e, proj), (d, p) if proj == "down_proj" else (p, d), "expert", i, proj, e)
+                      for e in range(E) for proj in ("gate_proj", "up_proj", "down_proj")]
+        shared = fam.shared_expert_prefix(i)
+        if shared is not None:
+            specs += _mlp(shared, _shared_width(cfg), d)
+            if spec.shared_expert_gate is not None:
+                specs.append(Spec(moe + spec.shared_expert_gate, (1, d), "linear16"))
+    specs.append(Spec("model.norm.weight", (d,), "norm"))
+    if not cfg.get("tie_word_embeddings"):
+        specs.append(Spec("lm_head.weight", (V, d), "linear16"))
     return specs

@@ -10,15 +10,16 @@ from typing import Any
 import torch
 
 from ..checkpoint import fp8
+from ..checkpoint.families import SUPPORTED, get_family
 from ..checkpoint.safetensors_io import atomic_write_json, write_safetensors
 from ..dtypes import dtype_key
-from .configs import deepseek_v3_config, qwen3_moe_config
+from .configs import deepseek_v3_config, family_config, qwen3_moe_config
 from .kimi_tokenizer import DEFAULT_VOCAB as TIKTOKEN_VOCAB
 from .kimi_tokenizer import write_kimi_tokenizer
-from .layout import Spec, deepseek_specs, qwen3_moe_specs
+from .layout import Spec, deepseek_specs, family_specs, qwen3_moe_specs
 from .tokenizer import write_tokenizer
 
-FAMILIES = ("qwen3_moe", "deepseek_v3", "kimi_k2")
+FAMILIES = SUPPORTED  # the factory makes every family the table supports
 TOKENIZERS = ("tokenizers", "tiktoken")
 
 
@@ -102,7 +103,7 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if fp8 and family == "qwen3_moe":
+    if fp8 and family not in ("deepseek_v3", "kimi_k2"):
         raise ValueError("FP8 block-scaled checkpoints are a DeepSeek-V3/Kimi-K2 format")
     if layout not in ("per_expert", "fused"):
         raise ValueError("layout must be per_expert or fused")
@@ -120,6 +121,10 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         cfg = qwen3_moe_config(**kw)
         specs = qwen3_moe_specs(cfg, fused)
         E = cfg["num_experts"]
+    elif family not in ("deepseek_v3", "kimi_k2"):
+        cfg = family_config(family, **kw)
+        specs = family_specs(cfg, fused)
+        E = get_family(cfg).num_experts
     else:
         cfg = deepseek_v3_config(**kw, kimi=family == "kimi_k2", fp8=fp8)
         specs = deepseek_specs(cfg, fused, family == "kimi_k2", mtp_layer)
