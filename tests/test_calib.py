@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from mobe_stream.pipeline.options import CompressOptions
 from mobe_stream.runtime import calibrate
 from mobe_stream.synth import make_tiny_moe
 
-from .helpers import all_tensors, run_cli
+from .helpers import REPO, all_tensors, run_cli
 
 SPEC = MoBESpec(num_bases=4, rank=6, activation="silu")
 
@@ -251,3 +254,21 @@ def test_inspect_estimates_the_calibrated_run(tmp_path):
     assert cal["calib"]["metric_bytes_per_layer"] == E * d * 9 * 4
     assert cal["calib"]["tokens"] == 4096 and cal["calib"]["seconds"] > 0
     assert cal["flops_per_step"] > free["flops_per_step"] and cal["hours"] > free["hours"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
+def test_two_ranks_calibrated_match_one_process(tmp_path):
+    """One rank measures the calib unit while the other waits on the journal for it; the output is
+    the single process's, bit for bit."""
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    text = _text(tmp_path / "c.txt")
+    args = ["--num-bases", "4", "--rank", "16", "--steps", "10", "--calib", str(text), "--calib-tokens", "512",
+            "--calib-ctx", "32", "--calib-rank", "8"]
+    run_cli("compress", str(src), "--out", str(tmp_path / "one"), *args, check=True, extra_env={"OMP_NUM_THREADS": "1"})
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(28500 + os.getpid() % 1000), "-m", "mobe_stream", "compress", str(src), "--out",
+                           str(tmp_path / "two"), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = all_tensors(tmp_path / "one"), all_tensors(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
