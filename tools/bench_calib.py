@@ -10,7 +10,8 @@ solver), measured by `mobe-stream eval --reference <original> --json`: perplexit
 over the original, KL(original || compressed) per token and top-1 agreement.
 
     python tools/bench_calib.py [--cuts 0.25,0.4,0.5] [--steps 1000] [--methods svd,molae,delta]
-                                [--calib-rank 64] [--markdown] [--json out.json]
+                                [--calib-rank 128] [--json out.json]
+    python tools/bench_calib.py --table out.json      # the table of an earlier run
 
 Prints a markdown table (the README's "What each cut costs" is this output).
 """
@@ -75,7 +76,12 @@ def main() -> None:
     ap.add_argument("--variants", default="data-free,calibrated", help="MoBE variants")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="keep outputs here (default: a temporary directory)")
+    ap.add_argument("--table", type=Path, default=None, help="only print the table of an earlier run's --json")
     args = ap.parse_args()
+    if args.table is not None:
+        rows = json.loads(args.table.read_text())["rows"]
+        print(table(rows, rows[0]["ppl"]))
+        return
 
     from train_tiny_moe import DEFAULTS, cached_path
 
@@ -126,7 +132,7 @@ def table(rows: list[dict], base_ppl: float) -> str:
     for r in rows:
         cut = "0 (original)" if r["method"] == "original" else f"{100 * r['expert_reduction']:.1f}%"
         inc = (r["ppl"] / base_ppl - 1) * 100
-        lines.append(f"| {cut} | {r['method']} | {r['ppl']:.3f} | {inc:+.1f}% | {r['kl']:.4f} | {r['top1']:.3f} |")
+        lines.append(f"| {cut} | {r['method']} | {r['ppl']:.3f} | {inc:+.2f}% | {r['kl']:.4f} | {r['top1']:.3f} |")
     return "\n".join(lines)
 
 
