@@ -17,6 +17,7 @@ from .dtypes import dtype_key
 from .factorize import MoBESpec, choose_bases_rank, plan_method, working_set_bytes
 from .pipeline.estimate import GPU_CHOICES, calib_estimate, estimate, source_target_bytes
 from .pipeline.options import CompressOptions, resolve_dtype, resolve_precision
+from .runtime.config import parse_config
 from .sizes import parse_size
 
 
@@ -111,16 +112,14 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             if estimate_on is not None and plan.method == "mobe":
                 dev_kind = "cpu" if estimate_on == "cpu" else "cuda"
                 budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
-                calibrated = calib_tokens is not None
                 est = estimate(E, p, d, spec, solver=solver, precision=resolve_precision(precision, dev_kind),
                                steps=steps, projections=len(moe) * len(PROJECTIONS), targets=tb, device=estimate_on,
-                               budget=budget, metric_rank=calib_rank if calibrated else None).as_dict()
+                               budget=budget, metric_rank=None if calib_tokens is None else calib_rank).as_dict()
                 out["estimate"] = est
                 if calib_tokens is not None:
                     active = total - expert + expert * fam.top_k // max(E, 1)
-                    cfg = reader.config
-                    width = int(cfg.get("num_attention_heads") or 0) * int(
-                        cfg.get("v_head_dim") or cfg.get("head_dim") or d // max(1, int(cfg.get("num_attention_heads") or 1)))
+                    rc = parse_config(reader.config, reader.config_path)  # the runtime's reading of the heads
+                    width = rc.num_heads * (rc.v_head_dim or rc.head_dim)
                     calib = calib_estimate(E=E, d=d, top_k=fam.top_k, layers=fam.num_layers, compressed_layers=len(moe),
                                            tokens=calib_tokens, ctx=calib_ctx, rank=calib_rank, active_params=active,
                                            attention_width=width, checkpoint_bytes=size, device=estimate_on)

@@ -91,7 +91,6 @@ class Solver:
         if metric is not None and (metric.num_experts, metric.diag.shape[1]) != (E, d):
             raise ValueError(f"input metric is for {metric.num_experts} experts of width {metric.diag.shape[1]}, "
                              f"targets are {E} x {p} x {d}")
-        self.metric_rank = None if metric is None else metric.rank
         self.metric = None if metric is None else metric.to(self.device)
         self.plan = self._plan(targets, max_device_bytes, expert_batch)
         self.batch = self.plan.batch
@@ -164,7 +163,7 @@ class Solver:
     def _plan(self, targets: Targets, max_device_bytes: int | None, expert_batch: int | None) -> MemoryPlan:
         budget = device_budget(self.device, max_device_bytes)
         return plan_memory(self.cost_kind, self.E, self.p, self.d, self.spec, targets.nbytes, self.device.type,
-                           budget, expert_batch, self.metric_rank)
+                           budget, expert_batch, None if self.metric is None else self.metric.rank)
 
     def _home(self, name: str) -> torch.device:
         return self.home if name in self.per_expert else self.device

@@ -117,7 +117,7 @@ def _unit_seconds(job: CompressJob, unit: Unit, est) -> float:
     factorized projection is hours on Kimi-K2, a layer's copy seconds)."""
     if unit.kind == "copy":
         return sum(job.reader.info(n).nbytes for n in unit.tensors) / COPY_BYTES_PER_S
-    if unit.kind == calib.UNIT:  # one read of every layer up to the last compressed one
+    if unit.kind == calib.UNIT:  # the calibration forward reads the checkpoint once
         return sum(job.reader.info(n).nbytes for n in job.reader.names()) / COPY_BYTES_PER_S
     if est is None:
         return job.fit.steps * STEP_SECONDS_UNKNOWN

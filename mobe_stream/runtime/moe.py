@@ -104,11 +104,6 @@ class OriginalExperts:
         return self.finish(ids, *self.pre(ids, x))
 
 
-def batched_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """`ops.swiglu` for a batch of experts: x [n, C, d], gate/up [n, p, d], down [n, d, p]."""
-    return torch.bmm(F.silu(torch.bmm(x, gate.mT)) * torch.bmm(x, up.mT), down.mT)
-
-
 Routing = tuple[torch.Tensor, torch.Tensor]  # weights [T, k], expert ids [T, k]
 
 
@@ -121,9 +116,7 @@ def route_softmax(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) -> Routin
     logits = F.linear(x, w["mlp.gate.weight"])
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, idx = probs.topk(cfg.top_k, dim=-1)
-    if cfg.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype), idx
+    return _renorm(weights, cfg).to(logits.dtype), idx
 
 
 def _grouped_topk(choice: torch.Tensor, cfg: RuntimeConfig, group_score) -> torch.Tensor:
