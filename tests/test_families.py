@@ -42,6 +42,7 @@ def _cfg(model_type: str | None, **kw) -> dict:
     (_cfg("ernie4_5_moe", moe_num_experts=E, moe_layer_start_index=0, moe_layer_end_index=2, moe_layer_interval=2),
      [1]),
     (_cfg("minimax_m2", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("gpt_oss", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
 ])
 def test_moe_layers(cfg, expected):
     fam = get_family(cfg)
@@ -56,8 +57,8 @@ def test_family_names():
     assert get_family(_cfg("deepseek_v3", n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg(None, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg("qwen3_moe", num_experts=E)).name == "qwen3_moe"
-    assert families.SUPPORTED == ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "kimi_k2", "minimax_m2",
-                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    assert families.SUPPORTED == ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "gpt_oss", "kimi_k2",
+                                  "minimax_m2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
 
 def test_unknown_family_names_config(make_ckpt):
@@ -242,6 +243,11 @@ def test_family_names_and_runtime_spelling():
     assert mm.spec.runtime_name("block_sparse_moe.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
     er = get_family(_cfg("ernie4_5_moe", moe_num_experts=E)).spec
     assert er.runtime_name("mlp.moe_statics.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+    go = get_family(_cfg("gpt_oss", num_local_experts=E, intermediate_size=P))
+    assert go.router_names(0) == ["model.layers.0.mlp.router.weight", "model.layers.0.mlp.router.bias"]
+    assert go.spec.runtime_name("mlp.router.bias") == "mlp.gate.bias"
+    assert go.spec.runtime_name("mlp.experts.gate_up_proj_bias") == "mlp.experts.gate_up_proj_bias"
+    assert go.form == families.FusedForm(in_first=True, interleaved=True)
 
 
 @pytest.mark.parametrize("form", [families.IN_MEMORY, families.FusedForm(in_first=True),

@@ -18,12 +18,15 @@ from mobe_stream.runtime import Tokenizer, generate, load_model, perplexity  # n
 from mobe_stream.synth import make_tiny_moe  # noqa: E402
 from mobe_stream.verify import verify  # noqa: E402
 
-FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "minimax_m2"]
+FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "minimax_m2", "gpt_oss"]
 IDS = [5, 17, 3, 99, 42, 7, 61, 8]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["mobe", "svd"])
+CASES = [(f, m) for f in FAMILIES for m in ("mobe", "svd")]
+CASES += [("gpt_oss", "molae"), ("gpt_oss", "delta")]  # the other methods on the interleaved fused form with biases
+
+
+@pytest.mark.parametrize("family,method", CASES)
 def test_family_compress_export_roundtrip(tmp_path, family, method):
     src = make_tiny_moe(tmp_path / "src", family, dtype=torch.float32, num_shards=2)
     info = describe(src)

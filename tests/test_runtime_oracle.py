@@ -45,8 +45,8 @@ def _build(cfg, tmp_path, seed=0, model_type=None):
             if n.endswith("norm.weight") or n.endswith("layernorm.weight"):
                 p.add_(torch.randn_like(p) * 0.1)
         for n, b in [*model.named_buffers(), *model.named_parameters()]:
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn_like(b) * 0.05)
+            if n.endswith("e_score_correction_bias") or n.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):
+                b.copy_(torch.randn_like(b) * 0.05)  # gpt-oss's expert biases start at zero
     out = tmp_path / "model"
     model.save_pretrained(out)
     if model_type:  # same weights, config says kimi_k2: must run through our DeepSeek path
@@ -149,6 +149,9 @@ FAMILY_CONFIGS = {
         moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
     "minimax_m2": lambda: transformers.MiniMaxM2Config(
         **_TINY, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rotary_dim=8),
+    "gpt_oss": lambda: transformers.GptOssConfig(  # sliding window 4 < the test's 10 tokens, so it matters
+        **_TINY, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+        swiglu_limit=0.05),  # a limit the tiny activations reach, so the clamps matter
 }
 
 

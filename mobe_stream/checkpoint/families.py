@@ -190,6 +190,7 @@ class FamilySpec:
 
 _DEEPSEEK_ROUTER = ("gate.weight", "gate.e_score_correction_bias")
 _MIXTRAL_PROJS = ("w1", "w3", "w2")
+GPT_OSS_FORM = FusedForm(in_first=True, interleaved=True)  # hub gate_up [E, d, 2p], gate/up columns alternating
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("deepseek_v3", ("deepseek_v3",), ("DeepseekV3ForCausalLM",), _first_k_dense(3),
@@ -215,6 +216,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("minimax_m2", ("minimax_m2",), ("MiniMaxM2ForCausalLM",), _every_layer,
                ("gate.weight", "e_score_correction_bias"), None, moe_module="block_sparse_moe",
                expert_projs=_MIXTRAL_PROJS, width_keys=("intermediate_size",), published=("MiniMax-M2",)),
+    FamilySpec("gpt_oss", ("gpt_oss",), ("GptOssForCausalLM",), _every_layer, ("router.weight", "router.bias"), None,
+               width_keys=("intermediate_size",), fused_form=GPT_OSS_FORM, router_roles=("gate.weight", "gate.bias"),
+               published=("gpt-oss-20b", "gpt-oss-120b")),
 )
 SUPPORTED = tuple(sorted(f.name for f in FAMILIES))
 

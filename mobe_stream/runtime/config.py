@@ -44,7 +44,8 @@ class RuntimeConfig:
     rope: dict  # normalised: rope_type, rope_theta (+ yarn keys)
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # every layer's window (the model-wide mask)
+    layer_windows: dict[int, int] = field(default_factory=dict)  # windows of some layers only (gpt-oss layer_types)
     router: str = "softmax"  # a key of moe.ROUTE
     attention: str = "gqa"  # "gqa" | "mla"
     qk_norm: str | None = None  # "head": RMSNorm per q/k head; "full": over the whole q/k projection
@@ -190,6 +191,28 @@ def _deepseek_v2(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConf
     return out if method == "group_limited_greedy" else replace(out, n_group=1, topk_group=1)
 
 
+GPT_OSS_ALPHA = 1.702  # the clamped SwiGLU's sigmoid gain (moe.clamped_glu)
+
+
+def _gpt_oss(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    """Clamped SwiGLU with expert biases, router with bias (top-k logits, softmax over the k), attention
+    sinks (read from the checkpoint) and sliding windows on the layers `layer_types` names (transformers'
+    default: every other layer from the first)."""
+    alpha = float(_get(cfg, "swiglu_alpha", default=GPT_OSS_ALPHA))
+    if alpha != GPT_OSS_ALPHA:
+        raise ConfigError(f"gpt_oss swiglu_alpha {alpha} is not supported (released models use {GPT_OSS_ALPHA})", where)
+    kinds = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.num_layers)]
+    unknown = set(kinds) - {"sliding_attention", "full_attention"}
+    if unknown or len(kinds) != c.num_layers:
+        raise ConfigError(f"gpt_oss layer_types must name sliding_attention/full_attention for each of "
+                          f"{c.num_layers} layers (got {kinds!r})", where)
+    window = cfg.get("sliding_window")
+    windows = {i: int(window) for i, k in enumerate(kinds) if k == "sliding_attention"} if window else {}
+    return replace(c, router="topk_softmax", glu="clamped", swiglu_limit=float(_get(cfg, "swiglu_limit", default=7.0)),
+                   layer_windows=windows)
+
+
 _FAMILY = {"qwen3_moe": _qwen3, "qwen2_moe": _qwen2, "mixtral": _mixtral, "olmoe": _olmoe,
            "minimax_m2": _minimax_m2, "glm4_moe": _glm4_moe, "ernie4_5_moe": _ernie,
-           "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "deepseek_v2": _deepseek_v2}
+           "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "deepseek_v2": _deepseek_v2,
+           "gpt_oss": _gpt_oss}

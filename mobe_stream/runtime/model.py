@@ -105,6 +105,8 @@ class MoEModel:
     def _layer(self, i: int, w: UnitWeights, h: torch.Tensor, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        if i in cfg.layer_windows:  # this layer's own sliding window on top of the model-wide mask
+            mask = mask & causal_mask(mask.shape[-2], mask.shape[-1], mask.device, cfg.layer_windows[i])
         if cfg.attention == "mla":
             a = mla_attention(w, x, cfg, self.rope, cos, sin, mask, cache, i, self.scale)
         else:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint.families import BIAS_SUFFIX, EXPERTS_MODULE, FusedForm, fused_name, per_expert_name
-from .config import RuntimeConfig
+from .config import GPT_OSS_ALPHA, RuntimeConfig
 from .unit_weights import UnitWeights
 from .weights import experts_per_batch
 
@@ -39,10 +39,10 @@ def silu_glu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def clamped_glu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
-    """gpt-oss: gate clamped above, up clamped both ways, g * sigmoid(1.702 g) * (u + 1)."""
+    """gpt-oss: gate clamped above, up clamped both ways, g * sigmoid(alpha g) * (u + 1)."""
     g = g.clamp(max=limit)
     u = u.clamp(min=-limit, max=limit)
-    return g * torch.sigmoid(g * 1.702) * (u + 1)
+    return g * torch.sigmoid(g * GPT_OSS_ALPHA) * (u + 1)
 
 
 GLU: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {"silu": silu_glu, "clamped": clamped_glu}
@@ -164,9 +164,16 @@ def route_softmax_biased(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) ->
     return _renorm(probs.gather(1, idx), cfg).to(x.dtype), idx
 
 
+def route_topk_softmax(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) -> Routing:
+    """gpt-oss: logits with the router's bias, top-k of the logits, softmax over those k."""
+    logits = F.linear(x, w["mlp.gate.weight"], w["mlp.gate.bias"])
+    top, idx = logits.topk(cfg.top_k, dim=-1)
+    return torch.softmax(top, dim=-1), idx
+
+
 ROUTE: dict[str, Callable[[torch.Tensor, UnitWeights, RuntimeConfig], Routing]] = {
     "softmax": route_softmax, "sigmoid_grouped": route_sigmoid_grouped, "softmax_grouped": route_softmax_grouped,
-    "softmax_biased": route_softmax_biased,
+    "softmax_biased": route_softmax_biased, "topk_softmax": route_topk_softmax,
 }
 
 

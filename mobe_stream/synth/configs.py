@@ -165,4 +165,13 @@ def family_config(family: str, *, num_layers: int, num_experts: int, hidden: int
                 "use_qk_norm": True, "qk_norm_type": "per_layer", "scoring_func": "sigmoid", "use_routing_bias": True,
                 "rms_norm_eps": 1e-6, "rope_theta": 5e6, "sliding_window": None, "output_router_logits": False,
                 "router_aux_loss_coef": 0.001}
+    if family == "gpt_oss":  # gpt-oss-20b's keys: alternating sliding/full layers, YaRN, clamped SwiGLU
+        return {**common("GptOssForCausalLM", "gpt_oss"), "head_dim": hidden // 4, "intermediate_size": moe_inter,
+                "num_local_experts": num_experts, "num_experts_per_tok": 2, "experts_per_token": 2,
+                "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+                "sliding_window": 4, "attention_bias": True, "swiglu_limit": 7.0, "rms_norm_eps": 1e-5,
+                "rope_theta": 150000, "initial_context_length": 32, "max_position_embeddings": 32 * 32,
+                "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 32},
+                "router_aux_loss_coef": 0.9, "output_router_logits": False, "pad_token_id": 0}
     raise ValueError(f"no tiny config for family {family!r}")
