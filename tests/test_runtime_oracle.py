@@ -169,3 +169,15 @@ def test_factory_checkpoint_loads_in_transformers_and_matches(tmp_path, family):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     _check(model.eval(), src)
+
+
+def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
+    """gpt-oss's release format: experts as MXFP4 `_blocks`/`_scales` (dequantized on read); transformers
+    loads the same files (dequantizing them too) and computes our logits; disk offload reads them too."""
+    from mobe_stream.synth import make_tiny_moe
+
+    src = make_tiny_moe(tmp_path / "m", "gpt_oss", mxfp4=True, dtype=torch.float32, num_shards=2)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _check(model.eval(), src)
+    _check(model, src, device_map={"": "disk"})

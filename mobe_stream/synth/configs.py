@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+MXFP4_QUANT: dict[str, object] = {  # gpt-oss's released quantization_config
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 FP8_QUANT: dict[str, object] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": [128, 128]}
 
