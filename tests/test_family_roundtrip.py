@@ -18,12 +18,13 @@ from mobe_stream.runtime import Tokenizer, generate, load_model, perplexity  # n
 from mobe_stream.synth import make_tiny_moe  # noqa: E402
 from mobe_stream.verify import verify  # noqa: E402
 
-FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "minimax_m2", "gpt_oss"]
+FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "minimax_m2", "gpt_oss", "llama4"]
 IDS = [5, 17, 3, 99, 42, 7, 61, 8]
 
 
 CASES = [(f, m) for f in FAMILIES for m in ("mobe", "svd")]
-CASES += [("gpt_oss", "molae"), ("gpt_oss", "delta")]  # the other methods on the interleaved fused form with biases
+# the other methods on the hub fused forms (gpt-oss: interleaved, with biases; Llama-4: halves)
+CASES += [(f, m) for f in ("gpt_oss", "llama4") for m in ("molae", "delta")]
 
 
 @pytest.mark.parametrize("family,method", CASES)

@@ -152,6 +152,11 @@ FAMILY_CONFIGS = {
     "gpt_oss": lambda: transformers.GptOssConfig(  # sliding window 4 < the test's 10 tokens, so it matters
         **_TINY, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
         swiglu_limit=0.05),  # a limit the tiny activations reach, so the clamps matter
+    "llama4": lambda: transformers.Llama4TextConfig(  # NoPE layer 1, chunks of 4, temperature from position 2 on
+        **_TINY, head_dim=16, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=2,
+        interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=2, attn_scale=0.5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
 }
 
 

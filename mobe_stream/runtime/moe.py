@@ -171,9 +171,16 @@ def route_topk_softmax(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) -> R
     return torch.softmax(top, dim=-1), idx
 
 
+def route_topk_sigmoid(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) -> Routing:
+    """Llama-4: top-k of the logits, sigmoid of those (in fp32); the weights scale the experts' inputs."""
+    top, idx = F.linear(x, w["mlp.gate.weight"]).topk(cfg.top_k, dim=-1)
+    return top.float().sigmoid().to(x.dtype), idx
+
+
 ROUTE: dict[str, Callable[[torch.Tensor, UnitWeights, RuntimeConfig], Routing]] = {
     "softmax": route_softmax, "sigmoid_grouped": route_sigmoid_grouped, "softmax_grouped": route_softmax_grouped,
     "softmax_biased": route_softmax_biased, "topk_softmax": route_topk_softmax,
+    "topk_sigmoid": route_topk_sigmoid,
 }
 
 
@@ -216,13 +223,18 @@ def expert_batches(idx: torch.Tensor, weights: torch.Tensor, max_experts: int | 
     return out
 
 
-def run_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, bank: ExpertBank) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) over rows t of x [T, d], one batched matmul
-    chain per batch of experts with similar token counts (expert_batches)."""
+def run_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, bank: ExpertBank,
+                weights_on_inputs: bool = False) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) over rows t of x [T, d] (weights_on_inputs:
+    sum_k expert_{idx[t, k]}(weights[t, k] * x[t]), Llama-4), one batched matmul chain per batch of
+    experts with similar token counts (expert_batches)."""
     out = torch.zeros_like(x)
     batches = expert_batches(idx, weights, bank.max_batch)
     bank.prepare(torch.cat([b.experts for b in batches]).tolist())
     for b in batches:
-        y = bank.apply(b.experts, x[b.rows]) * b.weights[..., None]
+        if weights_on_inputs:
+            y = bank.apply(b.experts, x[b.rows] * b.weights[..., None].to(x.dtype))
+        else:
+            y = bank.apply(b.experts, x[b.rows]) * b.weights[..., None]
         out.index_add_(0, b.rows.flatten(), y.flatten(0, 1).to(x.dtype))
     return out

@@ -177,4 +177,14 @@ def family_config(family: str, *, num_layers: int, num_experts: int, hidden: int
                 "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                  "truncate": False, "original_max_position_embeddings": 32},
                 "router_aux_loss_coef": 0.9, "output_router_logits": False, "pad_token_id": 0}
+    if family == "llama4":  # Llama-4-Scout's text_config keys; Maverick's interleaved dense/MoE layers
+        return {**common("Llama4ForCausalLM", "llama4_text"), "head_dim": hidden // 4, "intermediate_size": moe_inter,
+                "intermediate_size_mlp": 2 * hidden, "num_local_experts": num_experts, "num_experts_per_tok": 1,
+                "interleave_moe_layer_step": 2, "no_rope_layers": [], "no_rope_layer_interval": 2,
+                "attention_chunk_size": 4, "attn_temperature_tuning": True, "attn_scale": 0.1, "floor_scale": 2,
+                "use_qk_norm": True, "attention_bias": False, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 16},
+                "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "output_router_logits": False,
+                "pad_token_id": 0}
     raise ValueError(f"no tiny config for family {family!r}")

@@ -123,7 +123,9 @@ def deepseek_specs(cfg: dict, fused: bool, kimi: bool, mtp: bool) -> list[Spec]:
 ATTENTION: dict[str, tuple[bool, str | None] | str] = {
     "mixtral": (False, None), "qwen2_moe": (True, None), "olmoe": (False, "full"), "glm4_moe": (True, None),
     "ernie4_5_moe": (False, None), "minimax_m2": (False, "full"), "deepseek_v2": "mla", "gpt_oss": (True, None),
+    "llama4": (False, None),  # Llama-4's q/k norm has no weight
 }
+DENSE_WIDTH = {"llama4": "intermediate_size_mlp"}  # config key of the dense MLP's width (default intermediate_size)
 WITH_SINKS = ("gpt_oss",)  # o_proj bias and one attention-sink logit per head
 EXPERT_BIASES = ("gpt_oss",)  # fused `gate_up_proj_bias` [E, 2p] and `down_proj_bias` [E, d]
 
@@ -144,6 +146,8 @@ def _gqa(pre: str, cfg: dict, bias: bool, qk_norm: str | None) -> list[Spec]:
 
 
 def _shared_width(cfg: dict) -> int:
+    if cfg.get("model_type") == "llama4_text":  # one shared expert as wide as a routed one
+        return cfg["intermediate_size"]
     if cfg.get("shared_expert_intermediate_size"):
         return cfg["shared_expert_intermediate_size"]
     n = cfg.get("n_shared_experts") or cfg.get("moe_num_shared_experts") or 0
@@ -169,7 +173,7 @@ def family_specs(cfg: dict, fused: bool) -> list[Spec]:
                       Spec(pre + "self_attn.sinks", (cfg["num_attention_heads"],), "linear16")]
         moe = fam.moe_prefix(i)
         if not fam.is_moe_layer(i):
-            specs += _mlp(moe, cfg["intermediate_size"], d)
+            specs += _mlp(moe, cfg[DENSE_WIDTH.get(spec.name, "intermediate_size")], d)
             continue
         for t in spec.router_tensors:
             shape = (E, d) if t == spec.router_tensors[0] else ((1, E) if t.startswith("moe_statics.") else (E,))
