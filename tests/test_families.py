@@ -42,6 +42,12 @@ def _cfg(model_type: str | None, **kw) -> dict:
     (_cfg("ernie4_5_moe", moe_num_experts=E, moe_layer_start_index=0, moe_layer_end_index=2, moe_layer_interval=2),
      [1]),
     (_cfg("minimax_m2", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("gpt_oss", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("llama4_text", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P), [0, 1, 2, 3]),
+    (_cfg("llama4_text", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P,
+          interleave_moe_layer_step=2), [1, 3]),  # Maverick
+    (_cfg("llama4_text", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P, moe_layers=[0, 3]),
+     [0, 3]),
 ])
 def test_moe_layers(cfg, expected):
     fam = get_family(cfg)
@@ -56,8 +62,9 @@ def test_family_names():
     assert get_family(_cfg("deepseek_v3", n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg(None, architectures=["DeepseekV3ForCausalLM"], n_routed_experts=E)).name == "deepseek_v3"
     assert get_family(_cfg("qwen3_moe", num_experts=E)).name == "qwen3_moe"
-    assert families.SUPPORTED == ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "kimi_k2", "minimax_m2",
-                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    assert families.SUPPORTED == ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "gpt_oss", "kimi_k2",
+                                  "llama4", "minimax_m2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    assert get_family(_cfg(None, architectures=["Llama4ForCausalLM"], num_local_experts=E, intermediate_size=P)).name == "llama4"
 
 
 def test_unknown_family_names_config(make_ckpt):
@@ -68,6 +75,14 @@ def test_unknown_family_names_config(make_ckpt):
     assert "unsupported model family 'dbrx'" in msg and f"supported: {families.SUPPORTED[0]} (" in msg
     assert all(f"; {name} (" in msg for name in families.SUPPORTED[1:])  # every family, with its published models
     assert str(d / "config.json") in msg
+
+
+def test_multimodal_llama4_refused_with_what_to_use(make_ckpt):
+    d = make_ckpt({"x": torch.zeros(1)}, {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"]})
+    with CheckpointReader(d) as r, pytest.raises(CheckpointError) as ei:
+        get_family(r.config, r)
+    msg = str(ei.value)
+    assert "multimodal Llama-4 checkpoint" in msg and "model_type llama4_text" in msg and "supported: " in msg
 
 
 def test_missing_config_key_is_checkpoint_error(make_ckpt):
@@ -242,6 +257,19 @@ def test_family_names_and_runtime_spelling():
     assert mm.spec.runtime_name("block_sparse_moe.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
     er = get_family(_cfg("ernie4_5_moe", moe_num_experts=E)).spec
     assert er.runtime_name("mlp.moe_statics.e_score_correction_bias") == "mlp.gate.e_score_correction_bias"
+    go = get_family(_cfg("gpt_oss", num_local_experts=E, intermediate_size=P))
+    assert go.router_names(0) == ["model.layers.0.mlp.router.weight", "model.layers.0.mlp.router.bias"]
+    assert go.spec.runtime_name("mlp.router.bias") == "mlp.gate.bias"
+    assert go.spec.runtime_name("mlp.experts.gate_up_proj_bias") == "mlp.experts.gate_up_proj_bias"
+    assert go.form == families.FusedForm(in_first=True, interleaved=True)
+    ll = get_family(_cfg("llama4_text", num_local_experts=E, intermediate_size=P))
+    assert ll.router_weight_name(1) == "model.layers.1.feed_forward.router.weight"
+    assert ll.fused_tensor_name(1, "up_proj") == "model.layers.1.feed_forward.experts.gate_up_proj"
+    assert ll.shared_expert_prefix(1) == "model.layers.1.feed_forward.shared_expert."
+    assert ll.spec.runtime_name("feed_forward.shared_expert.up_proj.weight") == "mlp.shared_experts.up_proj.weight"
+    assert ll.spec.runtime_name("feed_forward.router.weight") == "mlp.gate.weight"
+    assert ll.spec.runtime_name("feed_forward.gate_proj.weight") == "mlp.gate_proj.weight"  # a dense layer
+    assert ll.form == families.FusedForm(in_first=True)
 
 
 @pytest.mark.parametrize("form", [families.IN_MEMORY, families.FusedForm(in_first=True),

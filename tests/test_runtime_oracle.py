@@ -45,8 +45,8 @@ def _build(cfg, tmp_path, seed=0, model_type=None):
             if n.endswith("norm.weight") or n.endswith("layernorm.weight"):
                 p.add_(torch.randn_like(p) * 0.1)
         for n, b in [*model.named_buffers(), *model.named_parameters()]:
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn_like(b) * 0.05)
+            if n.endswith("e_score_correction_bias") or n.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):
+                b.copy_(torch.randn_like(b) * 0.05)  # gpt-oss's expert biases start at zero
     out = tmp_path / "model"
     model.save_pretrained(out)
     if model_type:  # same weights, config says kimi_k2: must run through our DeepSeek path
@@ -149,6 +149,14 @@ FAMILY_CONFIGS = {
         moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
     "minimax_m2": lambda: transformers.MiniMaxM2Config(
         **_TINY, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rotary_dim=8),
+    "gpt_oss": lambda: transformers.GptOssConfig(  # sliding window 4 < the test's 10 tokens, so it matters
+        **_TINY, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+        swiglu_limit=0.05),  # a limit the tiny activations reach, so the clamps matter
+    "llama4": lambda: transformers.Llama4TextConfig(  # NoPE layer 1, chunks of 4, temperature from position 2 on
+        **_TINY, head_dim=16, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=2,
+        interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=2, attn_scale=0.5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
 }
 
 
@@ -166,3 +174,15 @@ def test_factory_checkpoint_loads_in_transformers_and_matches(tmp_path, family):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     _check(model.eval(), src)
+
+
+def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
+    """gpt-oss's release format: experts as MXFP4 `_blocks`/`_scales` (dequantized on read); transformers
+    loads the same files (dequantizing them too) and computes our logits; disk offload reads them too."""
+    from mobe_stream.synth import make_tiny_moe
+
+    src = make_tiny_moe(tmp_path / "m", "gpt_oss", mxfp4=True, dtype=torch.float32, num_shards=2)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _check(model.eval(), src)
+    _check(model, src, device_map={"": "disk"})

@@ -190,6 +190,8 @@ class FamilySpec:
 
 _DEEPSEEK_ROUTER = ("gate.weight", "gate.e_score_correction_bias")
 _MIXTRAL_PROJS = ("w1", "w3", "w2")
+GPT_OSS_FORM = FusedForm(in_first=True, interleaved=True)  # hub gate_up [E, d, 2p], gate/up columns alternating
+LLAMA4_FORM = FusedForm(in_first=True)  # hub gate_up [E, d, 2p], gate half first
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("deepseek_v3", ("deepseek_v3",), ("DeepseekV3ForCausalLM",), _first_k_dense(3),
@@ -215,7 +217,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("minimax_m2", ("minimax_m2",), ("MiniMaxM2ForCausalLM",), _every_layer,
                ("gate.weight", "e_score_correction_bias"), None, moe_module="block_sparse_moe",
                expert_projs=_MIXTRAL_PROJS, width_keys=("intermediate_size",), published=("MiniMax-M2",)),
+    FamilySpec("gpt_oss", ("gpt_oss",), ("GptOssForCausalLM",), _every_layer, ("router.weight", "router.bias"), None,
+               width_keys=("intermediate_size",), fused_form=GPT_OSS_FORM, router_roles=("gate.weight", "gate.bias"),
+               published=("gpt-oss-20b", "gpt-oss-120b")),
+    FamilySpec("llama4", ("llama4_text",), ("Llama4ForCausalLM",), _llama4_layers, ("router.weight",), "shared_expert",
+               moe_module="feed_forward", width_keys=("intermediate_size",), fused_form=LLAMA4_FORM,
+               published=("Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E (text weights)")),
 )
+# Released configs of families read only in another form: model_type -> why, and what to use instead.
+REFUSED = {"llama4": "the multimodal Llama-4 checkpoint (Llama4ForConditionalGeneration, `language_model.model.layers.`) "
+                     "is not supported; use its text model (model_type llama4_text, Llama4ForCausalLM, `model.layers.`)"}
 SUPPORTED = tuple(sorted(f.name for f in FAMILIES))
 
 
@@ -476,6 +487,8 @@ def get_family(config: dict, reader: CheckpointReader | None = None) -> Family:
     spec = find_spec(config)
     if spec is None:
         mt = config.get("model_type")
+        if mt in REFUSED:
+            raise CheckpointError(f"{REFUSED[mt]}; supported: {supported_list()}", config_path)
         label = mt or next(iter(config.get("architectures") or []), None) or "unknown"
         raise CheckpointError(f"unsupported model family {label!r} (model_type {mt!r}, architectures "
                               f"{config.get('architectures')!r}); supported: {supported_list()}", config_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import mxfp4
 from .fp8 import SCALE_SUFFIX, stored_bytes
 
 FORMAT_VERSION = 1
@@ -45,8 +46,10 @@ CARD_NAME = "README.md"  # our generated model card
 
 def compact_config(config: dict, mobe: dict, family: str) -> dict:
     """The config.json of a compact output: the source's, with the mobe block, a model_type of its
-    own and the `auto_map` of the modeling file."""
-    out = {k: v for k, v in config.items() if k != "auto_map"}  # the source's remote code is not ours to point at
+    own and the `auto_map` of the modeling file (an MXFP4 source's quantization_config dropped: its
+    tensors are read, and so written, dense)."""
+    # the source's remote code is not ours to point at
+    out = {k: v for k, v in mxfp4.dense_config(config).items() if k != "auto_map"}
     out["mobe"] = dict(mobe, source_model_type=config.get("model_type"), source_architectures=config.get("architectures"))
     out["model_type"] = COMPACT_PREFIX + str(config.get("model_type") or family)
     stem = _HF_STEMS.get(family)

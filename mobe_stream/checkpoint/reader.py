@@ -3,6 +3,8 @@
 Everything about the tensors (shard, dtype, shape) is known from the headers alone; tensor data is
 read one tensor (or one expert slice) at a time through safetensors' mmap, never a whole shard.
 A directory that only holds pickle weights is refused: mobe-stream never unpickles.
+MXFP4 pairs (gpt-oss `X_blocks` + `X_scales`) are presented as the one dense tensor `X` they encode,
+dequantized on read (checkpoint/mxfp4.py): no consumer ever sees the packed bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from . import fp8
+from . import fp8, mxfp4
 from .fingerprint import SourceFingerprint
 from .hub_cache import containment_root
 from .safetensors_io import read_header
@@ -99,8 +101,10 @@ class CheckpointReader:
         self._headers: dict[str, _ShardSummary] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._mxfp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # dense name -> (blocks, scales) as stored
         with _gc_paused():
             self._load_headers(self._weight_map())
+        self._pair_mxfp4()
         self.fp8_block: tuple[int, int] | None = _fp8_block(self.config)
 
     # ---- opening -------------------------------------------------------------------------------
@@ -171,6 +175,33 @@ class CheckpointReader:
                     raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but not in the shard header", path)
                 raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} for {want} but stored in {info.shard}", path)
             self._infos[name] = info
+
+    def _pair_mxfp4(self) -> None:
+        """Replace each uint8 `X_blocks`/`X_scales` pair by the dense `X` (bfloat16, shape from the headers)."""
+        if not any(n.endswith(mxfp4.BLOCKS_SUFFIX) for n in self._infos):
+            return
+        out: dict[str, TensorInfo] = {}
+        for name, info in self._infos.items():
+            dense = mxfp4.pair_of(name)
+            scales = self._infos.get(f"{dense}{mxfp4.SCALES_SUFFIX}") if dense is not None else None
+            if dense is None or scales is None or info.dtype != "U8" or scales.dtype != "U8":
+                out.setdefault(name, info)
+                continue
+            bad = mxfp4.check_pair(info.shape, scales.shape)
+            if bad is not None:
+                raise CheckpointError(f"MXFP4 tensor {dense}: {bad}", self.model_dir / info.shard)
+            if dense in self._infos:
+                raise CheckpointError(f"tensor {dense} is stored both dense and as MXFP4 blocks", self.model_dir / info.shard)
+            shape = mxfp4.dense_shape(info.shape)
+            out[dense] = TensorInfo(dense, info.shard, mxfp4.DENSE_ST, shape, mxfp4.dense_nbytes(shape), info.offset)
+            self._mxfp4[dense] = (info, scales)
+        for _, scales in self._mxfp4.values():
+            out.pop(scales.name, None)
+        self._infos = out
+
+    def is_derived(self, name: str) -> bool:
+        """True for a tensor no shard holds under its own name (MXFP4: dequantized from its blocks)."""
+        return name in self._mxfp4
 
     # ---- metadata ------------------------------------------------------------------------------
 
@@ -247,6 +278,8 @@ class CheckpointReader:
         (an in-place change would show in later reads through the same handle). With a dtype the
         result is always a fresh tensor, safe to modify.
         """
+        if name in self._mxfp4:
+            return self._dense(name, None, dtype)
         info = self.info(name)
         t = self._read(info, lambda h: h.get_tensor(name), info.nbytes)
         if dtype is None:
@@ -262,6 +295,8 @@ class CheckpointReader:
         if len(info.shape) < 2 or not 0 <= index < info.shape[0]:
             raise CheckpointError(f"tensor {name} of shape {list(info.shape)} has no expert slice {index}",
                                   self.model_dir / info.shard)
+        if name in self._mxfp4:
+            return self._dense(name, index, dtype)
         t = self._read(info, lambda h: h.get_slice(name)[index], info.nbytes // info.shape[0])
         if dtype is None:
             return t
@@ -270,6 +305,12 @@ class CheckpointReader:
             s = self._read(self.info(scale), lambda h: h.get_slice(scale)[index])
             return self._dequantize(name, t, s, dtype)
         return t.to(dtype, copy=True)
+
+    def _dense(self, name: str, index: int | None, dtype: torch.dtype | None) -> torch.Tensor:
+        """An MXFP4 tensor (or its expert slice `index`) dequantized (bfloat16 when dtype is None: exact)."""
+        blocks, scales = (self._read(i, lambda h, n=i.name: h.get_tensor(n) if index is None else h.get_slice(n)[index],
+                                     i.nbytes if index is None else i.nbytes // i.shape[0]) for i in self._mxfp4[name])
+        return mxfp4.dequantize(blocks, scales, dtype or mxfp4.DENSE_DTYPE)
 
     def _check_size(self, shard: str) -> None:
         """Refuse to read through the mmap of a shard that shrank since its header was read.

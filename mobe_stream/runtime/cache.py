@@ -25,11 +25,15 @@ class KVCache:
         return sum(t.numel() * t.element_size() for ts in self.layers if ts for t in ts)
 
 
-def causal_mask(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> torch.Tensor:
-    """Boolean [q_len, k_len], True = may attend. Queries are the last q_len of k_len positions."""
+def causal_mask(q_len: int, k_len: int, device: torch.device, window: int | None = None,
+                chunk: int | None = None) -> torch.Tensor:
+    """Boolean [q_len, k_len], True = may attend. Queries are the last q_len of k_len positions.
+    window: the last `window` positions only; chunk: positions of the query's chunk only (Llama-4)."""
     q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     k = torch.arange(k_len, device=device)[None, :]
     ok = k <= q
     if window is not None:
         ok &= k > q - window
+    if chunk is not None:
+        ok &= k // chunk == q // chunk
     return ok

@@ -44,10 +44,16 @@ class RuntimeConfig:
     rope: dict  # normalised: rope_type, rope_theta (+ yarn keys)
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # every layer's window (the model-wide mask)
+    layer_windows: dict[int, int] = field(default_factory=dict)  # windows of some layers only (gpt-oss layer_types)
+    layer_chunks: dict[int, int] = field(default_factory=dict)  # chunked attention: layer -> chunk (Llama-4)
+    nope_layers: frozenset[int] = frozenset()  # layers without RoPE (Llama-4)
+    attn_temperature: tuple[float, float] | None = None  # NoPE layers' q scaling (attn_scale, floor_scale), Llama-4
+    weights_on_inputs: bool = False  # routing weights scale each expert's input, not its output (Llama-4)
     router: str = "softmax"  # a key of moe.ROUTE
     attention: str = "gqa"  # "gqa" | "mla"
-    qk_norm: str | None = None  # "head": RMSNorm per q/k head; "full": over the whole q/k projection
+    qk_norm: str | None = None  # "head": RMSNorm per q/k head; "full": over the whole q/k projection;
+    # "l2": weightless RMS norm per head after RoPE, in the RoPE layers only (Llama-4)
     rotary_dim: int = 0  # leading dims of a head that are rotated (partial RoPE); 0: all
     clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-clip_qkv
     glu: str = "silu"  # routed experts' GLU: "silu" (SwiGLU) or "clamped" (gpt-oss, swiglu_limit)
@@ -85,8 +91,8 @@ def _rope(cfg: dict) -> dict:
     rp = dict(families.rope_config(cfg) or {})
     rp["rope_type"] = rp.get("rope_type") or rp.get("type") or "default"
     rp.setdefault("rope_theta", _get(cfg, "rope_theta", default=10000.0))
-    if rp["rope_type"] not in ("default", "yarn", "linear"):
-        raise ConfigError(f"rope type {rp['rope_type']!r} is not supported (default, linear, yarn)")
+    if rp["rope_type"] not in ("default", "yarn", "linear", "llama3"):
+        raise ConfigError(f"rope type {rp['rope_type']!r} is not supported (default, linear, yarn, llama3)")
     if rp["rope_type"] == "yarn":
         rp.setdefault("original_max_position_embeddings",
                       _get(cfg, "original_max_position_embeddings", "max_position_embeddings", default=4096))
@@ -190,6 +196,48 @@ def _deepseek_v2(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConf
     return out if method == "group_limited_greedy" else replace(out, n_group=1, topk_group=1)
 
 
+GPT_OSS_ALPHA = 1.702  # the clamped SwiGLU's sigmoid gain (moe.clamped_glu)
+
+
+def _gpt_oss(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    """Clamped SwiGLU with expert biases, router with bias (top-k logits, softmax over the k), attention
+    sinks (read from the checkpoint) and sliding windows on the layers `layer_types` names (transformers'
+    default: every other layer from the first)."""
+    alpha = float(_get(cfg, "swiglu_alpha", default=GPT_OSS_ALPHA))
+    if alpha != GPT_OSS_ALPHA:
+        raise ConfigError(f"gpt_oss swiglu_alpha {alpha} is not supported (released models use {GPT_OSS_ALPHA})", where)
+    kinds = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.num_layers)]
+    unknown = set(kinds) - {"sliding_attention", "full_attention"}
+    if unknown or len(kinds) != c.num_layers:
+        raise ConfigError(f"gpt_oss layer_types must name sliding_attention/full_attention for each of "
+                          f"{c.num_layers} layers (got {kinds!r})", where)
+    window = cfg.get("sliding_window")
+    windows = {i: int(window) for i, k in enumerate(kinds) if k == "sliding_attention"} if window else {}
+    return replace(c, router="topk_softmax", glu="clamped", swiglu_limit=float(_get(cfg, "swiglu_limit", default=7.0)),
+                   layer_windows=windows)
+
+
+def _llama4(cfg: dict, c: RuntimeConfig, where: Path | None) -> RuntimeConfig:
+    """Llama-4 text: RoPE on neighbouring pairs except in the NoPE layers (`no_rope_layers[i] == 0`,
+    default every no_rope_layer_interval-th), L2 q/k norm in the RoPE layers, attention temperature
+    tuning in the NoPE layers, chunked attention in the layers `layer_types` names (default: the RoPE
+    ones), router sigmoid(top-k logits) applied to the experts' inputs, a shared expert."""
+    interval = int(_get(cfg, "no_rope_layer_interval", default=4))
+    rope_on = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(c.num_layers)]
+    kinds = cfg.get("layer_types") or ["chunked_attention" if r else "full_attention" for r in rope_on]
+    if len(rope_on) != c.num_layers or len(kinds) != c.num_layers or set(kinds) - {"chunked_attention", "full_attention"}:
+        raise ConfigError(f"llama4 no_rope_layers / layer_types must give one entry per layer ({c.num_layers}) and "
+                          f"layer_types only chunked_attention/full_attention (got {rope_on!r}, {kinds!r})", where)
+    chunk = cfg.get("attention_chunk_size")
+    temperature = (float(_get(cfg, "attn_scale", default=0.1)), float(_get(cfg, "floor_scale", default=8192)))
+    return replace(c, router="topk_sigmoid", weights_on_inputs=True, rope_interleave=True,
+                   qk_norm="l2" if _get(cfg, "use_qk_norm", default=True) else None,
+                   nope_layers=frozenset(i for i, r in enumerate(rope_on) if not r),
+                   layer_chunks={i: int(chunk) for i, k in enumerate(kinds) if k == "chunked_attention"} if chunk else {},
+                   attn_temperature=temperature if _get(cfg, "attn_temperature_tuning", default=True) else None)
+
+
 _FAMILY = {"qwen3_moe": _qwen3, "qwen2_moe": _qwen2, "mixtral": _mixtral, "olmoe": _olmoe,
            "minimax_m2": _minimax_m2, "glm4_moe": _glm4_moe, "ernie4_5_moe": _ernie,
-           "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "deepseek_v2": _deepseek_v2}
+           "deepseek_v3": _deepseek_v3, "kimi_k2": _deepseek_v3, "deepseek_v2": _deepseek_v2,
+           "gpt_oss": _gpt_oss, "llama4": _llama4}

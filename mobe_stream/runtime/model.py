@@ -105,6 +105,9 @@ class MoEModel:
     def _layer(self, i: int, w: UnitWeights, h: torch.Tensor, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         cfg = self.cfg
         x = rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        if i in cfg.layer_windows or i in cfg.layer_chunks:  # this layer's own window/chunk on top of the model's mask
+            mask = mask & causal_mask(mask.shape[-2], mask.shape[-1], mask.device, cfg.layer_windows.get(i),
+                                      cfg.layer_chunks.get(i))
         if cfg.attention == "mla":
             a = mla_attention(w, x, cfg, self.rope, cos, sin, mask, cache, i, self.scale)
         else:
@@ -130,7 +133,7 @@ class MoEModel:
             bank = LowRankExperts(w, p, math, cfg.hidden_size)
         else:
             bank = OriginalExperts(w, p, math, cfg.hidden_size)
-        out = run_experts(x2, weights, idx, bank)
+        out = run_experts(x2, weights, idx, bank, cfg.weights_on_inputs)
         self.mobe_mixed += getattr(bank, "mixed", 0)
         if "mlp.shared_experts.gate_proj.weight" in w:
             shared = swiglu(x2, w["mlp.shared_experts.gate_proj.weight"], w["mlp.shared_experts.up_proj.weight"],

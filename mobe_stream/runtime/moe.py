@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint.families import BIAS_SUFFIX, EXPERTS_MODULE, FusedForm, fused_name, per_expert_name
-from .config import RuntimeConfig
+from .config import GPT_OSS_ALPHA, RuntimeConfig
 from .unit_weights import UnitWeights
 from .weights import experts_per_batch
 
@@ -39,10 +39,10 @@ def silu_glu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def clamped_glu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
-    """gpt-oss: gate clamped above, up clamped both ways, g * sigmoid(1.702 g) * (u + 1)."""
+    """gpt-oss: gate clamped above, up clamped both ways, g * sigmoid(alpha g) * (u + 1)."""
     g = g.clamp(max=limit)
     u = u.clamp(min=-limit, max=limit)
-    return g * torch.sigmoid(g * 1.702) * (u + 1)
+    return g * torch.sigmoid(g * GPT_OSS_ALPHA) * (u + 1)
 
 
 GLU: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {"silu": silu_glu, "clamped": clamped_glu}
@@ -157,9 +157,23 @@ def route_softmax_biased(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) ->
     return _renorm(probs.gather(1, idx), cfg).to(x.dtype), idx
 
 
+def route_topk_softmax(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) -> Routing:
+    """gpt-oss: logits with the router's bias, top-k of the logits, softmax over those k."""
+    logits = F.linear(x, w["mlp.gate.weight"], w["mlp.gate.bias"])
+    top, idx = logits.topk(cfg.top_k, dim=-1)
+    return torch.softmax(top, dim=-1), idx
+
+
+def route_topk_sigmoid(x: torch.Tensor, w: UnitWeights, cfg: RuntimeConfig) -> Routing:
+    """Llama-4: top-k of the logits, sigmoid of those (in fp32); the weights scale the experts' inputs."""
+    top, idx = F.linear(x, w["mlp.gate.weight"]).topk(cfg.top_k, dim=-1)
+    return top.float().sigmoid().to(x.dtype), idx
+
+
 ROUTE: dict[str, Callable[[torch.Tensor, UnitWeights, RuntimeConfig], Routing]] = {
     "softmax": route_softmax, "sigmoid_grouped": route_sigmoid_grouped, "softmax_grouped": route_softmax_grouped,
-    "softmax_biased": route_softmax_biased,
+    "softmax_biased": route_softmax_biased, "topk_softmax": route_topk_softmax,
+    "topk_sigmoid": route_topk_sigmoid,
 }
 
 
@@ -202,13 +216,18 @@ def expert_batches(idx: torch.Tensor, weights: torch.Tensor, max_experts: int | 
     return out
 
 
-def run_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, bank: ExpertBank) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) over rows t of x [T, d], one batched matmul
-    chain per batch of experts with similar token counts (expert_batches)."""
+def run_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, bank: ExpertBank,
+                weights_on_inputs: bool = False) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) over rows t of x [T, d] (weights_on_inputs:
+    sum_k expert_{idx[t, k]}(weights[t, k] * x[t]), Llama-4), one batched matmul chain per batch of
+    experts with similar token counts (expert_batches)."""
     out = torch.zeros_like(x)
     batches = expert_batches(idx, weights, bank.max_batch)
     bank.prepare(torch.cat([b.experts for b in batches]).tolist())
     for b in batches:
-        y = bank.apply(b.experts, x[b.rows]) * b.weights[..., None]
+        if weights_on_inputs:
+            y = bank.apply(b.experts, x[b.rows] * b.weights[..., None].to(x.dtype))
+        else:
+            y = bank.apply(b.experts, x[b.rows]) * b.weights[..., None]
         out.index_add_(0, b.rows.flatten(), y.flatten(0, 1).to(x.dtype))
     return out

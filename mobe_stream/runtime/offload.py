@@ -77,7 +77,10 @@ class WeightStore:
 
     def _read_stored(self, name: str) -> torch.Tensor:
         """A tensor as stored, or as the offload folder keeps it cast: a view of its file's mmap (the
-        handle is kept open: a fresh mapping per read would page-fault every page again)."""
+        handle is kept open: a fresh mapping per read would page-fault every page again). A tensor no
+        shard holds under its name (MXFP4) comes dense from the reader."""
+        if self.reader.is_derived(name) and not (self.offload and name in self.offload.paths):
+            return self.reader.get(name)
         path = (self.offload.paths.get(name) if self.offload else None) or self.reader.shard_path(self.reader.info(name).shard)
         f = self._handles.get(path)
         if f is None:

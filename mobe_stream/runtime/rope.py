@@ -1,4 +1,4 @@
-"""Rotary position embeddings: default, linear and YaRN (DeepSeek-V3 / Kimi-K2) frequencies.
+"""Rotary position embeddings: default, linear, llama3 (Llama-4) and YaRN (DeepSeek-V3 / Kimi-K2) frequencies.
 
 YaRN also changes attention in two places: cos/sin are multiplied by an attention factor, and
 DeepSeek multiplies the softmax scale by mscale(factor, mscale_all_dim)^2.
@@ -29,6 +29,8 @@ def inv_freq_and_scale(rope: dict, dim: int, max_pos: int) -> tuple[torch.Tensor
         return 1.0 / pos_freqs, 1.0
     if kind == "linear":
         return 1.0 / (pos_freqs * float(rope["factor"])), 1.0
+    if kind == "llama3":
+        return _llama3(1.0 / pos_freqs, rope), 1.0
     factor = _factor(rope, max_pos)
     attn = rope.get("attention_factor")
     if attn is None:
@@ -50,6 +52,17 @@ def inv_freq_and_scale(rope: dict, dim: int, max_pos: int) -> tuple[torch.Tensor
     extrap = 1 - ramp  # 1: keep the original frequency, 0: interpolate (divide by factor)
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
     return inv, float(attn)
+
+
+def _llama3(inv: torch.Tensor, rope: dict) -> torch.Tensor:
+    """Llama 3/4: wavelengths longer than orig/low_freq_factor divided by factor, shorter than
+    orig/high_freq_factor kept, a smooth blend in between."""
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    orig = float(rope["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    smooth = ((orig / wavelen - low) / (high - low)).clamp(0, 1)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    return torch.where(wavelen > orig / low, inv / factor, torch.where(wavelen < orig / high, inv, blended))
 
 
 def softmax_scale(rope: dict, head_dim: int, max_pos: int) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+MXFP4_QUANT: dict[str, object] = {  # gpt-oss's released quantization_config
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 FP8_QUANT: dict[str, object] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": [128, 128]}
 
@@ -165,4 +168,23 @@ def family_config(family: str, *, num_layers: int, num_experts: int, hidden: int
                 "use_qk_norm": True, "qk_norm_type": "per_layer", "scoring_func": "sigmoid", "use_routing_bias": True,
                 "rms_norm_eps": 1e-6, "rope_theta": 5e6, "sliding_window": None, "output_router_logits": False,
                 "router_aux_loss_coef": 0.001}
+    if family == "gpt_oss":  # gpt-oss-20b's keys: alternating sliding/full layers, YaRN, clamped SwiGLU
+        return {**common("GptOssForCausalLM", "gpt_oss"), "head_dim": hidden // 4, "intermediate_size": moe_inter,
+                "num_local_experts": num_experts, "num_experts_per_tok": 2, "experts_per_token": 2,
+                "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+                "sliding_window": 4, "attention_bias": True, "swiglu_limit": 7.0, "rms_norm_eps": 1e-5,
+                "rope_theta": 150000, "initial_context_length": 32, "max_position_embeddings": 32 * 32,
+                "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 32},
+                "router_aux_loss_coef": 0.9, "output_router_logits": False, "pad_token_id": 0}
+    if family == "llama4":  # Llama-4-Scout's text_config keys; Maverick's interleaved dense/MoE layers
+        return {**common("Llama4ForCausalLM", "llama4_text"), "head_dim": hidden // 4, "intermediate_size": moe_inter,
+                "intermediate_size_mlp": 2 * hidden, "num_local_experts": num_experts, "num_experts_per_tok": 1,
+                "interleave_moe_layer_step": 2, "no_rope_layers": [], "no_rope_layer_interval": 2,
+                "attention_chunk_size": 4, "attn_temperature_tuning": True, "attn_scale": 0.1, "floor_scale": 2,
+                "use_qk_norm": True, "attention_bias": False, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 16},
+                "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "output_router_logits": False,
+                "pad_token_id": 0}
     raise ValueError(f"no tiny config for family {family!r}")

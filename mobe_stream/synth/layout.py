@@ -122,8 +122,12 @@ def deepseek_specs(cfg: dict, fused: bool, kimi: bool, mtp: bool) -> list[Spec]:
 # (q/k/v biases, q/k RMSNorm "head"/"full"/None) of the GQA families; "mla": DeepSeek's latent attention
 ATTENTION: dict[str, tuple[bool, str | None] | str] = {
     "mixtral": (False, None), "qwen2_moe": (True, None), "olmoe": (False, "full"), "glm4_moe": (True, None),
-    "ernie4_5_moe": (False, None), "minimax_m2": (False, "full"), "deepseek_v2": "mla",
+    "ernie4_5_moe": (False, None), "minimax_m2": (False, "full"), "deepseek_v2": "mla", "gpt_oss": (True, None),
+    "llama4": (False, None),  # Llama-4's q/k norm has no weight
 }
+DENSE_WIDTH = {"llama4": "intermediate_size_mlp"}  # config key of the dense MLP's width (default intermediate_size)
+WITH_SINKS = ("gpt_oss",)  # o_proj bias and one attention-sink logit per head
+EXPERT_BIASES = ("gpt_oss",)  # fused `gate_up_proj_bias` [E, 2p] and `down_proj_bias` [E, d]
 
 
 def _gqa(pre: str, cfg: dict, bias: bool, qk_norm: str | None) -> list[Spec]:
@@ -142,6 +146,8 @@ def _gqa(pre: str, cfg: dict, bias: bool, qk_norm: str | None) -> list[Spec]:
 
 
 def _shared_width(cfg: dict) -> int:
+    if cfg.get("model_type") == "llama4_text":  # one shared expert as wide as a routed one
+        return cfg["intermediate_size"]
     if cfg.get("shared_expert_intermediate_size"):
         return cfg["shared_expert_intermediate_size"]
     n = cfg.get("n_shared_experts") or cfg.get("moe_num_shared_experts") or 0
@@ -150,7 +156,7 @@ def _shared_width(cfg: dict) -> int:
 
 def family_specs(cfg: dict, fused: bool) -> list[Spec]:
     """A tiny checkpoint of any family: attention per ATTENTION, MoE tensors named by its FamilySpec."""
-    from ..checkpoint.families import get_family
+    from ..checkpoint.families import BIAS_SUFFIX, get_family
 
     fam = get_family(cfg)
     spec = fam.spec
@@ -162,17 +168,23 @@ def family_specs(cfg: dict, fused: bool) -> list[Spec]:
         pre = f"model.layers.{i}."
         specs += [Spec(pre + "input_layernorm.weight", (d,), "norm"), Spec(pre + "post_attention_layernorm.weight", (d,), "norm")]
         specs += _mla(pre, cfg) if attn == "mla" else _gqa(pre, cfg, *attn)
+        if spec.name in WITH_SINKS:
+            specs += [Spec(pre + "self_attn.o_proj.bias", (d,), "linear16"),
+                      Spec(pre + "self_attn.sinks", (cfg["num_attention_heads"],), "linear16")]
         moe = fam.moe_prefix(i)
         if not fam.is_moe_layer(i):
-            specs += _mlp(moe, cfg["intermediate_size"], d)
+            specs += _mlp(moe, cfg[DENSE_WIDTH.get(spec.name, "intermediate_size")], d)
             continue
         for t in spec.router_tensors:
             shape = (E, d) if t == spec.router_tensors[0] else ((1, E) if t.startswith("moe_statics.") else (E,))
-            specs.append(Spec(moe + t, shape, "linear16" if len(shape) == 2 and shape[0] == E else "bias"))
-        if fused:
+            specs.append(Spec(moe + t, shape, "bias" if t.endswith("e_score_correction_bias") else "linear16"))
+        if fused or spec.fused_form.in_first:  # gpt-oss and Llama-4 publish only the fused hub form
             form = spec.fused_form
             specs += [Spec(fam.fused_tensor_name(i, "gate_proj"), form.gate_up_shape(E, p, d), "expert", i, "gate_up_proj"),
                       Spec(fam.fused_tensor_name(i, "down_proj"), form.down_shape(E, p, d), "expert", i, "down_proj")]
+            if spec.name in EXPERT_BIASES:
+                specs += [Spec(fam.fused_tensor_name(i, "gate_proj") + BIAS_SUFFIX, (E, 2 * p), "linear16"),
+                          Spec(fam.fused_tensor_name(i, "down_proj") + BIAS_SUFFIX, (E, d), "linear16")]
         else:
             specs += [Spec(fam.expert_name(i, e, proj), (d, p) if proj == "down_proj" else (p, d), "expert", i, proj, e)
                       for e in range(E) for proj in ("gate_proj", "up_proj", "down_proj")]

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import fp8
-from ..checkpoint.families import SUPPORTED, get_family
+from ..checkpoint import fp8, mxfp4
+from ..checkpoint.families import IN_MEMORY, SUPPORTED, FusedForm, get_family
 from ..checkpoint.safetensors_io import atomic_write_json, write_safetensors
 from ..dtypes import dtype_key
-from .configs import deepseek_v3_config, family_config, qwen3_moe_config
+from .configs import MXFP4_QUANT, deepseek_v3_config, family_config, qwen3_moe_config
 from .kimi_tokenizer import DEFAULT_VOCAB as TIKTOKEN_VOCAB
 from .kimi_tokenizer import write_kimi_tokenizer
 from .layout import Spec, deepseek_specs, family_specs, qwen3_moe_specs
@@ -38,14 +38,19 @@ class _Values:
     def linear(self, spec: Spec) -> torch.Tensor:
         return torch.randn(spec.shape, generator=self._gen(spec.name)) * 0.02
 
-    def expert(self, spec: Spec, E: int) -> torch.Tensor:
+    def expert(self, spec: Spec, E: int, form: FusedForm = IN_MEMORY) -> torch.Tensor:
+        """One expert's [out, in] matrix, or (fused) all experts in the family's fused form."""
         assert spec.layer is not None and spec.proj is not None, "expert specs name their layer and projection"
         if spec.expert is None:  # fused [E, ...]
+            layer = spec.layer
             if spec.proj == "gate_up_proj":
-                p = spec.shape[1] // 2
-                return torch.stack([torch.cat([self._one(spec.layer, "gate_proj", e, (p, spec.shape[2]), E),
-                                               self._one(spec.layer, "up_proj", e, (p, spec.shape[2]), E)]) for e in range(E)])
-            return torch.stack([self._one(spec.layer, spec.proj, e, spec.shape[1:], E) for e in range(E)])
+                p, d = (spec.shape[2] // 2, spec.shape[1]) if form.in_first else (spec.shape[1] // 2, spec.shape[2])
+                gate, up = (torch.stack([self._one(layer, pr, e, (p, d), E) for e in range(E)])
+                            for pr in ("gate_proj", "up_proj"))
+                return form.join(gate, up)
+            d, p = (spec.shape[2], spec.shape[1]) if form.in_first else spec.shape[1:]
+            down = torch.stack([self._one(layer, spec.proj, e, (d, p), E) for e in range(E)])
+            return down.mT.contiguous() if form.in_first else down
         return self._one(spec.layer, spec.proj, spec.expert, spec.shape, E)
 
     def _one(self, layer: int, proj: str, e: int, shape: tuple, E: int) -> torch.Tensor:
@@ -63,7 +68,8 @@ class _Values:
         return self._common[key] + low + torch.randn(shape, generator=g) * 0.003
 
 
-def _tensors(spec: Spec, values: _Values, dtype: torch.dtype, quantize: bool, E: int, block) -> list[tuple[str, torch.Tensor]]:
+def _tensors(spec: Spec, values: _Values, dtype: torch.dtype, quantize: bool, E: int, block,
+             form: FusedForm = IN_MEMORY, packed: bool = False) -> list[tuple[str, torch.Tensor]]:
     if spec.kind == "norm":
         return [(spec.name, torch.ones(spec.shape, dtype=dtype))]
     if spec.kind == "bias":
@@ -71,7 +77,10 @@ def _tensors(spec: Spec, values: _Values, dtype: torch.dtype, quantize: bool, E:
     if spec.kind == "inv_freq":
         n = spec.shape[0]
         return [(spec.name, 1.0 / (50000.0 ** (torch.arange(0, 2 * n, 2, dtype=torch.float32) / (2 * n))))]
-    w = values.expert(spec, E) if spec.kind == "expert" else values.linear(spec)
+    w = values.expert(spec, E, form) if spec.kind == "expert" else values.linear(spec)
+    if packed and spec.kind == "expert":  # gpt-oss's MXFP4 experts
+        blocks, scales = mxfp4.quantize(w)
+        return [(spec.name + mxfp4.BLOCKS_SUFFIX, blocks), (spec.name + mxfp4.SCALES_SUFFIX, scales)]
     if quantize and spec.kind in ("linear", "expert"):
         if w.dim() == 3:
             qs = [fp8.quantize(x, block) for x in w]
@@ -88,7 +97,8 @@ def _nbytes(spec: Spec, dtype: torch.dtype, quantize: bool) -> int:
     return n * (1 if quantize and spec.kind in ("linear", "expert") else dtype.itemsize)
 
 
-def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool = False, layout: str = "per_expert",
+def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool = False, mxfp4: bool = False,
+                  layout: str = "per_expert",
                   structured: bool = True, num_layers: int | None = None, num_experts: int | None = None,
                   hidden_size: int | None = None, moe_intermediate_size: int | None = None, num_shards: int = 3,
                   seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int | None = None,
@@ -97,14 +107,17 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
 
     Defaults: 3 layers (the first dense), 8 experts, hidden 64, moe_intermediate 32, vocab 512; with
     fp8=True (DeepSeek-V3/Kimi-K2 only) hidden 256 and moe_intermediate 192 so that 128x128 blocks
-    include partial edge blocks. tokenizer="tiktoken" writes Kimi-K2's vocabulary layout instead of a
-    tokenizer.json (tiktoken.model, special tokens, chat template; vocab 1024 by default, ids of
-    [BOS]/[EOS]/<|im_end|> in the configs).
+    include partial edge blocks. mxfp4=True (gpt-oss only): routed experts as the release stores them,
+    `_blocks`/`_scales` pairs (checkpoint/mxfp4.py) with its quantization_config. tokenizer="tiktoken"
+    writes Kimi-K2's vocabulary layout instead of a tokenizer.json (tiktoken.model, special tokens,
+    chat template; vocab 1024 by default, ids of [BOS]/[EOS]/<|im_end|> in the configs).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if fp8 and family not in ("deepseek_v3", "kimi_k2"):
         raise ValueError("FP8 block-scaled checkpoints are a DeepSeek-V3/Kimi-K2 format")
+    if mxfp4 and family != "gpt_oss":
+        raise ValueError("MXFP4 experts are a gpt-oss format")
     if layout not in ("per_expert", "fused"):
         raise ValueError("layout must be per_expert or fused")
     if tokenizer not in TOKENIZERS:
@@ -125,6 +138,8 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         cfg = family_config(family, **kw)
         specs = family_specs(cfg, fused)
         E = get_family(cfg).num_experts
+        if mxfp4:
+            cfg["quantization_config"] = dict(MXFP4_QUANT)
     else:
         cfg = deepseek_v3_config(**kw, kimi=family == "kimi_k2", fp8=fp8)
         specs = deepseek_specs(cfg, fused, family == "kimi_k2", mtp_layer)
@@ -136,7 +151,8 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         gen.update(bos_token_id=ids["[BOS]"], eos_token_id=ids["<|im_end|>"])  # Kimi ends a turn with <|im_end|>
     else:
         write_tokenizer(out, cfg["vocab_size"])
-    _write_shards(out, specs, _Values(seed, structured), dtype, fp8, E, num_shards, unpadded=family == "kimi_k2")
+    _write_shards(out, specs, _Values(seed, structured), dtype, fp8, E, num_shards, unpadded=family == "kimi_k2",
+                  form=get_family(cfg).form, packed=mxfp4)
     atomic_write_json(out / "config.json", cfg)
     atomic_write_json(out / "generation_config.json", gen)
     return out
@@ -162,13 +178,13 @@ def group_specs(specs: list[Spec], size, num_shards: int) -> list[list[Spec]]:
 
 
 def _write_shards(out: Path, specs: list[Spec], values: _Values, dtype, quantize: bool, E: int, num_shards: int,
-                  unpadded: bool) -> None:
+                  unpadded: bool, form: FusedForm = IN_MEMORY, packed: bool = False) -> None:
     groups = group_specs(specs, lambda s: _nbytes(s, dtype, quantize), num_shards)
     n = len(groups)
     weight_map = {}
     for i, group in enumerate(groups, 1):
         fname = shard_name(i, n, unpadded)
-        items = [t for s in group for t in _tensors(s, values, dtype, quantize, E, tuple(fp8.DEFAULT_BLOCK))]
+        items = [t for s in group for t in _tensors(s, values, dtype, quantize, E, tuple(fp8.DEFAULT_BLOCK), form, packed)]
         write_safetensors(out / fname, items, {"format": "pt"})
         weight_map.update({name: fname for name, _ in items})
         del items
