@@ -57,6 +57,24 @@ def test_metric_is_the_blended_second_moment_when_the_rank_covers_it():
         assert abs(float(got.diagonal().mean()) - 1.0) < 1e-5  # normalised: experts weigh alike
 
 
+def test_input_scales_weigh_each_routed_row():
+    """Llama-4 scales the experts' inputs by the routing weight: the metric is over the scaled rows."""
+    torch.manual_seed(1)
+    n, d, E = 300, 10, 4
+    X = (torch.randn(n, d) @ torch.randn(d, d)).double()
+    experts = torch.randint(0, E, (n, 1))
+    scales = torch.rand(n, 1) + 0.1
+    metric, _ = expert_metrics(X.float(), experts, E, k=d, damp=0.05, prior_tokens=16, scales=scales)
+    plain, _ = expert_metrics(X.float(), experts, E, k=d, damp=0.05, prior_tokens=16)
+    Xs = X * scales.double()
+    for e in range(E):
+        rows = Xs[experts[:, 0] == e]
+        got = metric.V[e].double() @ metric.V[e].double().T + torch.diag(metric.diag[e].double())
+        assert torch.allclose(got, _blended(X, rows, 16, 0.05), atol=1e-4, rtol=1e-4), e
+    full = metric.V @ metric.V.transpose(1, 2) + torch.diag_embed(metric.diag)
+    assert not torch.allclose(full, plain.V @ plain.V.transpose(1, 2) + torch.diag_embed(plain.diag), atol=1e-3)
+
+
 def test_low_rank_plus_diag_keeps_the_exact_diagonal_and_the_top_directions():
     torch.manual_seed(1)
     for n, d in ((5, 20), (50, 20)):  # through the n x n Gram and through the d x d one
@@ -154,11 +172,11 @@ def test_layer_major_forward_sees_what_the_runner_sees(tmp_path):
     windows = calibrate.calibration_windows(src, _text(tmp_path / "c.txt"), 96, 32)
     assert windows.shape == (3, 32)
     got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    calibrate.routed_inputs(src, windows, [1, 2], lambda i, h, X, e: got.__setitem__(i, (X, e)) if X is not None else None,
+    calibrate.routed_inputs(src, windows, [1, 2], lambda i, h, X, e, s: got.__setitem__(i, (X, e)) if X is not None else None,
                             dtype="float32")
     model = load_model(src, dtype=torch.float32, device="cpu")
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    model.moe_probe = lambda x, e: seen.append((x.clone(), e.clone()))
+    model.moe_probe = lambda x, e, s: seen.append((x.clone(), e.clone()))
     for w in windows:
         model(w[None])
     model.close()
@@ -176,8 +194,8 @@ def _dying_runtime(after_layer: int, starts: list) -> calib.CalibRuntime:
     def routed_inputs(src, windows, layers, on_layer, start=None):
         starts.append(None if start is None else start[0])
 
-        def wrapped(i, hidden, X, e):
-            on_layer(i, hidden, X, e)
+        def wrapped(i, hidden, X, e, s=None):
+            on_layer(i, hidden, X, e, s)
             if i == after_layer and after_layer >= 0:
                 raise _Dies("killed")
 

@@ -111,13 +111,16 @@ def low_rank_plus_diag(Y: torch.Tensor, extra_diag: torch.Tensor | None, k: int,
 
 
 def expert_metrics(X: torch.Tensor, experts: torch.Tensor, num_experts: int, k: int, damp: float = DAMP,
-                   prior_tokens: float = PRIOR_TOKENS) -> tuple[InputMetric, torch.Tensor]:
+                   prior_tokens: float = PRIOR_TOKENS, scales: torch.Tensor | None = None
+                   ) -> tuple[InputMetric, torch.Tensor]:
     """Every expert's metric from a layer's routed inputs, and the tokens each expert saw.
 
     X [n, d]: the MoE inputs (after the post-attention norm) of n tokens; experts [n, top_k]: the
     experts each was routed to. Each expert's second moment is taken over the tokens routed to
     it (routing weights do not enter: the expert's own output error is what its weights decide),
-    mixed with the pooled one by `prior_tokens` pseudo-counts. Work is one expert at a time."""
+    mixed with the pooled one by `prior_tokens` pseudo-counts. `scales` [n, top_k]: where the
+    routing weights scale the experts' inputs (Llama-4), what each expert actually sees is the
+    scaled row. Work is one expert at a time."""
     n, d = X.shape
     X = X.float()
     pooled_h, pooled_V = low_rank_plus_diag(X / max(n, 1) ** 0.5, None, k, 0.0)  # mean diag 1, no damping yet
@@ -130,7 +133,10 @@ def expert_metrics(X: torch.Tensor, experts: torch.Tensor, num_experts: int, k: 
     start = 0
     for e in range(num_experts):
         c = int(counts[e])
-        rows = X[token_of[order[start:start + c]]]
+        pairs = order[start:start + c]
+        rows = X[token_of[pairs]]
+        if scales is not None:
+            rows = rows * scales.reshape(-1)[pairs].float().unsqueeze(1)
         start += c
         # the prior at the expert's own scale (mean diagonal), so it weighs by count alone; an expert
         # no token reached gets the pooled metric

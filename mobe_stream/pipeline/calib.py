@@ -99,10 +99,12 @@ def run(out: Path, src: Path, journal: Journal, layers: list[int], num_experts: 
         reporter.event("message", text=f"calibration: {windows.numel()} tokens ({windows.shape[0]} windows of "
                                         f"{windows.shape[1]}) through layers 0..{todo[-1]}")
 
-        def on_layer(i: int, hidden: torch.Tensor, X: torch.Tensor | None, experts: torch.Tensor | None) -> None:
+        def on_layer(i: int, hidden: torch.Tensor, X: torch.Tensor | None, experts: torch.Tensor | None,
+                     scales: torch.Tensor | None = None) -> None:
             if i in todo and X is not None and experts is not None:
                 dev = torch.device(device)
-                metric, counts = expert_metrics(X.to(dev), experts.to(dev), num_experts, calib.rank, calib.damp)
+                metric, counts = expert_metrics(X.to(dev), experts.to(dev), num_experts, calib.rank, calib.damp,
+                                                scales=None if scales is None else scales.to(dev))
                 save_state(metric_path(out, i), {"diag": metric.diag, "V": metric.V, "tokens": counts.cpu()},
                            {"settings": settings, "layer": i})
                 c = counts.float()

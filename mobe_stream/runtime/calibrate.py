@@ -34,8 +34,9 @@ from .weights import unit_names
 
 WINDOW_TOKENS = 8192  # tokens per forward batch (windows of ctx tokens stacked)
 
-# on_layer(layer, hidden [windows, ctx, d], routed inputs [n, d] or None, experts [n, top_k] or None)
-OnLayer = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None], None]
+# on_layer(layer, hidden [windows, ctx, d], routed inputs [n, d] or None, experts [n, top_k] or None,
+#          input scales [n, top_k] or None: the routing weights where they scale the experts' inputs)
+OnLayer = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], None]
 
 
 def calibration_windows(model_dir: Path, text_path: Path, tokens: int, ctx: int) -> torch.Tensor:
@@ -59,10 +60,13 @@ def calibration_windows(model_dir: Path, text_path: Path, tokens: int, ctx: int)
     return torch.tensor(ids[: n * ctx]).view(n, ctx)
 
 
-def _collector(xs: list[torch.Tensor], ids: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    def probe(x: torch.Tensor, experts: torch.Tensor) -> None:
+def _collector(xs: list[torch.Tensor], ids: list[torch.Tensor], scales: list[torch.Tensor]
+               ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]:
+    def probe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor | None) -> None:
         xs.append(x.cpu())
         ids.append(experts.cpu())
+        if weights is not None:
+            scales.append(weights.float().cpu())
     return probe
 
 
@@ -99,13 +103,15 @@ def routed_inputs(model_dir: Path, windows: torch.Tensor, layers: list[int], on_
             w = store.get(f"layers.{i}")
             xs: list[torch.Tensor] = []
             ids: list[torch.Tensor] = []
-            model.moe_probe = _collector(xs, ids) if i in wanted else None
+            scales: list[torch.Tensor] = []
+            model.moe_probe = _collector(xs, ids, scales) if i in wanted else None
             for b in range(0, nw, per_batch):
                 hidden[b:b + per_batch] = model._layer(i, w, hidden[b:b + per_batch].to(dev), cos, sin, mask,
                                                        None).cpu()
             del w
             model.moe_probe = None
-            on_layer(i, hidden, torch.cat(xs) if xs else None, torch.cat(ids) if ids else None)
+            on_layer(i, hidden, torch.cat(xs) if xs else None, torch.cat(ids) if ids else None,
+                     torch.cat(scales) if scales else None)
     finally:
         model.close()
 

@@ -54,7 +54,7 @@ class MoEModel:
             self.scale = cfg.head_dim ** -0.5
         self.moe_layers = set(cfg.moe_layers)
         # called with (MoE inputs [n, d], routed experts [n, top_k]) by every MoE layer (calibrate.py)
-        self.moe_probe: Callable[[torch.Tensor, torch.Tensor], object] | None = None
+        self.moe_probe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], object] | None = None
         self.layout = detect_layout(reader.names(), reader.model_dir, cfg.spec)
 
     @property
@@ -123,7 +123,7 @@ class MoEModel:
         x2 = x.reshape(-1, x.shape[-1])
         weights, idx = ROUTE[cfg.router](x2, w, cfg)
         if self.moe_probe is not None:
-            self.moe_probe(x2, idx)
+            self.moe_probe(x2, idx, weights if cfg.weights_on_inputs else None)  # Llama-4: the inputs are scaled
         p = cfg.moe_intermediate_size
         math = ExpertMath(cfg.spec.fused_form if self.layout == FUSED else None, GLU[cfg.glu], cfg.swiglu_limit)
         bank: OriginalExperts
