@@ -77,12 +77,21 @@ def test_unknown_family_names_config(make_ckpt):
     assert str(d / "config.json") in msg
 
 
-def test_multimodal_llama4_refused_with_what_to_use(make_ckpt):
+def test_multimodal_llama4_is_read_as_its_text_model(make_ckpt):
+    text = _cfg("llama4_text", num_local_experts=E, moe_intermediate_size=None, intermediate_size=P, moe_layers=[1, 3])
+    cfg = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "torch_dtype": "bfloat16",
+           "text_config": {k: v for k, v in text.items() if k != "architectures"}, "vision_config": {"hidden_size": 8}}
+    view, prefix = families.text_view(cfg)
+    assert prefix == "language_model." and view["model_type"] == "llama4_text" and view["torch_dtype"] == "bfloat16"
+    fam = get_family(cfg)
+    assert fam.name == "llama4" and fam.moe_layers() == [1, 3]
+    assert fam.router_weight_name(1) == "language_model.model.layers.1.feed_forward.router.weight"
+    assert families.layer_of("language_model.model.layers.3.self_attn.q_proj.weight") == 3
+    assert families.layer_of("vision_model.model.layers.0.mlp.fc1.weight") is None  # the vision tower is no decoder layer
     d = make_ckpt({"x": torch.zeros(1)}, {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"]})
     with CheckpointReader(d) as r, pytest.raises(CheckpointError) as ei:
         get_family(r.config, r)
-    msg = str(ei.value)
-    assert "multimodal Llama-4 checkpoint" in msg and "model_type llama4_text" in msg and "supported: " in msg
+    assert "llama4 config has no valid text_config" in str(ei.value) and str(d / "config.json") in str(ei.value)
 
 
 def test_missing_config_key_is_checkpoint_error(make_ckpt):

@@ -96,3 +96,36 @@ def test_gpt_oss_mxfp4_source_compress_export(tmp_path):
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
     finally:
         ours.close()
+
+
+def test_llama4_multimodal_compress_export(tmp_path):
+    """Llama-4 as released: only the text model's experts are compressed, the vision tower and the
+    projector are kept byte for byte, and the export is the released layout again (transformers'
+    Llama4ForConditionalGeneration loads it with no missing or unexpected keys, text logits as ours)."""
+    src = make_tiny_moe(tmp_path / "src", "llama4", multimodal=True, dtype=torch.float32, num_shards=2)
+    info = describe(src)
+    assert info["family"] == "llama4" and info["moe_layers"] == [1]
+    mobe = tmp_path / "mobe"
+    compress(src, mobe, CompressOptions(method="mobe", num_bases=4, rank=16, steps=5, checkpoint_every=1e9, dtype="fp32"))
+    assert verify(mobe) == []
+    out = tmp_path / "exported"
+    export(mobe, out, ExportOptions())
+    assert verify(out) == []
+    with CheckpointReader(src) as a, CheckpointReader(out) as b, CheckpointReader(mobe) as m:
+        assert sorted(a.names()) == sorted(b.names())
+        assert any(n.startswith("language_model.model.layers.1.feed_forward.experts.gate_proj.mobe_") for n in m.names())
+        kept = [n for n in a.names() if not n.startswith("language_model.")]
+        assert kept and all(torch.equal(a.get(n), m.get(n)) and torch.equal(a.get(n), b.get(n)) for n in kept)
+    model, loaded = transformers.Llama4ForConditionalGeneration.from_pretrained(out, output_loading_info=True,
+                                                                                 dtype=torch.float32)
+    assert not loaded["missing_keys"] and not loaded["unexpected_keys"], loaded
+    with torch.no_grad():
+        ref = model.eval()(input_ids=torch.tensor([IDS])).logits[0]
+    ours = load_model(mobe, dtype=torch.float32)
+    try:
+        assert ((ours(torch.tensor([IDS]))[0] - ref).abs().max() / ref.abs().max()).item() < 1e-4
+        tok = Tokenizer(mobe)
+        assert generate(ours, tok, "hello world", max_new_tokens=3, stream=None).new_tokens in (1, 2, 3)
+        assert perplexity(ours, tok, "the quick brown fox jumps over the lazy dog " * 4, ctx=16)["perplexity"] > 1
+    finally:
+        ours.close()

@@ -176,6 +176,27 @@ def test_factory_checkpoint_loads_in_transformers_and_matches(tmp_path, family):
     _check(model.eval(), src)
 
 
+def test_llama4_multimodal_as_released(tmp_path):
+    """Llama-4 as Meta releases it (Llama4ForConditionalGeneration, text model under `language_model.`):
+    the factory's checkpoint loads in transformers with no missing or unexpected keys, and our runner's
+    text logits equal transformers' on both the factory's and transformers' own save_pretrained files."""
+    from mobe_stream.synth import make_tiny_moe
+
+    src = make_tiny_moe(tmp_path / "m", "llama4", multimodal=True, dtype=torch.float32, num_shards=2)
+    model, info = transformers.Llama4ForConditionalGeneration.from_pretrained(src, output_loading_info=True,
+                                                                               dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _check(model.eval(), src)
+    text = FAMILY_CONFIGS["llama4"]().to_dict()
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14, "vision_output_dim": 32, "projector_input_dim": 32,
+              "projector_output_dim": 32}
+    torch.manual_seed(5)
+    model = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=text, vision_config=vision))
+    model.eval().save_pretrained(tmp_path / "hf")
+    _check(model, tmp_path / "hf")
+
+
 def test_gpt_oss_mxfp4_experts_as_released(tmp_path):
     """gpt-oss's release format: experts as MXFP4 `_blocks`/`_scales` (dequantized on read); transformers
     loads the same files (dequantizing them too) and computes our logits; disk offload reads them too."""

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=FAMILIES, default="qwen3_moe")
     ap.add_argument("--fp8", action="store_true", help="block-scaled FP8 (deepseek_v3 / kimi_k2)")
     ap.add_argument("--mxfp4", action="store_true", help="MXFP4 experts, _blocks/_scales as released (gpt_oss)")
+    ap.add_argument("--multimodal", action="store_true",
+                    help="Llama-4 as released: Llama4ForConditionalGeneration, text model under language_model. (llama4)")
     ap.add_argument("--layout", choices=("per_expert", "fused"), default="per_expert")
     ap.add_argument("--wide", action="store_true", help="Kimi-K2 shape: 61 layers, 384 experts, tiny dims")
     ap.add_argument("--unstructured", action="store_true", help="iid experts instead of shared structure")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                             num_layers=a.num_layers, num_experts=a.num_experts, hidden_size=a.hidden_size,
                             moe_intermediate_size=a.moe_intermediate_size, num_shards=a.num_shards or 3, seed=a.seed,
                             dtype=getattr(torch, a.dtype), vocab_size=a.vocab_size, mtp_layer=a.mtp_layer,
-                            tokenizer=a.tokenizer)
+                            tokenizer=a.tokenizer, multimodal=a.multimodal)
     print(out)
     return 0
 

@@ -46,11 +46,30 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 PER_EXPERT, FUSED = "per_expert", "fused"
 EXPERTS_MODULE = "mlp.experts."  # routed experts in the runtime's canonical names (runtime_name)
 BIAS_SUFFIX = "_bias"  # gpt-oss: `<prefix>gate_up_proj_bias` [E, 2p] and `<prefix>down_proj_bias` [E, d]
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Multimodal checkpoints whose text model is a family here: model_type -> (the text model's config
+# key, the prefix of its tensor names). Everything else they hold (vision tower, projector) is
+# kept as stored: copied by compress and export, not read by the runner.
+MULTIMODAL = {"llama4": ("text_config", "language_model.")}
+_TEXT_PREFIXES = "|".join(re.escape(p) for _, p in MULTIMODAL.values())
+_LAYER_RE = re.compile(rf"^(?:{_TEXT_PREFIXES})?model\.layers\.(\d+)\.")
+
+
+def text_view(config: dict) -> tuple[dict, str]:
+    """(the config a family reads, the prefix of the text model's tensor names). A multimodal
+    config gives its text model's sub-config, with the top-level keys that describe the whole
+    checkpoint's storage (dtype, quantization, a compact output's mobe block) where the sub-config
+    has none; any other config is its own view with no prefix."""
+    config = source_config(config)
+    key, prefix = MULTIMODAL.get(config.get("model_type") or "", (None, ""))
+    sub = config.get(key) if key else None
+    if not isinstance(sub, dict):
+        return config, ""
+    inherited = {k: config[k] for k in ("dtype", "torch_dtype", "quantization_config", "mobe") if k in config}
+    return {**inherited, **sub}, prefix
 
 
 def layer_of(name: str) -> int | None:
-    """Decoder layer a tensor belongs to (None for embeddings, final norm, lm_head)."""
+    """Decoder layer a tensor belongs to (None for embeddings, final norm, lm_head, a vision tower)."""
     m = _LAYER_RE.match(name)
     return int(m.group(1)) if m else None
 
@@ -222,11 +241,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
                published=("gpt-oss-20b", "gpt-oss-120b")),
     FamilySpec("llama4", ("llama4_text",), ("Llama4ForCausalLM",), _llama4_layers, ("router.weight",), "shared_expert",
                moe_module="feed_forward", width_keys=("intermediate_size",), fused_form=LLAMA4_FORM,
-               published=("Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E (text weights)")),
+               published=("Llama-4-Scout-17B-16E", "Llama-4-Maverick-17B-128E")),
 )
-# Released configs of families read only in another form: model_type -> why, and what to use instead.
-REFUSED = {"llama4": "the multimodal Llama-4 checkpoint (Llama4ForConditionalGeneration, `language_model.model.layers.`) "
-                     "is not supported; use its text model (model_type llama4_text, Llama4ForCausalLM, `model.layers.`)"}
 SUPPORTED = tuple(sorted(f.name for f in FAMILIES))
 
 
@@ -259,7 +275,7 @@ def rope_config(config: dict) -> dict | None:
 
 
 def find_spec(config: dict) -> FamilySpec | None:
-    config = source_config(config)  # a compact output names its own model_type; its family is the source's
+    config, _ = text_view(config)  # a compact output's family is its source's; a multimodal one's, its text model's
     mt = config.get("model_type")
     if mt:
         return next((f for f in FAMILIES if mt in f.model_types), None)
@@ -286,6 +302,7 @@ class Family:
     def __init__(self, spec: FamilySpec, config: dict, reader: CheckpointReader | None = None,
                  config_path: Path | None = None):
         self.spec = spec
+        config, self.prefix = text_view(config)  # prefix: "language_model." for a multimodal checkpoint's text model
         self.config = config
         self.reader = reader
         self.config_path = config_path
@@ -320,7 +337,7 @@ class Family:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
     def layer_prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}."  # _LAYER_RE reads it back
+        return f"{self.prefix}model.layers.{layer}."  # _LAYER_RE reads it back
 
     def moe_prefix(self, layer: int) -> str:
         return f"{self.layer_prefix(layer)}{self.spec.moe_module}."
@@ -465,7 +482,7 @@ def _check_proj(proj: str) -> None:
 
 
 def _layout_patterns(spec: FamilySpec) -> tuple[re.Pattern, re.Pattern]:
-    experts = rf"^model\.layers\.\d+\.{re.escape(spec.moe_module)}\.experts\."
+    experts = rf"{_LAYER_RE.pattern}{re.escape(spec.moe_module)}\.experts\."
     projs = "|".join(re.escape(p) for p in spec.expert_projs)
     return re.compile(experts + rf"\d+\.({projs})\.weight$"), re.compile(experts + r"(gate_up|down)_proj$")
 
@@ -487,8 +504,8 @@ def get_family(config: dict, reader: CheckpointReader | None = None) -> Family:
     spec = find_spec(config)
     if spec is None:
         mt = config.get("model_type")
-        if mt in REFUSED:
-            raise CheckpointError(f"{REFUSED[mt]}; supported: {supported_list()}", config_path)
+        if mt in MULTIMODAL:
+            raise CheckpointError(f"{mt} config has no valid {MULTIMODAL[mt][0]} (its text model's config)", config_path)
         label = mt or next(iter(config.get("architectures") or []), None) or "unknown"
         raise CheckpointError(f"unsupported model family {label!r} (model_type {mt!r}, architectures "
                               f"{config.get('architectures')!r}); supported: {supported_list()}", config_path)

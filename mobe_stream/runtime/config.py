@@ -58,6 +58,7 @@ class RuntimeConfig:
     clip_qkv: float | None = None  # OLMoE: q, k, v clamped to +-clip_qkv
     glu: str = "silu"  # routed experts' GLU: "silu" (SwiGLU) or "clamped" (gpt-oss, swiglu_limit)
     swiglu_limit: float = 7.0
+    prefix: str = ""  # stored names' prefix of the text model ("language_model." in a multimodal checkpoint)
     norm_min: float = 1e-20  # floor of the top-k weights' sum when renormalising
     # MLA (DeepSeek-V2/V3, Kimi-K2) only
     q_lora_rank: int | None = None
@@ -100,8 +101,10 @@ def _rope(cfg: dict) -> dict:
 
 
 def parse_config(cfg: dict, config_path: Path | None = None) -> RuntimeConfig:
-    """Normalise a config.json dict; raises CheckpointError (via get_family) for unknown families."""
+    """Normalise a config.json dict; raises CheckpointError (via get_family) for unknown families.
+    A multimodal checkpoint is read as its text model (families.text_view)."""
     fam = families.get_family(cfg)
+    cfg = fam.config
     name = fam.name
     eos = cfg.get("eos_token_id")
     eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])
@@ -116,7 +119,7 @@ def parse_config(cfg: dict, config_path: Path | None = None) -> RuntimeConfig:
         top_k=fam.top_k, norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=False)),
         moe_layers=fam.moe_layers(), rope=_rope(cfg), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         eos_token_ids=eos_ids, max_position_embeddings=int(_get(cfg, "max_position_embeddings", default=4096)),
-        mobe=cfg.get("mobe"),
+        mobe=cfg.get("mobe"), prefix=fam.prefix,
     )
     return _FAMILY[name](cfg, common, config_path)
 

@@ -33,14 +33,15 @@ def unit_names(cfg: RuntimeConfig) -> list[str]:
 
 def unit_tensors(reader: CheckpointReader, cfg: RuntimeConfig, unit: str) -> dict[str, str]:
     """relative name -> stored name for one unit (scale companions and rotary buffers left out)."""
+    top = cfg.prefix  # "language_model." for a multimodal checkpoint's text model
     if unit == "embed":
-        return {"weight": "model.embed_tokens.weight"}
+        return {"weight": f"{top}model.embed_tokens.weight"}
     if unit == "norm":
-        return {"weight": "model.norm.weight"}
+        return {"weight": f"{top}model.norm.weight"}
     if unit == "lm_head":
-        name = "lm_head.weight" if "lm_head.weight" in reader or not cfg.tie_word_embeddings else "model.embed_tokens.weight"
-        return {"weight": name}
-    prefix = f"model.{unit}."
+        head = f"{top}lm_head.weight"
+        return {"weight": head if head in reader or not cfg.tie_word_embeddings else f"{top}model.embed_tokens.weight"}
+    prefix = f"{top}model.{unit}."
     out = {}
     for n in reader.names():
         if n.startswith(prefix) and not n.endswith(fp8.SCALE_SUFFIX) and "rotary_emb." not in n:

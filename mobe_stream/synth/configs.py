@@ -188,3 +188,17 @@ def family_config(family: str, *, num_layers: int, num_experts: int, hidden: int
                 "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "output_router_logits": False,
                 "pad_token_id": 0}
     raise ValueError(f"no tiny config for family {family!r}")
+
+
+def llama4_multimodal_config(text: dict) -> dict:
+    """The released Llama-4 config around a tiny text config: Llama4ForConditionalGeneration with
+    the text model under `text_config` and a one-layer vision tower (Llama-4-Scout's keys)."""
+    vision = {"model_type": "llama4_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_channels": 3, "image_size": 28, "patch_size": 14, "norm_eps": 1e-5,
+              "hidden_act": "gelu", "pixel_shuffle_ratio": 0.5, "projector_input_dim": 32, "projector_output_dim": 32,
+              "vision_output_dim": 32, "multi_modal_projector_bias": False, "vision_feature_select_strategy": "default",
+              "rope_theta": 10000, "attention_dropout": 0.0, "projector_dropout": 0.0, "initializer_range": 0.02}
+    return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+            "text_config": {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype")},
+            "vision_config": vision, "boi_token_index": 200080, "eoi_token_index": 200081,
+            "image_token_index": 200092, "tie_word_embeddings": False, "torch_dtype": text["torch_dtype"]}

@@ -197,3 +197,28 @@ def family_specs(cfg: dict, fused: bool) -> list[Spec]:
     if not cfg.get("tie_word_embeddings"):
         specs.append(Spec("lm_head.weight", (V, d), "linear16"))
     return specs
+
+
+def llama4_vision_specs(cfg: dict) -> list[Spec]:
+    """A Llama-4 multimodal checkpoint's vision tower and projector (kept as stored by every command)."""
+    v, d = cfg["vision_config"], cfg["text_config"]["hidden_size"]
+    h, inter, patch = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    specs = [Spec("vision_model.patch_embedding.linear.weight", (h, v["num_channels"] * patch * patch), "linear16"),
+             Spec("vision_model.class_embedding", (h,), "linear16"),
+             Spec("vision_model.positional_embedding_vlm", ((v["image_size"] // patch) ** 2 + 1, h), "linear16")]
+    for x in ("pre", "post"):
+        specs += [Spec(f"vision_model.layernorm_{x}.weight", (h,), "norm"),
+                  Spec(f"vision_model.layernorm_{x}.bias", (h,), "linear16")]
+    for i in range(v["num_hidden_layers"]):
+        pre = f"vision_model.model.layers.{i}."
+        for x in ("q", "k", "v", "o"):
+            specs += [Spec(pre + f"self_attn.{x}_proj.weight", (h, h), "linear16"),
+                      Spec(pre + f"self_attn.{x}_proj.bias", (h,), "linear16")]
+        for x in ("input_layernorm", "post_attention_layernorm"):
+            specs += [Spec(pre + f"{x}.weight", (h,), "norm"), Spec(pre + f"{x}.bias", (h,), "linear16")]
+        specs += [Spec(pre + "mlp.fc1.weight", (inter, h), "linear16"), Spec(pre + "mlp.fc1.bias", (inter,), "linear16"),
+                  Spec(pre + "mlp.fc2.weight", (h, inter), "linear16"), Spec(pre + "mlp.fc2.bias", (h,), "linear16")]
+    specs += [Spec("vision_model.vision_adapter.mlp.fc1.weight", (v["projector_input_dim"], inter), "linear16"),
+              Spec("vision_model.vision_adapter.mlp.fc2.weight", (v["projector_output_dim"],) * 2, "linear16"),
+              Spec("multi_modal_projector.linear_1.weight", (d, v["vision_output_dim"]), "linear16")]
+    return specs

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checkpoint import fp8, mxfp4
-from ..checkpoint.families import IN_MEMORY, SUPPORTED, FusedForm, get_family
+from ..checkpoint.families import IN_MEMORY, MULTIMODAL, SUPPORTED, FusedForm, get_family
 from ..checkpoint.safetensors_io import atomic_write_json, write_safetensors
 from ..dtypes import dtype_key
-from .configs import MXFP4_QUANT, deepseek_v3_config, family_config, qwen3_moe_config
+from .configs import MXFP4_QUANT, deepseek_v3_config, family_config, llama4_multimodal_config, qwen3_moe_config
 from .kimi_tokenizer import DEFAULT_VOCAB as TIKTOKEN_VOCAB
 from .kimi_tokenizer import write_kimi_tokenizer
-from .layout import Spec, deepseek_specs, family_specs, qwen3_moe_specs
+from .layout import Spec, deepseek_specs, family_specs, llama4_vision_specs, qwen3_moe_specs
 from .tokenizer import write_tokenizer
 
 FAMILIES = SUPPORTED  # the factory makes every family the table supports
@@ -102,7 +103,7 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
                   structured: bool = True, num_layers: int | None = None, num_experts: int | None = None,
                   hidden_size: int | None = None, moe_intermediate_size: int | None = None, num_shards: int = 3,
                   seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int | None = None,
-                  mtp_layer: bool = False, tokenizer: str = "tokenizers") -> Path:
+                  mtp_layer: bool = False, tokenizer: str = "tokenizers", multimodal: bool = False) -> Path:
     """A tiny checkpoint of `family` with the hub's config keys and tensor names. Returns its path.
 
     Defaults: 3 layers (the first dense), 8 experts, hidden 64, moe_intermediate 32, vocab 512; with
@@ -111,6 +112,8 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
     `_blocks`/`_scales` pairs (checkpoint/mxfp4.py) with its quantization_config. tokenizer="tiktoken"
     writes Kimi-K2's vocabulary layout instead of a tokenizer.json (tiktoken.model, special tokens,
     chat template; vocab 1024 by default, ids of [BOS]/[EOS]/<|im_end|> in the configs).
+    multimodal=True (llama4 only): the layout Meta releases, Llama4ForConditionalGeneration with the
+    text model under `language_model.` and `text_config`, beside a tiny vision tower and projector.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -118,6 +121,8 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         raise ValueError("FP8 block-scaled checkpoints are a DeepSeek-V3/Kimi-K2 format")
     if mxfp4 and family != "gpt_oss":
         raise ValueError("MXFP4 experts are a gpt-oss format")
+    if multimodal and family != "llama4":
+        raise ValueError("the multimodal layout is Llama-4's")
     if layout not in ("per_expert", "fused"):
         raise ValueError("layout must be per_expert or fused")
     if tokenizer not in TOKENIZERS:
@@ -140,6 +145,9 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         E = get_family(cfg).num_experts
         if mxfp4:
             cfg["quantization_config"] = dict(MXFP4_QUANT)
+        if multimodal:
+            cfg = llama4_multimodal_config(cfg)
+            specs = [replace(s, name=MULTIMODAL["llama4"][1] + s.name) for s in specs] + llama4_vision_specs(cfg)
     else:
         cfg = deepseek_v3_config(**kw, kimi=family == "kimi_k2", fp8=fp8)
         specs = deepseek_specs(cfg, fused, family == "kimi_k2", mtp_layer)
@@ -150,7 +158,7 @@ def make_tiny_moe(out_dir: str | Path, family: str = "qwen3_moe", *, fp8: bool =
         cfg["bos_token_id"], cfg["eos_token_id"] = ids["[BOS]"], ids["[EOS]"]
         gen.update(bos_token_id=ids["[BOS]"], eos_token_id=ids["<|im_end|>"])  # Kimi ends a turn with <|im_end|>
     else:
-        write_tokenizer(out, cfg["vocab_size"])
+        write_tokenizer(out, get_family(cfg).config["vocab_size"])
     _write_shards(out, specs, _Values(seed, structured), dtype, fp8, E, num_shards, unpadded=family == "kimi_k2",
                   form=get_family(cfg).form, packed=mxfp4)
     atomic_write_json(out / "config.json", cfg)
