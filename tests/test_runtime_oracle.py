@@ -176,6 +176,31 @@ def test_factory_checkpoint_loads_in_transformers_and_matches(tmp_path, family):
     _check(model.eval(), src)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_save_pretrained_checkpoint_compresses_and_exports(tmp_path, family):
+    """What transformers' own save_pretrained writes (not only the factory's layout): compress, verify,
+    export; transformers loads the export with no missing or unexpected keys, and its logits equal
+    our runner's on the compact form."""
+    from mobe_stream.pipeline.compress import compress
+    from mobe_stream.pipeline.export import ExportOptions, export
+    from mobe_stream.pipeline.options import CompressOptions
+    from mobe_stream.verify import verify
+
+    _, src = _build(FAMILY_CONFIGS[family](), tmp_path, seed=6)
+    mobe, out = tmp_path / "mobe", tmp_path / "exported"
+    compress(src, mobe, CompressOptions(method="mobe", num_bases=4, rank=16, steps=3, checkpoint_every=1e9, dtype="fp32"))
+    assert verify(mobe) == []
+    export(mobe, out, ExportOptions())
+    assert verify(out) == []
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = load_model(mobe, dtype=torch.float32)
+    try:
+        _close(ours(torch.tensor([SEQS[0]]))[0], _ref_logits(model.eval(), SEQS[0]))
+    finally:
+        ours.close()
+
+
 def test_llama4_multimodal_as_released(tmp_path):
     """Llama-4 as Meta releases it (Llama4ForConditionalGeneration, text model under `language_model.`):
     the factory's checkpoint loads in transformers with no missing or unexpected keys, and our runner's
