@@ -68,6 +68,9 @@ def compress(
     calib_ctx: int = typer.Option(defaults.CALIB_CTX, help="Window length of the calibration forward."),
     calib_rank: int = typer.Option(defaults.CALIB_RANK, help="Rank of each expert's input metric (low rank plus diagonal)."),
     calib_damp: float = typer.Option(defaults.CALIB_DAMP, help="Damping added to the metric, times its mean diagonal."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="Under torchrun: fit each projection with "
+                                         "all ranks together, its experts split over them (for fewer projections "
+                                         "left than GPUs, or one projection too slow for one GPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     force: bool = typer.Option(False, "--force", help="Warn instead of refusing when disk/RAM look too small."),
@@ -85,7 +88,8 @@ def compress(
                            groups=groups, solver=solver, init=init, steps=steps, precision=precision, lr=lr, tol=tol,
                            layers=layers,
                            device=device, seed=seed, dtype=dtype, max_shard_size=max_shard_size, max_gpu_memory=max_gpu_memory,
-                           checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, force=force,
+                           checkpoint_every=checkpoint_every, expert_parallel=expert_parallel, resume=resume,
+                           overwrite=overwrite, force=force,
                            calib=None if calib is None else str(calib), calib_tokens=calib_tokens, calib_ctx=calib_ctx,
                            calib_rank=calib_rank, calib_damp=calib_damp, explicit=typed_options(ctx))
     from .pipeline.dist import world_from_env

@@ -29,6 +29,10 @@ class ResourceError(MobeError):
     """Not enough disk, RAM or device memory for the planned work."""
 
 
+class PeerError(MobeError):
+    """Another process of a distributed run died or stopped answering during a collective."""
+
+
 def warning(message: str, path: str | os.PathLike | None = None) -> None:
     """A warning as users see one: one line on stderr, naming the file when there is one (the runtime's
     default sink; pipeline code reports warnings as events instead)."""

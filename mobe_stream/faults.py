@@ -3,7 +3,9 @@
 Driven by the environment variable MOBE_STREAM_FAULT, e.g. `enospc_after_bytes=100000` (the shard
 writer raises ENOSPC once that many bytes were written in this process) `nan_at_step=5` (a solver
 parameter turns NaN once after that step), `nan_from_step=5` (... after every step from then on),
-`oom_at_step=5` (a device OOM is raised once) or
+`oom_at_step=5` (a device OOM is raised once), `sigkill_at_step=5` / `sigterm_at_step=5` (the
+process sends itself SIGKILL, as a crashed rank, or SIGTERM, as a scheduler's stop, after that solver
+step; with `fault_rank=1` only torchrun's rank 1 does) or
 `enospc_writing=config.json` (writing any file whose name ends so raises ENOSPC, like a disk
 that fills up just then). Unset in normal use: every hook is then a no-op.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 
 _written = 0
 _fired: set[str] = set()
@@ -72,3 +75,13 @@ def nan_from_step(step: int) -> bool:
 def oom_at_step(step: int) -> bool:
     """True once, at the configured solver step (the pipeline then raises a device OOM)."""
     return _once("oom_at_step", step)
+
+
+def signal_at_step(step: int) -> None:
+    """Send this process SIGKILL or SIGTERM at the configured solver step (and torchrun rank)."""
+    rank = _get("fault_rank")
+    if rank is not None and rank != int(os.environ.get("RANK", "0")):
+        return
+    for name, sig in (("sigkill_at_step", signal.SIGKILL), ("sigterm_at_step", signal.SIGTERM)):
+        if _once(name, step):
+            os.kill(os.getpid(), sig)

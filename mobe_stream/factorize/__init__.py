@@ -9,6 +9,7 @@ from .metric import InputMetric, expert_metrics
 from .metrics import choose_bases_rank, expert_cut, param_fraction, relative_error, working_set_bytes
 from .model import ACTIVATIONS, MoBEFactors, MoBESpec, mixed_bases, prepare_targets
 from .precision import PRECISIONS, Precision
+from .shard import ExpertShard, expert_bounds
 from .storage import refit_for_storage
 from .targets import Targets, zscored
 
@@ -17,4 +18,5 @@ __all__ = ["METHODS", "LowRankFactors", "MethodPlan", "factors_from_tensors", "f
            "AdamSolver", "AlternatingSolver", "solve_A", "INITS", "init_fitted", "init_scaled", "initial_factors",
            "init_grouped_svd", "choose_bases_rank", "expert_cut",
            "param_fraction", "relative_error", "working_set_bytes", "ACTIVATIONS", "MoBEFactors", "MoBESpec",
-           "mixed_bases", "prepare_targets", "refit_for_storage", "PRECISIONS", "Precision", "Targets", "zscored"]
+           "mixed_bases", "prepare_targets", "refit_for_storage", "PRECISIONS", "Precision", "ExpertShard", "expert_bounds",
+           "Targets", "zscored"]

@@ -22,5 +22,5 @@ class AdamSolver(Solver):
         return self._squared_error(R, idx)
 
     def best_factors(self) -> MoBEFactors:
-        return MoBEFactors(self.best["A"].cpu().clone(), self.best["B"].cpu().clone(), self.best["alpha"].cpu().clone(),
-                           1.0, self.spec.activation)
+        return MoBEFactors(self._full(self.best["A"].cpu()).clone(), self.best["B"].cpu().clone(),
+                           self._full(self.best["alpha"].cpu()).clone(), 1.0, self.spec.activation)

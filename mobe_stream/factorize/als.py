@@ -71,11 +71,14 @@ class AlternatingSolver(Solver):
     def best_factors(self) -> MoBEFactors:
         B = self.best["B"].to(self.device)
         alpha = self.best["alpha"]
-        A = torch.empty((self.E, self.p, self.spec.rank), dtype=torch.float32)
+        n, lo = self.hi - self.lo, self.lo  # this shard's experts; gathered below
+        A = torch.empty((n, self.p, self.spec.rank), dtype=torch.float32)
         with torch.no_grad():
-            for e0 in range(0, self.E, self.batch):
-                e1 = min(self.E, e0 + self.batch)
-                M = mixed_bases(alpha[e0:e1].to(self.device), B, range(e0, e1), self.E, self.spec.activation)
+            for e0 in range(0, n, self.batch):
+                e1 = min(n, e0 + self.batch)
+                idx = range(lo + e0, lo + e1)
+                M = mixed_bases(alpha[e0:e1].to(self.device), B, idx, self.E, self.spec.activation)
                 A[e0:e1] = solve_A(self.T.slice(e0, e1).to(self.device).batch(), M,
-                                   metric=self._metric_of(range(e0, e1))).cpu()  # fp32: the stored A
-        return MoBEFactors(A, self.best["B"].cpu().clone(), alpha.cpu().clone(), 1.0, self.spec.activation)
+                                   metric=self._metric_of(idx)).cpu()  # fp32: the stored A
+        return MoBEFactors(self._full(A), self.best["B"].cpu().clone(), self._full(alpha.cpu()).clone(), 1.0,
+                           self.spec.activation)

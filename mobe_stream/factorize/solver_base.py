@@ -21,6 +21,12 @@ A calibrated fit passes an input metric (metric.py): every squared error becomes
 the closed-form A its weighted argmin. The metric stays on the compute device (it is small next to
 the bases) and is sliced per batch like the targets.
 
+A solver may own only a run of the experts (`shard`, shard.py): its per-expert state then holds
+those rows only, the loss and B's gradient are summed over the processes before B's update, and
+state_dict / best_factors gather the full tensors (in expert order) so a checkpoint is the same
+file whatever the number of processes. Expert ids passed to the hooks (`idx`) stay global (the
+expert's group, the metric's rows); per-expert storage is indexed from `lo`.
+
 `best_factors()` returns factors of the *scaled* targets with scale 1.0: the caller folds the
 std from `zscored` in (see FORMAT.md: it goes into A).
 """
@@ -37,6 +43,7 @@ from .init import initial_factors
 from .metric import InputMetric
 from .model import MoBEFactors, MoBESpec
 from .precision import Precision
+from .shard import ExpertShard
 from .targets import Targets
 
 BETAS = (0.9, 0.999)
@@ -80,27 +87,38 @@ class Solver:
                  device: str | torch.device = "cpu", expert_batch: int | None = None,
                  max_device_bytes: int | None = None, init: MoBEFactors | str = "paper", seed: int = 0,
                  tol: float | None = None, patience: int = 20, precision: str = "fp32",
-                 metric: InputMetric | None = None):
+                 metric: InputMetric | None = None, shard: ExpertShard | None = None):
         # seed: the clustered init's row sketch (the only random draw); kept in the state dict
         self.spec, self.lr, self.tol, self.patience, self.seed = spec, float(lr), tol, patience, seed
         self.device = torch.device(device)
         self.precision = Precision(precision, self.device)
         targets = Targets.of(W)
         E, p, d = targets.shape
-        self.E, self.p, self.d, self.N = E, p, d, E * p * d
+        self.E, self.p, self.d, self.N = E, p, d, E * p * d  # N over all experts, sharded or not
+        if shard is not None and shard.total != E:
+            raise ValueError(f"expert shard is of {shard.total} experts, targets have {E}")
+        self.shard = shard
+        self.lo, self.hi = (0, E) if shard is None else (shard.lo, shard.hi)
         if metric is not None and (metric.num_experts, metric.diag.shape[1]) != (E, d):
             raise ValueError(f"input metric is for {metric.num_experts} experts of width {metric.diag.shape[1]}, "
                              f"targets are {E} x {p} x {d}")
-        self.metric = None if metric is None else metric.to(self.device)
-        self.plan = self._plan(targets, max_device_bytes, expert_batch)
-        self.batch = self.plan.batch
+        self.metric = None if metric is None else metric.slice(self.lo, self.hi).to(self.device)
+        own = targets if shard is None else targets.slice(self.lo, self.hi)
+        self.plan = self._plan(own, max_device_bytes, expert_batch)
+        self.batch = max(1, self.plan.batch)  # a shard without experts plans a batch of 0
         self.home = self.device if self.plan.resident else torch.device("cpu")
         self.streaming = self.home != self.device
-        self.T = targets.to(self.home)
-        factors = initial_factors(self.T, spec, init, self.device, seed, need_A="A" in self.per_expert) \
-            if isinstance(init, str) else init
+        self.T = own.to(self.home)
+        # the init sees every expert (its bases come from all of them), then each process keeps its rows
+        factors = initial_factors(self.T if shard is None else targets, spec, init, self.device, seed,
+                                  need_A="A" in self.per_expert) if isinstance(init, str) else init
         self.params = self._params_from(factors)
         del factors
+        if shard is not None:
+            for k in self.per_expert:
+                self.params[k] = self.params[k][self.lo:self.hi].clone()
+            for k in self.shared:
+                shard.broadcast(self.params[k])
         self.m = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.v = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.best = {k: v.clone() for k, v in self.params.items()}
@@ -138,7 +156,7 @@ class Solver:
 
     # -- the objective's weighting (calibrated fits)
     def _metric_of(self, idx: range) -> InputMetric | None:
-        return None if self.metric is None else self.metric.slice(idx.start, idx.stop)
+        return None if self.metric is None else self.metric.slice(idx.start - self.lo, idx.stop - self.lo)
 
     def _squared_error(self, R: torch.Tensor, idx: range) -> torch.Tensor:
         """Σ ||R_e||² over the batch, or Σ tr(R_e H_e R_eᵀ) in a calibrated fit."""
@@ -162,7 +180,7 @@ class Solver:
     # -- mechanics
     def _plan(self, targets: Targets, max_device_bytes: int | None, expert_batch: int | None) -> MemoryPlan:
         budget = device_budget(self.device, max_device_bytes)
-        return plan_memory(self.cost_kind, self.E, self.p, self.d, self.spec, targets.nbytes, self.device.type,
+        return plan_memory(self.cost_kind, targets.shape[0], self.p, self.d, self.spec, targets.nbytes, self.device.type,
                            budget, expert_batch, None if self.metric is None else self.metric.rank)
 
     def _home(self, name: str) -> torch.device:
@@ -205,16 +223,17 @@ class Solver:
         return Targets(cur["W"], cur.get("W.scale_inv"), self.T.block, self.T.scale).batch()
 
     def step(self) -> torch.Tensor:
-        """One full pass over all experts and one Adam update. Returns the loss of the parameters
-        the pass started from as a 0-d device tensor (float() it to read; that syncs)."""
+        """One full pass over all (this shard's) experts and one Adam update. Returns the loss of the
+        parameters the pass started from as a 0-d device tensor (float() it to read; that syncs)."""
         t = self.step_count + 1
         dev = self.device
         total = torch.zeros((), dtype=torch.float32, device=dev)
         # one leaf per shared tensor for the whole pass: backward() accumulates every batch's
         # gradient into its .grad (no second accumulator)
         leaves = {k: self.params[k].detach().requires_grad_(True) for k in self.shared}
-        ranges = [(e0, min(self.E, e0 + self.batch)) for e0 in range(0, self.E, self.batch)]
-        pending = self._prefetch(*ranges[0])
+        n = self.hi - self.lo  # local rows e0..e1 are experts lo+e0..lo+e1
+        ranges = [(e0, min(n, e0 + self.batch)) for e0 in range(0, n, self.batch)]
+        pending = self._prefetch(*ranges[0]) if ranges else {}
         with self.precision.active():
             for i, (e0, e1) in enumerate(ranges):
                 cur = self._take(pending)
@@ -224,7 +243,7 @@ class Solver:
                 for k in self.per_expert:
                     self.cand[k][e0:e1].copy_(self.params[k][e0:e1])
                     per[k] = cur[k].detach().requires_grad_(True)
-                total += self._batch_backward(self._targets(cur), per, leaves["B"], range(e0, e1))
+                total += self._batch_backward(self._targets(cur), per, leaves["B"], range(self.lo + e0, self.lo + e1))
                 with torch.no_grad():
                     for k in self.per_expert:
                         p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]
@@ -233,6 +252,12 @@ class Solver:
                             self.params[k][e0:e1].copy_(p_, non_blocking=True)
                             self.m[k][e0:e1].copy_(m, non_blocking=True)
                             self.v[k][e0:e1].copy_(v, non_blocking=True)
+        if self.shard is not None:  # every process steps B with the whole gradient and reads the whole loss
+            self.shard.all_reduce(total)
+            for k in self.shared:
+                if leaves[k].grad is None:  # a shard without experts
+                    leaves[k].grad = torch.zeros_like(leaves[k])
+                self.shard.all_reduce(_grad(leaves[k]))
         with torch.no_grad():
             loss_t = total / self.N
             self.step_count = t
@@ -287,14 +312,20 @@ class Solver:
                 return
 
     # -- exact state
+    def _full(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-expert tensor with every expert's rows (gathered from the other processes when sharded)."""
+        return t if self.shard is None else self.shard.gather(t)
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors: all CPU contiguous, meta: JSON-serialisable): everything the next step depends on."""
+        """(tensors: all CPU contiguous, meta: JSON-serialisable): everything the next step depends on.
+        A sharded solver gathers its per-expert rows: the same state a single process would hold."""
         tensors = {}
         for k in self.params:
-            tensors[f"param.{k}"] = self.params[k].detach().cpu().contiguous()
-            tensors[f"m.{k}"] = self.m[k].cpu().contiguous()
-            tensors[f"v.{k}"] = self.v[k].cpu().contiguous()
-            tensors[f"best.{k}"] = self.best[k].cpu().contiguous()
+            full = self._full if k in self.per_expert else (lambda t: t)
+            tensors[f"param.{k}"] = full(self.params[k].detach()).cpu().contiguous()
+            tensors[f"m.{k}"] = full(self.m[k]).cpu().contiguous()
+            tensors[f"v.{k}"] = full(self.v[k]).cpu().contiguous()
+            tensors[f"best.{k}"] = full(self.best[k]).cpu().contiguous()
         meta = {"solver": type(self).__name__, "step": self.step_count, "best_loss": self.best_loss,
                 "best_step": self.best_step, "last_loss": self.last_loss, "lr": self.lr, "seed": self.seed,
                 "history": self.history, "converged": self.converged,
@@ -308,11 +339,12 @@ class Solver:
                 or meta.get("spec", spec) != spec:
             raise ValueError(f"solver state is for {meta.get('solver')} {meta.get('shape')} {meta.get('spec')}, not "
                              f"{type(self).__name__} {[self.E, self.p, self.d]} {spec}")
-        for k in self.params:
-            self.params[k] = tensors[f"param.{k}"].to(self._home(k)).clone()
-            self.m[k] = tensors[f"m.{k}"].to(self._home(k)).clone()
-            self.v[k] = tensors[f"v.{k}"].to(self._home(k)).clone()
-            self.best[k] = tensors[f"best.{k}"].to(self._home(k)).clone()
+        for k in self.params:  # a sharded solver takes its own rows of the per-expert state
+            own = slice(self.lo, self.hi) if k in self.per_expert else slice(None)
+            self.params[k] = tensors[f"param.{k}"][own].to(self._home(k)).clone()
+            self.m[k] = tensors[f"m.{k}"][own].to(self._home(k)).clone()
+            self.v[k] = tensors[f"v.{k}"][own].to(self._home(k)).clone()
+            self.best[k] = tensors[f"best.{k}"][own].to(self._home(k)).clone()
             if k in self.cand:
                 self.cand[k] = torch.empty_like(self.params[k])
         if self._side is not None:

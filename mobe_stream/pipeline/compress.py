@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import fp8
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError, ConfigError
-from ..factorize import Targets, fit_baseline, refit_for_storage, relative_error, zscored
+from ..factorize import ExpertShard, Targets, fit_baseline, refit_for_storage, relative_error, zscored
 from ..memory import pin_mmap_threshold
 from ..verify import verify
 from . import calib, dist, mobe_output, outdir, preflight
@@ -68,28 +68,10 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
                 journal.shard_stride = SHARD_STRIDE
             elif world.size > 1:
                 journal.shard_stride = SHARD_STRIDE
-            claims = dist.Claims(out / STATE_DIR, world) if world.size > 1 else None
-            try:
-                for unit in [u for u in units if not journal.done(u.key)]:
-                    if job.stop.requested:
-                        raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
-                    if claims is not None:
-                        journal.reload()
-                        if journal.done(unit.key) or not claims.try_claim(unit.key):
-                            continue
-                    if unit.kind == "copy":
-                        _run_copy(job, journal, unit, reporter)
-                    elif unit.kind == calib.UNIT:
-                        assert job.calib is not None and calib_runtime is not None
-                        calib.run(out, src, journal, job.layers, job.family.num_experts, job.calib, job.settings,
-                                  calib_runtime, job.fit.device, job.stop, reporter)
-                    else:
-                        _run_factorize(job, journal, unit, reporter)
-                    if claims is not None:
-                        claims.release(unit.key)
-            finally:
-                if claims is not None:
-                    claims.close()
+            if opts.expert_parallel and world.size > 1:
+                _run_expert_parallel(job, journal, units, world, reporter, calib_runtime)
+            else:
+                _run_claimed(job, journal, units, world, reporter, calib_runtime)
             dist.barrier(world)  # every unit journaled by some rank
             if not world.main:
                 return {}
@@ -106,6 +88,76 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
         return summary
     finally:
         reader.close()
+
+
+def _run_unit(job: CompressJob, journal: Journal, unit: Unit, reporter: Reporter,
+              calib_runtime: calib.CalibRuntime | None) -> None:
+    if unit.kind == "copy":
+        _run_copy(job, journal, unit, reporter)
+    elif unit.kind == calib.UNIT:
+        assert job.calib is not None and calib_runtime is not None
+        calib.run(job.out, job.src, journal, job.layers, job.family.num_experts, job.calib, job.settings,
+                  calib_runtime, job.fit.device, job.stop, reporter)
+    else:
+        _run_factorize(job, journal, unit, reporter)
+
+
+def _run_claimed(job: CompressJob, journal: Journal, units: list[Unit], world: dist.World, reporter: Reporter,
+                 calib_runtime: calib.CalibRuntime | None) -> None:
+    """One process does every unit; several (torchrun) each take the next unit nobody holds."""
+    claims = dist.Claims(job.out / STATE_DIR, world) if world.size > 1 else None
+    try:
+        for unit in [u for u in units if not journal.done(u.key)]:
+            if job.stop.requested:
+                raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
+            if claims is not None:
+                journal.reload()
+                if journal.done(unit.key) or not claims.try_claim(unit.key):
+                    continue
+            _run_unit(job, journal, unit, reporter, calib_runtime)
+            if claims is not None:
+                claims.release(unit.key)
+    finally:
+        if claims is not None:
+            claims.close()
+
+
+def _run_expert_parallel(job: CompressJob, journal: Journal, units: list[Unit], world: dist.World,
+                         reporter: Reporter, calib_runtime: calib.CalibRuntime | None) -> None:
+    """--expert-parallel: every rank fits each projection together with the others, each owning a
+    run of its experts. Rank 0 alone does the other units (copies, calibration, closed-form
+    baselines) and writes every output. Before a fit the other ranks wait for rank 0 to journal
+    every earlier unit by polling the journal, not in a collective: a calibration forward can take
+    longer than a process group's timeout. The stop decision is agreed at each fit's start (and
+    inside it), so all ranks leave at the same point."""
+    fits = job.plan.method == "mobe"
+    todo = [u for u in units if not journal.done(u.key)]
+    for i, unit in enumerate(todo):
+        if not (unit.kind == "factorize" and fits):
+            if world.main:
+                if job.stop.requested:
+                    raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
+                _run_unit(job, journal, unit, reporter, calib_runtime)
+            continue
+        if not world.main:
+            _await_journaled(job, journal, [u.key for u in todo[:i]])
+        if dist.agree(world, job.stop.requested):
+            job.stop.requested = True
+            raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
+        _run_factorize(job, journal, unit, reporter, dist.expert_shard(world, job.family.num_experts))
+
+
+JOURNAL_POLL_SECONDS = 0.2
+
+
+def _await_journaled(job: CompressJob, journal: Journal, keys: list[str]) -> None:
+    while True:
+        journal.reload()
+        if all(journal.done(k) for k in keys):
+            return
+        if job.stop.requested:
+            raise Interrupted("interrupted while waiting for rank 0; rerun with --resume")
+        time.sleep(JOURNAL_POLL_SECONDS)
 
 
 COPY_BYTES_PER_S = 1e9  # copied units: read + write as stored, about disk speed
@@ -193,7 +245,10 @@ def _state_path(job: CompressJob, unit: Unit) -> Path:
     return job.out / STATE_DIR / f"{unit.key}.state.zst"
 
 
-def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Reporter) -> None:
+def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Reporter,
+                   shard: ExpertShard | None = None) -> None:
+    """Fit and write one projection. With `shard` this rank fits its experts with the others
+    (--expert-parallel): all take the fit's factors, rank 0 alone measures and writes them."""
     assert unit.layer is not None and unit.proj is not None
     # the targets in the source's own precision (Kimi-K2: 5.6 GB of FP8 instead of 22.5 GB of fp32)
     data, scales = job.family.expert_stack_stored(job.reader, unit.layer, unit.proj)
@@ -205,13 +260,16 @@ def _run_factorize(job: CompressJob, journal: Journal, unit: Unit, reporter: Rep
     if job.plan.method == "mobe":
         state_path = _state_path(job, unit)
         fit = ProjectionFit(W_scaled, unit.key, job.spec, job.fit, job.settings, state_path, job.stop, reporter,
-                            metric)
+                            metric, shard)
         try:
             fit.run()
         except StopRequested:
             raise Interrupted(f"interrupted at {unit.key} step {fit.solver.step_count}; progress saved, "
                               f"rerun with --resume") from None
-        factors = fit.solver.best_factors()
+        factors = fit.solver.best_factors()  # sharded: gathered on every rank
+        if shard is not None and not shard.main:
+            fit.release()
+            return
         info = {"kind": "factorize", "steps": fit.solver.step_count, "best_loss": float(fit.solver.best_loss),
                 "lr_final": fit.solver.lr}
         if metric is not None:  # the objective the fit minimised: error weighted by the routed inputs

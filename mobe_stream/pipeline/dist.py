@@ -8,17 +8,27 @@ unit nobody has finished or claimed. A claim is a file created with O_EXCL under
 not alive) or whose heartbeat is older than CLAIM_STALE_S is taken over, and the unit resumes from
 its solver checkpoint. Rank 0 holds the run lock, opens the journal and finishes the run (index,
 manifest, config) once every unit is journaled.
+
+With `--expert-parallel` the ranks instead fit each projection together, each owning a run of its
+experts (factorize/shard.py); `expert_shard` gives the solver its collectives over the process
+group. A collective that fails (a peer died: gloo and nccl raise) becomes a one-line PeerError.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from ..errors import PeerError
+from ..factorize import ExpertShard, expert_bounds
 
 CLAIM_DIR = "claims"
 CLAIM_STALE_S = 120.0
@@ -45,6 +55,8 @@ def init(world: World, cuda: bool) -> None:
     if world.size > 1:
         import torch.distributed as dist
 
+        if cuda:  # one GPU per rank on a node: `cuda` then means this rank's own
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
 
@@ -54,6 +66,63 @@ def barrier(world: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _collective(fn, *args, **kw) -> None:
+    try:
+        fn(*args, **kw)
+    except RuntimeError as e:  # DistBackendError included: the peer's connection closed, or a timeout
+        # gloo: "[.../pair.cc:537] Read error [127.0.0.1]:11178: Connection reset by peer. This is ...":
+        # the first sentence without the source location
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]
+        raise PeerError(f"another rank of the distributed run failed ({reason}); progress up to the last "
+                        f"checkpoint is saved, rerun with --resume") from None
+
+
+def expert_shard(world: World, total: int) -> ExpertShard:
+    """This rank's contiguous run of `total` experts and its collectives over the process group.
+    nccl moves tensors through this rank's GPU; gloo through host memory."""
+    import torch.distributed as dist
+
+    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    sizes = [hi - lo for lo, hi in (expert_bounds(total, world.size, r) for r in range(world.size))]
+
+    def all_reduce(t: torch.Tensor) -> None:
+        w = t.to(wire)
+        _collective(dist.all_reduce, w)
+        if w is not t:
+            t.copy_(w)
+
+    def broadcast(t: torch.Tensor) -> None:
+        w = t.to(wire)
+        _collective(dist.broadcast, w, src=0)
+        if w is not t:
+            t.copy_(w)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        # all_gather wants equal sizes: pad every run to the longest, then cut each back
+        pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=wire)
+        pad[:t.shape[0]] = t
+        parts = [torch.empty_like(pad) for _ in sizes]
+        _collective(dist.all_gather, parts, pad)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]).to(t.device)
+
+    lo, hi = expert_bounds(total, world.size, world.rank)
+    return ExpertShard(lo, hi, total, all_reduce, gather, broadcast, main=world.main)
+
+
+def agree(world: World, flag: bool) -> bool:
+    """True on every rank when any rank says True (a stop request, between units)."""
+    if world.size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    _collective(dist.all_reduce, t)
+    return bool(t.item() > 0)
 
 
 def _alive(pid: int) -> bool:

@@ -3,6 +3,12 @@
 Recovery rules: a non-finite loss rolls back to the last checkpoint (or the start), halves the
 learning rate, logs it and continues; a device out-of-memory error rebuilds the solver with half
 the expert batch and continues from the last checkpoint. Both are deterministic given the events.
+
+A fit shared by several ranks (`shard`, --expert-parallel) decides together: every stop, checkpoint
+and rollback decision is agreed over the ranks (one small all-reduce), so no rank is left waiting
+in a collective the others never enter. Rank 0 writes the checkpoint, gathered to the
+single-process layout, so any number of ranks (or one process) resumes it. An out-of-memory error
+on one rank cannot be retried that way (the others are mid-step) and stops the run instead.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 
 from .. import faults
 from ..errors import ResourceError
-from ..factorize import InputMetric, MoBESpec, Targets
+from ..factorize import ExpertShard, InputMetric, MoBESpec, Targets
 from .events import Reporter
 from .job import FitSettings, StopFlag
 from .journal import upgrade_settings
@@ -37,9 +43,10 @@ class ProjectionFit:
     """
 
     def __init__(self, W_scaled: torch.Tensor | Targets, key: str, spec: MoBESpec, fit: FitSettings, run_settings: dict,
-                 state_path: Path, stop: StopFlag, reporter: Reporter, metric: InputMetric | None = None):
+                 state_path: Path, stop: StopFlag, reporter: Reporter, metric: InputMetric | None = None,
+                 shard: ExpertShard | None = None):
         self.W, self.key, self.spec, self.fit, self.run_settings = W_scaled, key, spec, fit, run_settings
-        self.metric = metric
+        self.metric, self.shard = metric, shard
         self.state_path, self.stop, self.reporter = state_path, stop, reporter
         self.batch: int | None = None
         self.rollbacks = 0
@@ -54,7 +61,7 @@ class ProjectionFit:
         f = self.fit
         return make_solver(f.solver, self.W, self.spec, lr=f.lr, device=f.device, max_device_bytes=f.max_device_bytes,
                            seed=f.seed, tol=f.tol, expert_batch=self.batch, init=f.init, precision=f.precision,
-                           metric=self.metric)
+                           metric=self.metric, shard=self.shard)
 
     def _event(self, kind: str, /, **fields) -> None:
         self.reporter.event(kind, unit=self.key, **fields)
@@ -74,7 +81,9 @@ class ProjectionFit:
         return True
 
     def save(self) -> None:
-        tensors, meta = self.solver.state_dict()
+        tensors, meta = self.solver.state_dict()  # sharded: every rank gathers, rank 0 writes
+        if self.shard is not None and not self.shard.main:
+            return
         size = save_state(self.state_path, tensors, {"settings": self.run_settings, "unit": self.key, "solver": meta,
                                                      "seconds": self.seconds()})
         self._event("checkpoint", step=self.solver.step_count, bytes=size,
@@ -93,6 +102,19 @@ class ProjectionFit:
     def seconds(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0
 
+    def _agreed(self, flag: bool) -> bool:
+        """flag, or in a sharded fit: any rank's flag (the same answer on every rank)."""
+        return flag if self.shard is None else self.shard.agree(flag)
+
+    def _stopping(self) -> bool:
+        """A stop was asked for here or (sharded) on any rank: then every rank stops at this step."""
+        if self.shard is None:
+            return self.stop.requested
+        agreed = self.shard.agree(self.stop.requested)
+        if agreed:
+            self.stop.requested = True
+        return agreed
+
     def done(self) -> bool:
         return self.solver.step_count >= self.fit.steps or self.solver.converged
 
@@ -106,9 +128,10 @@ class ProjectionFit:
             s = self.solver
             if faults.nan_at_step(s.step_count) or faults.nan_from_step(s.step_count):
                 s.params["B"].view(-1)[0] = float("nan")
+            faults.signal_at_step(s.step_count)
             if faults.oom_at_step(s.step_count):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return self.stop.requested or time.monotonic() - last_ckpt >= f.checkpoint_every
+            return self._stopping() or self._agreed(time.monotonic() - last_ckpt >= f.checkpoint_every)
 
         def on_progress(step: int, loss: float, best: float) -> None:
             # loss: mean squared residual of the z-scored targets; rel_error: the one metric shown
@@ -116,7 +139,7 @@ class ProjectionFit:
                         rel_error=math.sqrt(best / self.mean_square) if math.isfinite(best) else None)
 
         while not self.done():
-            if self.stop.requested:  # also between NaN rollbacks and OOM retries, not only after good steps
+            if self._stopping():  # also between NaN rollbacks and OOM retries, not only after good steps
                 self.save()
                 raise StopRequested
             try:
@@ -124,10 +147,11 @@ class ProjectionFit:
             except torch.OutOfMemoryError:
                 self._shrink_batch()
                 continue
-            if not math.isfinite(self.solver.last_loss) or not self._params_finite():
+            # the loss is the same on every rank; the parameters are each rank's own
+            if not math.isfinite(self.solver.last_loss) or self._agreed(not self._params_finite()):
                 self._roll_back()  # never checkpoint a poisoned state
                 continue
-            if self.stop.requested:
+            if self._stopping():
                 self.save()
                 raise StopRequested
             if not self.done():
@@ -151,6 +175,9 @@ class ProjectionFit:
 
     def _shrink_batch(self) -> None:
         old = self.solver.batch
+        if self.shard is not None:
+            raise ResourceError(f"{self.key}: device out of memory on rank with experts {self.shard.lo}-"
+                                f"{self.shard.hi - 1}; lower --max-gpu-memory and rerun with --resume")
         if old <= 1:
             raise ResourceError(f"{self.key}: device out of memory even with one expert per batch; "
                                 f"lower --max-gpu-memory or use --device cpu")

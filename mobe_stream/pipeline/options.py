@@ -126,6 +126,9 @@ class CompressOptions:
     calib_ctx: int = defaults.CALIB_CTX
     calib_rank: int = defaults.CALIB_RANK
     calib_damp: float = defaults.CALIB_DAMP
+    # under torchrun: fit each projection with all ranks, experts split over them (not journaled:
+    # the output differs from a unit-parallel run only by float rounding, like another batch size)
+    expert_parallel: bool = False
     resume: bool = False
     overwrite: bool = False
     force: bool = False
