@@ -77,3 +77,37 @@ def test_killed_rank_then_resume_with_another_world_size(src, tmp_path):
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert _digests(out) == _digests(tmp_path / "one")
+
+
+def test_racing_ranks_take_a_dead_ranks_claim_exactly_once(tmp_path):
+    """Ranks racing for a unit whose claim belongs to a dead process: exactly one takes it (each
+    attempt, many times over), and nobody takes a live claim."""
+    import threading
+
+    from mobe_stream.pipeline.dist import Claims, World
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claims = [Claims(tmp_path, World(r, 4)) for r in range(4)]
+    try:
+        for i in range(30):
+            key = f"layer.{i}.gate_proj"
+            path = claims[0]._path(key)
+            path.write_text(json.dumps({"host": claims[0].host, "pid": int(dead.stdout), "rank": 1, "time": 0}))
+            won: list[int] = []
+            go = threading.Barrier(4)
+
+            def take(r: int, key: str = key, won: list[int] = won, go: threading.Barrier = go) -> None:
+                go.wait()
+                if claims[r].try_claim(key):
+                    won.append(r)
+
+            threads = [threading.Thread(target=take, args=(r,)) for r in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(won) == 1, (i, won)
+            assert not any(c.try_claim(key) for c in claims)  # the winner is alive: its claim holds
+    finally:
+        for c in claims:
+            c.close()

@@ -114,6 +114,10 @@ def _run_claimed(job: CompressJob, journal: Journal, units: list[Unit], world: d
                 journal.reload()
                 if journal.done(unit.key) or not claims.try_claim(unit.key):
                     continue
+                journal.reload()  # another rank may have finished it and let its claim go meanwhile
+                if journal.done(unit.key):
+                    claims.release(unit.key)
+                    continue
             _run_unit(job, journal, unit, reporter, calib_runtime)
             if claims is not None:
                 claims.release(unit.key)

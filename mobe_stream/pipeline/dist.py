@@ -3,7 +3,7 @@ world from torchrun's environment, the process group (gloo on CPUs, nccl on GPUs
 claims on the shared output directory.
 
 Work is split by units through the journal: every rank walks the plan in order and takes the first
-unit nobody has finished or claimed. A claim is a file created with O_EXCL under
+unit nobody has finished or claimed. A claim is a file created under a lock in
 `.mobe-state/claims/`, refreshed by a heartbeat; a claim whose process is gone (same host, pid
 not alive) or whose heartbeat is older than CLAIM_STALE_S is taken over, and the unit resumes from
 its solver checkpoint. Rank 0 holds the run lock, opens the journal and finishes the run (index,
@@ -162,21 +162,23 @@ class Claims:
         return age > CLAIM_STALE_S
 
     def try_claim(self, key: str) -> bool:
-        """True if this process now holds the unit (a stale claim is taken over)."""
+        """True if this process now holds the unit (a stale claim is taken over). Check and take
+        happen under one lock on the claims directory: without it a rank could read another's claim
+        between its creation and its contents (and take it as stale), or two ranks could both
+        replace the same stale claim, and both would do the unit."""
+        import fcntl
+
         path = self._path(key)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
                 if not self.stale(path):
                     return False
-                path.unlink(missing_ok=True)  # a racing taker may win the next O_EXCL: then we lose
-                continue
-            with os.fdopen(fd, "w") as f:
+                path.unlink()
+            with open(path, "w") as f:
                 json.dump({"host": self.host, "pid": self.pid, "rank": self.world.rank, "time": time.time()}, f)
-            self._held.add(path)
-            return True
-        return False
+        self._held.add(path)
+        return True
 
     def release(self, key: str) -> None:
         path = self._path(key)
