@@ -55,6 +55,28 @@ def test_two_ranks_match_one_process(src, tmp_path):
     assert ranks == {0, 1}  # both ranks did units
 
 
+def test_two_nodes_through_c10d_rendezvous_on_a_shared_out(src, tmp_path):
+    """Multi-node as users launch it (`torchrun --nnodes 2 --rdzv-backend c10d ...` once per node,
+    OUT on a shared filesystem), both "nodes" on this machine; the result equals one process."""
+    run_cli("compress", str(src), "--out", str(tmp_path / "one"), *ARGS, check=True, extra_env=ONE_THREAD)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    port = 29000 + os.getpid() % 500
+    # the mobe-stream console script under torchrun (--no-python), as an installed user would
+    script = str(Path(sys.executable).with_name("mobe-stream"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mobe-test"]
+    nodes = [subprocess.Popen([*launch, *(["--no-python", script] if node and Path(script).exists()
+                                          else ["-m", "mobe_stream"]),
+                               "compress", str(src), "--out", str(tmp_path / "two"), *ARGS],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    for proc in nodes:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
+    ranks = {u["info"].get("rank") for u in json.loads((tmp_path / "two" / "mobe-journal.json").read_text())["units"].values()}
+    assert ranks == {0, 1}
+
+
 def test_killed_rank_then_resume_with_another_world_size(src, tmp_path):
     run_cli("compress", str(src), "--out", str(tmp_path / "one"), *ARGS, check=True, extra_env=ONE_THREAD)
     out = tmp_path / "two"
