@@ -253,18 +253,22 @@ def test_two_ranks_fit_each_projection_together(tiny, tmp_path):
 
 
 @pytestmark_linux
-@pytest.mark.parametrize("signal_name,resume_ranks", [("sigkill", 1), ("sigkill", 3), ("sigterm", 1)])
-def test_stopped_rank_mid_fit_then_resume_with_another_world_size(tiny, tmp_path, signal_name, resume_ranks):
-    """Rank 1 alone is killed (SIGKILL) or asked to stop (SIGTERM) after step 6 of the first fit.
-    Killed: the survivor fails in its next collective with one line. Stopped: the ranks agree and
-    both checkpoint step 6 and stop. Either way another world size resumes within OUT_TOL."""
+@pytest.mark.parametrize("signal_name,victim,resume_ranks", [("sigkill", "1", 1), ("sigkill", "1", 3), ("sigterm", "1", 1),
+                                                            ("sigkill", "0", 2), ("sigkill", "all", 1)])
+def test_stopped_rank_mid_fit_then_resume_with_another_world_size(tiny, tmp_path, signal_name, victim, resume_ranks):
+    """Rank 1, rank 0 (the writer) or every rank is killed (SIGKILL), or rank 1 asked to stop
+    (SIGTERM), after step 6 of the first fit. Killed: a survivor fails in its next collective with
+    one line. Stopped: the ranks agree and both checkpoint step 6 and stop. Either way another world
+    size resumes within OUT_TOL."""
     src, one = tiny
     out, log = tmp_path / "two", tmp_path / "events.jsonl"
-    proc = _torchrun(2, str(src), "--out", str(out), *ARGS, "--expert-parallel",
-                     fault=f"{signal_name}_at_step=6,fault_rank=1")
+    fault = f"{signal_name}_at_step=6" + ("" if victim == "all" else f",fault_rank={victim}")
+    proc = _torchrun(2, str(src), "--out", str(out), *ARGS, "--expert-parallel", fault=fault)
     assert proc.returncode != 0
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
-    if signal_name == "sigkill":
+    if signal_name == "sigkill" and victim == "all":
+        assert errors == []
+    elif signal_name == "sigkill":
         assert len(errors) == 1 and errors[0].startswith("error: another rank") and "--resume" in errors[0]
     else:  # both ranks stop at the same step, after the same checkpoint
         assert errors == ["error: interrupted at layer.1.gate_proj step 6; progress saved, rerun with --resume"] * 2
