@@ -18,14 +18,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Streaming Mixture-of-Basis-Experts compression and offloaded inference for giant MoE models.")
 
 
-def _reporter(quiet: bool, log_json: Path | None):
+def _reporter(quiet: bool, log_json: Path | None, tags: dict | None = None):
     """--quiet: problems only; a terminal: live bars; piped or logged stderr: plain lines with a heartbeat."""
     from .pipeline.events import HeartbeatSink, JsonLinesSink, PlainSink, Reporter, RichSink, Sink
 
     sinks: list[Sink] = [PlainSink()] if quiet else [RichSink()] if sys.stderr.isatty() else [HeartbeatSink()]
     if log_json:
         sinks.append(JsonLinesSink(str(log_json)))
-    return Reporter(sinks)
+    return Reporter(sinks, tags)
 
 
 @app.command()
@@ -95,8 +95,12 @@ def compress(
     from .pipeline.dist import world_from_env
     from .runtime.calibrate import RUNTIME
 
-    main_rank = world_from_env().main  # under torchrun only rank 0 draws progress and reports; the others work
-    reporter = _reporter(quiet or as_json or not main_rank, log_json)
+    world = world_from_env()
+    main_rank = world.main
+    # under torchrun rank 0 draws every rank's progress and writes --log-json (dist.shared_progress
+    # relays the others' events, tagged with their rank); the other ranks print only problems
+    reporter = _reporter(quiet or as_json or not main_rank, log_json if main_rank else None,
+                         {"rank": world.rank} if world.size > 1 else None)
     summary = run_job(reporter, lambda: run(src, out, opts, reporter, RUNTIME), as_json and main_rank)
     if not as_json and main_rank:  # always one line saying where the result is (stdout, so scripts can take it)
         print(f"{summary['output']}: expert params -{100 * summary['expert_reduction']:.1f}%, "

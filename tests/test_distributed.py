@@ -46,13 +46,21 @@ ARGS = ("--steps", "60", "--num-bases", "2", "--checkpoint-every", "0.2")
 
 def test_two_ranks_match_one_process(src, tmp_path):
     run_cli("compress", str(src), "--out", str(tmp_path / "one"), *ARGS, check=True, extra_env=ONE_THREAD)
-    proc = _torchrun(2, str(src), "--out", str(tmp_path / "two"), *ARGS)
+    log = tmp_path / "events.jsonl"
+    proc = _torchrun(2, str(src), "--out", str(tmp_path / "two"), *ARGS, "--log-json", str(log))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert out.count("expert params") == 1  # rank 0 reports, once
     assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
-    ranks = {u["info"].get("rank") for u in json.loads((tmp_path / "two" / "mobe-journal.json").read_text())["units"].values()}
-    assert ranks == {0, 1}  # both ranks did units
+    units = json.loads((tmp_path / "two" / "mobe-journal.json").read_text())["units"]
+    assert {u["info"].get("rank") for u in units.values()} == {0, 1}  # both ranks did units
+    # rank 0 shows every rank's progress: each unit's unit_done once in --log-json, with the rank
+    # that did it, and a "done" line for each on rank 0's stderr (piped: heartbeat lines)
+    done = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "unit_done"]
+    assert sorted(e["unit"] for e in done) == sorted(units)
+    assert all(e["rank"] == units[e["unit"]]["info"]["rank"] for e in done)
+    assert all(err.count(f"rank {u['info']['rank']}: {k} done in") == 1 for k, u in units.items()), err[-3000:]
+    assert not (tmp_path / "two" / ".mobe-state" / "progress").exists()
 
 
 def test_two_nodes_through_c10d_rendezvous_on_a_shared_out(src, tmp_path):

@@ -61,6 +61,8 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
         with lock, catch_signals(job.stop, reporter):
             units = _plan(job)
             journal = _open(job, units, opts, reporter, warn) if world.main else None
+            if world.main and world.size > 1:
+                dist.reset_progress(out / STATE_DIR)
             dist.barrier(world)  # rank 0 has created or resumed the journal
             if journal is None:
                 journal = Journal.load(out)
@@ -68,11 +70,14 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
                 journal.shard_stride = SHARD_STRIDE
             elif world.size > 1:
                 journal.shard_stride = SHARD_STRIDE
-            if opts.expert_parallel and world.size > 1:
-                _run_expert_parallel(job, journal, units, world, reporter, calib_runtime)
-            else:
-                _run_claimed(job, journal, units, world, reporter, calib_runtime)
-            dist.barrier(world)  # every unit journaled by some rank
+            expert_parallel = opts.expert_parallel and world.size > 1
+            # rank 0 shows every rank's units; expert-parallel ranks all work on rank 0's units
+            with contextlib.nullcontext() if expert_parallel else dist.shared_progress(out / STATE_DIR, world, reporter):
+                if expert_parallel:
+                    _run_expert_parallel(job, journal, units, world, reporter, calib_runtime)
+                else:
+                    _run_claimed(job, journal, units, world, reporter, calib_runtime)
+                dist.barrier(world)  # every unit journaled by some rank
             if not world.main:
                 return {}
             journal.reload()
@@ -84,6 +89,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
             outdir.self_check(out, lambda d: verify(d, full=False, own_run=True))
             journal.mark_complete()
             shutil.rmtree(calib.state_dir(out), ignore_errors=True)  # the metrics served their fits
+            shutil.rmtree(out / STATE_DIR / dist.PROGRESS_DIR, ignore_errors=True)
         reporter.event("summary", **summary)
         return summary
     finally:

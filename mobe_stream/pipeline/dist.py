@@ -9,6 +9,10 @@ not alive) or whose heartbeat is older than CLAIM_STALE_S is taken over, and the
 its solver checkpoint. Rank 0 holds the run lock, opens the journal and finishes the run (index,
 manifest, config) once every unit is journaled.
 
+Progress: every rank's events carry its `rank`; the other ranks log theirs as JSON lines under
+`.mobe-state/progress/`, and rank 0 re-emits them (`shared_progress`), so its bars, heartbeat lines
+and `--log-json` show every rank's units.
+
 With `--expert-parallel` the ranks instead fit each projection together, each owning a run of its
 experts (factorize/shard.py); `expert_shard` gives the solver its collectives over the process
 group. A collective that fails (a peer died: gloo and nccl raise) becomes a one-line PeerError.
@@ -19,9 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +36,13 @@ import torch
 
 from ..errors import PeerError
 from ..factorize import ExpertShard, expert_bounds
+from .events import JsonLinesSink, Reporter
 
 CLAIM_DIR = "claims"
+PROGRESS_DIR = "progress"
+# the events of other ranks that rank 0 shows (their plan, estimate and messages repeat its own)
+RELAYED = ("unit_start", "solver", "copy", "unit_done", "checkpoint", "resume", "warning")
+RELAY_POLL_S = 0.5
 CLAIM_STALE_S = 120.0
 HEARTBEAT_S = 20.0
 
@@ -195,3 +207,75 @@ class Claims:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def reset_progress(state_dir: Path) -> None:
+    """Rank 0, before the ranks start: an empty progress directory (a resumed run's old lines are not news)."""
+    d = state_dir / PROGRESS_DIR
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def shared_progress(state_dir: Path, world: World, reporter: Reporter) -> Iterator[None]:
+    """Under torchrun: the other ranks append their events to `progress/rank-N.jsonl`; rank 0 tails
+    those files from a thread and re-emits their unit events into its reporter (tagged with their
+    rank), until the block ends (after the barrier every rank reaches when its work is done, so
+    nothing is missed). One process: nothing."""
+    d = state_dir / PROGRESS_DIR
+    if world.size == 1:
+        yield
+    elif not world.main:
+        sink = JsonLinesSink(str(d / f"rank-{world.rank}.jsonl"))
+        reporter.sinks.append(sink)
+        try:
+            yield
+        finally:
+            reporter.sinks.remove(sink)
+            sink.close()
+    else:
+        relay = _Relay(d, reporter)
+        try:
+            yield
+        finally:
+            relay.stop()
+
+
+class _Relay:
+    """Rank 0's reader of the other ranks' progress files: whole new lines, every RELAY_POLL_S."""
+
+    def __init__(self, folder: Path, reporter: Reporter):
+        self.folder, self.reporter = folder, reporter
+        self.offsets: dict[Path, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mobe-progress")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(RELAY_POLL_S):
+            self.drain()
+
+    def drain(self) -> None:
+        for path in sorted(self.folder.glob("rank-*.jsonl")):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.offsets.get(path, 0))
+                    data = f.read()
+            except OSError:
+                continue
+            whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+            self.offsets[path] = self.offsets.get(path, 0) + len(whole)
+            for line in whole.splitlines():
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                kind = ev.pop("event", None)
+                ev.pop("time", None)
+                if kind in RELAYED:
+                    self.reporter.event(kind, **ev)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.drain()  # what was written after the last poll

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -20,14 +21,19 @@ from ..errors import ConfigError
 
 
 class Reporter:
-    """Fan-out of events to sinks."""
+    """Fan-out of events to sinks. `tags` go into every event (under torchrun: the rank). Thread
+    safe: rank 0 also re-emits the other ranks' events from a relay thread (dist.shared_progress)."""
 
-    def __init__(self, sinks: list[Sink] | None = None):
+    def __init__(self, sinks: list[Sink] | None = None, tags: dict[str, Any] | None = None):
         self.sinks = sinks or []
+        self.tags = dict(tags or {})
+        self._lock = threading.RLock()  # re-entrant: a signal handler may report while a sink runs
 
     def event(self, kind: str, /, **fields: Any) -> None:
-        for s in self.sinks:
-            s.event(kind, fields)
+        fields = {**self.tags, **fields}
+        with self._lock:
+            for s in self.sinks:
+                s.event(kind, fields)
 
     def close(self) -> None:
         for s in self.sinks:
@@ -58,21 +64,24 @@ class JsonLinesSink(Sink):
 
 class WorkTracker:
     """Cost-weighted progress of a run, from its events: the plan's expected seconds per unit
-    (`unit_seconds`), then unit_start / solver / copy / unit_done. The ETA is the work still to do
-    at the rate this process has done work, so a run of cheap copies never promises a factorized
-    projection in seconds, and a resumed run does not count work done before it."""
+    (`unit_seconds`), then unit_start / solver / copy / unit_done. Several units may run at once
+    (torchrun ranks: rank 0 sees the others' events too). The ETA is the work still to do at the
+    rate this run has done work, so a run of cheap copies never promises a factorized projection
+    in seconds, and a resumed run does not count work done before it."""
 
     def __init__(self) -> None:
         self.costs: dict[str, float] = {}
         self.total = 0.0
         self.finished = 0.0  # seconds of work of finished units
         self.units_total = self.units_done = 0
-        self.unit: str | None = None
-        self.unit_total = 1
-        self.unit_done = 0
-        self.rel_error: float | None = None
+        self.running: dict[str, list] = {}  # unit -> [done, total, rel_error, rank], in start order
         self.t0 = time.monotonic()
         self.base: float | None = None  # fraction done when this process started working
+
+    def _unit(self, fields: dict) -> list | None:
+        """The running unit an event is about (its `unit`, else the last one started)."""
+        key = fields.get("unit") or next(reversed(self.running), None)
+        return self.running.get(key) if key else None
 
     def event(self, kind: str, fields: dict) -> None:
         if kind == "plan":
@@ -80,24 +89,23 @@ class WorkTracker:
             self.total = sum(self.costs.values())
             self.units_total, self.units_done = fields["total_units"], fields["done_units"]
         elif kind == "unit_start":
-            self.unit, self.rel_error = fields["unit"], None
-            self.unit_total = max(1, fields.get("steps") or fields.get("tensors") or 1)
-            self.unit_done = fields.get("start_step", 0) or 0
-        elif kind == "solver":
-            self.unit_done, self.rel_error = fields["step"], fields.get("rel_error")
-        elif kind == "copy":
-            self.unit_done = fields["done"]
+            total = max(1, fields.get("steps") or fields.get("tensors") or 1)
+            self.running[fields["unit"]] = [fields.get("start_step", 0) or 0, total, None, fields.get("rank")]
+        elif kind in ("solver", "copy") and (u := self._unit(fields)) is not None:
+            u[0] = fields["step"] if kind == "solver" else fields["done"]
+            if kind == "solver":
+                u[2] = fields.get("rel_error")
         elif kind == "unit_done":
             self.finished += self.costs.get(fields["unit"], 0.0)
             self.units_done += 1
-            self.unit = None
+            self.running.pop(fields["unit"], None)
         if self.base is None and kind == "unit_start":
             self.base, self.t0 = self.fraction(), time.monotonic()
 
     def fraction(self) -> float:
         if self.total <= 0:
             return self.units_done / max(1, self.units_total)
-        current = self.costs.get(self.unit or "", 0.0) * min(1.0, self.unit_done / self.unit_total)
+        current = sum(self.costs.get(k, 0.0) * min(1.0, d / t) for k, (d, t, _, _) in self.running.items())
         return min(1.0, (self.finished + current) / self.total)
 
     def eta(self) -> str:
@@ -110,10 +118,10 @@ class WorkTracker:
 
     def status(self) -> str:
         line = f"units {self.units_done}/{self.units_total} ({100 * self.fraction():.0f}%)"
-        if self.unit:
-            line += f", {self.unit} {self.unit_done}/{self.unit_total}"
-            if self.rel_error is not None:
-                line += f" rel.err {self.rel_error:.4f}"
+        for key, (d, t, rel, rank) in self.running.items():
+            line += f", {'' if rank is None else f'rank {rank}: '}{key} {d}/{t}"
+            if rel is not None:
+                line += f" rel.err {rel:.4f}"
         return line + f", {self.eta()}"
 
 
@@ -135,7 +143,7 @@ class RichSink(Sink):
         )
         self.work = WorkTracker()
         self.overall: TaskID | None = None
-        self.current: TaskID | None = None
+        self.tasks: dict[str, TaskID] = {}  # one bar per running unit (several under torchrun)
         self.started = False
 
     def _start(self) -> None:
@@ -150,6 +158,13 @@ class RichSink(Sink):
                                  description=f"units {w.units_done}/{w.units_total}",
                                  info=f"{100 * w.fraction():.0f}% {w.eta()}")
 
+    def _running(self, fields: dict) -> tuple[TaskID, int] | None:
+        """The bar and step total of the unit a solver/copy event is about (its `unit`, else the last)."""
+        key = fields.get("unit") or next(reversed(self.tasks), "")
+        if key not in self.tasks or key not in self.work.running:
+            return None
+        return self.tasks[key], self.work.running[key][1]
+
     def event(self, kind: str, fields: dict) -> None:
         self.work.event(kind, fields)
         if kind == "plan":
@@ -157,20 +172,23 @@ class RichSink(Sink):
             self.overall = self.progress.add_task("units", total=1000, info="")
         elif kind == "unit_start":
             self._start()
-            w = self.work
-            self.current = self.progress.add_task(fields["unit"][-24:], total=w.unit_total, completed=w.unit_done, info="")
-        elif kind == "solver" and self.current is not None:
+            done, total, _, rank = self.work.running[fields["unit"]]
+            label = fields["unit"][-24:] if rank is None else f"r{rank} {fields['unit'][-20:]}"
+            self.tasks[fields["unit"]] = self.progress.add_task(label, total=total, completed=done, info="")
+        elif kind == "solver" and (bar := self._running(fields)) is not None:
             rel = fields.get("rel_error")
-            info = f"{fields['step']}/{self.work.unit_total}" + ("" if rel is None else f" rel.err {rel:.4f}")
-            self.progress.update(self.current, completed=fields["step"], info=info)
-        elif kind == "copy" and self.current is not None:
-            self.progress.update(self.current, completed=fields["done"], info=f"{fields['done']}/{self.work.unit_total}")
+            info = f"{fields['step']}/{bar[1]}" + ("" if rel is None else f" rel.err {rel:.4f}")
+            self.progress.update(bar[0], completed=fields["step"], info=info)
+        elif kind == "copy" and (bar := self._running(fields)) is not None:
+            self.progress.update(bar[0], completed=fields["done"], info=f"{fields['done']}/{bar[1]}")
         elif kind == "unit_done":
-            if self.current is not None:
-                self.progress.remove_task(self.current)
-                self.current = None
+            task = self.tasks.pop(fields["unit"], None)
+            if task is not None:
+                self.progress.remove_task(task)
             if fields.get("rel_error") is not None:
-                self.progress.console.print(f"  {fields['unit']}: rel.err {fields['rel_error']:.4f} in {fields['seconds']:.1f}s")
+                who = "" if fields.get("rank") is None else f"rank {fields['rank']}: "
+                self.progress.console.print(f"  {who}{fields['unit']}: rel.err {fields['rel_error']:.4f} in "
+                                            f"{fields['seconds']:.1f}s")
         elif kind in ("warning", "message", "checkpoint", "resume", "estimate"):
             style = "yellow" if kind == "warning" else "dim"
             self.progress.console.print(f"[{style}]{escape(fields.get('text', ''))}[/{style}]")
@@ -209,8 +227,9 @@ class HeartbeatSink(Sink):
             self._print(("warning: " if kind == "warning" else "") + str(fields.get("text", "")))
         elif kind == "unit_done":
             rel = fields.get("rel_error")
-            self._print(f"{fields['unit']} done in {fields['seconds']:.1f}s" + ("" if rel is None else f", rel.err {rel:.4f}")
-                        + f"; {self.work.status()}")
+            who = "" if fields.get("rank") is None else f"rank {fields['rank']}: "
+            self._print(f"{who}{fields['unit']} done in {fields['seconds']:.1f}s"
+                        + ("" if rel is None else f", rel.err {rel:.4f}") + f"; {self.work.status()}")
             self.last = time.monotonic()
         elif kind == "summary" and "expert_reduction" in fields:
             self._print(f"done: expert params -{100 * fields['expert_reduction']:.1f}%, "
