@@ -51,8 +51,8 @@ class ExpertShard:
     def size(self) -> int:
         return self.hi - self.lo
 
-    def agree(self, flag: bool) -> bool:
-        """True on every process when any process says True (a stop or checkpoint decision)."""
-        t = torch.tensor([1.0 if flag else 0.0])
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over every process (a stop or checkpoint decision), all in one all-reduce."""
+        t = torch.tensor([1.0 if f else 0.0 for f in flags])
         self.all_reduce(t)
-        return bool(t.item() > 0)
+        return tuple(bool(x > 0) for x in t.tolist())

@@ -141,6 +141,7 @@ def _run_expert_parallel(job: CompressJob, journal: Journal, units: list[Unit], 
     longer than a process group's timeout. The stop decision is agreed at each fit's start (and
     inside it), so all ranks leave at the same point."""
     fits = job.plan.method == "mobe"
+    shard = dist.expert_shard(world, job.family.num_experts)  # every fit splits the experts alike
     todo = [u for u in units if not journal.done(u.key)]
     for i, unit in enumerate(todo):
         if not (unit.kind == "factorize" and fits):
@@ -151,10 +152,10 @@ def _run_expert_parallel(job: CompressJob, journal: Journal, units: list[Unit], 
             continue
         if not world.main:
             _await_journaled(job, journal, [u.key for u in todo[:i]])
-        if dist.agree(world, job.stop.requested):
+        if shard.agree(job.stop.requested)[0]:
             job.stop.requested = True
             raise Interrupted(f"interrupted before {unit.key}; progress saved, rerun with --resume")
-        _run_factorize(job, journal, unit, reporter, dist.expert_shard(world, job.family.num_experts))
+        _run_factorize(job, journal, unit, reporter, shard)
 
 
 JOURNAL_POLL_SECONDS = 0.2

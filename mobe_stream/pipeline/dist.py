@@ -124,19 +124,6 @@ def expert_shard(world: World, total: int) -> ExpertShard:
     return ExpertShard(lo, hi, total, all_reduce, gather, broadcast, main=world.main)
 
 
-def agree(world: World, flag: bool) -> bool:
-    """True on every rank when any rank says True (a stop request, between units)."""
-    if world.size == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    _collective(dist.all_reduce, t)
-    return bool(t.item() > 0)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

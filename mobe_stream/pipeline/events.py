@@ -78,10 +78,14 @@ class WorkTracker:
         self.t0 = time.monotonic()
         self.base: float | None = None  # fraction done when this process started working
 
-    def _unit(self, fields: dict) -> list | None:
+    def key_of(self, fields: dict) -> str | None:
         """The running unit an event is about (its `unit`, else the last one started)."""
         key = fields.get("unit") or next(reversed(self.running), None)
-        return self.running.get(key) if key else None
+        return key if key in self.running else None
+
+    def _unit(self, fields: dict) -> list | None:
+        key = self.key_of(fields)
+        return None if key is None else self.running[key]
 
     def event(self, kind: str, fields: dict) -> None:
         if kind == "plan":
@@ -160,8 +164,8 @@ class RichSink(Sink):
 
     def _running(self, fields: dict) -> tuple[TaskID, int] | None:
         """The bar and step total of the unit a solver/copy event is about (its `unit`, else the last)."""
-        key = fields.get("unit") or next(reversed(self.tasks), "")
-        if key not in self.tasks or key not in self.work.running:
+        key = self.work.key_of(fields)
+        if key is None or key not in self.tasks:
             return None
         return self.tasks[key], self.work.running[key][1]
 

@@ -102,18 +102,16 @@ class ProjectionFit:
     def seconds(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0
 
-    def _agreed(self, flag: bool) -> bool:
-        """flag, or in a sharded fit: any rank's flag (the same answer on every rank)."""
-        return flag if self.shard is None else self.shard.agree(flag)
+    def _agreed(self, *flags: bool) -> tuple[bool, ...]:
+        """The flags, or in a sharded fit: each OR-ed over the ranks in one all-reduce (the same
+        answer on every rank). The first is the stop request: a stop asked for on any rank becomes
+        this rank's too, so every rank stops at the same step."""
+        agreed = flags if self.shard is None else self.shard.agree(*flags)
+        self.stop.requested |= agreed[0]
+        return agreed
 
     def _stopping(self) -> bool:
-        """A stop was asked for here or (sharded) on any rank: then every rank stops at this step."""
-        if self.shard is None:
-            return self.stop.requested
-        agreed = self.shard.agree(self.stop.requested)
-        if agreed:
-            self.stop.requested = True
-        return agreed
+        return self._agreed(self.stop.requested)[0]
 
     def done(self) -> bool:
         return self.solver.step_count >= self.fit.steps or self.solver.converged
@@ -131,7 +129,8 @@ class ProjectionFit:
             faults.signal_at_step(s.step_count)
             if faults.oom_at_step(s.step_count):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return self._stopping() or self._agreed(time.monotonic() - last_ckpt >= f.checkpoint_every)
+            # one agreement per step: stop requested, checkpoint due
+            return any(self._agreed(self.stop.requested, time.monotonic() - last_ckpt >= f.checkpoint_every))
 
         def on_progress(step: int, loss: float, best: float) -> None:
             # loss: mean squared residual of the z-scored targets; rel_error: the one metric shown
@@ -148,7 +147,7 @@ class ProjectionFit:
                 self._shrink_batch()
                 continue
             # the loss is the same on every rank; the parameters are each rank's own
-            if not math.isfinite(self.solver.last_loss) or self._agreed(not self._params_finite()):
+            if not math.isfinite(self.solver.last_loss) or self._agreed(self.stop.requested, not self._params_finite())[1]:
                 self._roll_back()  # never checkpoint a poisoned state
                 continue
             if self._stopping():
