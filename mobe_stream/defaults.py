@@ -5,6 +5,7 @@ SOLVER = "als"  # variable projection: no per-expert optimizer state; fewer step
 INIT = "scaled"  # grouped SVD with bases at entry RMS 0.5, own logit 3 (factorize/init.py)
 STEPS = 1000
 PRECISION = "auto"
+SCHEDULE = "decay"  # relative basis steps + lr decay over the last 30% (factorize/schedule.py)
 LR = 0.07
 # --calib (pipeline/calib.py): 64 windows of 2048 tokens, as GPTQ-style recipes use; the input
 # metric's rank by measurement (tools/bench_calib.py: quality rises with the rank, and so does the

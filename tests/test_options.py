@@ -42,6 +42,7 @@ BAD_COMPRESS = [
     (["--solver", "fooo"], "--solver"),
     (["--init", "fooo"], "--init"),
     (["--precision", "fp64"], "--precision"),
+    (["--schedule", "cosine"], "--schedule"),
     (["--method", "fooo"], "--method"),
     (["--activation", "relu"], "--activation"),
     (["--dtype", "int4"], "--dtype"),

@@ -305,10 +305,12 @@ def test_resume_of_an_untouched_source_and_of_an_older_journal(tmp_path):
     data = json.loads(journal.read_text())
     data["source_fingerprint"] = data["source_fingerprint"]["digest"]  # as journaled before file identities
     del data["settings"]["precision"]  # as journaled before --precision (those runs were fp32 = auto on a CPU)
+    del data["settings"]["schedule"]  # as journaled before --schedule (those runs stepped with a constant lr)
     journal.write_text(json.dumps(data))
     run_cli("compress", str(src), "--out", str(out), *FAST, "--resume", check=True)
-    proc = run_cli("compress", str(src), "--out", str(out), *FAST, "--precision", "bf16", "--resume")
-    assert proc.returncode == 2 and "precision" in proc.stderr, proc.stderr
+    for option, value in (("--precision", "bf16"), ("--schedule", "decay")):  # today's default, not that run's
+        proc = run_cli("compress", str(src), "--out", str(out), *FAST, option, value, "--resume")
+        assert proc.returncode == 2 and option[2:] in proc.stderr, proc.stderr
 
 
 def _sigstop_when(proc, ready, timeout: float = 120) -> bool:

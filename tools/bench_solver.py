@@ -3,13 +3,14 @@
 checkpoint's layers, or structured synthetic experts; figures go into issue notes, nothing here is
 asserted.
 
-Per solver[:init[:precision]]: relative error (and its square, the reference's MSE / mean square)
+Per solver[:init[:precision[:schedule]]]: relative error (and its square, the reference's MSE / mean square)
 after step and wall-time budgets, steps/s, achieved GFLOP/s (factorize/cost.py's FLOPs), and the
 cost model's predicted step time (pipeline/estimate.py, rates measured on this CPU) against the
 measured one. With --reference PATH/train.py the paper's own code runs unmodified on the same layer
 (as a subprocess, on this checkpoint, same m, r, steps) and its reconstruction is scored the same way.
 
     python tools/bench_solver.py --trained --layers all --steps 100,500,2000 --solvers adam:paper,als:paper
+    python tools/bench_solver.py --trained --layers all --steps 1000 --solvers als:scaled:fp32:constant,als:scaled:fp32:decay
     python tools/bench_solver.py --trained --layers 0 --reference /tmp/MoBE/train.py --steps 2000
 """
 
@@ -92,9 +93,9 @@ def from_checkpoint(path: Path, layer: int, proj: str) -> Targets:
 def trajectory(name: str, W: Targets, spec: MoBESpec, max_steps: int, max_seconds: float, device: str, lr: float):
     """(seconds, step, relative error of the best iterate) after every step, until both budgets are
     spent, plus the per-step times. The error comes from best_loss (z-scored targets: rel = sqrt(best / mean W²))."""
-    solver, _, rest = name.partition(":")
-    init, _, precision = rest.partition(":")
-    s = SOLVERS[solver](W, spec, lr=lr, device=device, init=init or "paper", precision=precision or "fp32")
+    solver, init, precision, schedule = (name.split(":") + ["", "", ""])[:4]
+    s = SOLVERS[solver](W, spec, lr=lr, device=device, init=init or "paper", precision=precision or "fp32",
+                        schedule=schedule or "constant", total_steps=max_steps)
     ms = W.mean_square()
     out, times = [], []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -214,7 +215,8 @@ def main() -> None:
     ap.add_argument("--steps", default="100,500,2000")
     ap.add_argument("--seconds", default="", help="wall-time budgets too, e.g. 10,30")
     ap.add_argument("--solvers", default="adam:paper,als:paper",
-                    help="solver[:init[:precision]] list; init paper, clustered or fitted; precision fp32, tf32, bf16")
+                    help="solver[:init[:precision[:schedule]]] list; init paper, clustered, scaled or fitted; "
+                         "precision fp32, tf32, bf16; schedule constant (here the default) or decay")
     ap.add_argument("--methods", default="", help="closed-form baselines at the same budget (svd,molae,delta)")
     ap.add_argument("--reference", default=None, help="path of the reference's train.py to run unmodified")
     ap.add_argument("--lr", type=float, default=0.07)

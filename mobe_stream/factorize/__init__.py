@@ -9,11 +9,12 @@ from .metric import InputMetric, expert_metrics
 from .metrics import choose_bases_rank, expert_cut, param_fraction, relative_error, working_set_bytes
 from .model import ACTIVATIONS, MoBEFactors, MoBESpec, mixed_bases, prepare_targets
 from .precision import PRECISIONS, Precision
+from .schedule import SCHEDULES
 from .shard import ExpertShard, expert_bounds
 from .storage import refit_for_storage
 from .targets import Targets, zscored
 
-__all__ = ["METHODS", "LowRankFactors", "MethodPlan", "factors_from_tensors", "fit_baseline", "fit_lowrank",
+__all__ = ["METHODS", "SCHEDULES", "LowRankFactors", "MethodPlan", "factors_from_tensors", "fit_baseline", "fit_lowrank",
            "plan_method", "InputMetric", "expert_metrics",
            "AdamSolver", "AlternatingSolver", "solve_A", "INITS", "init_fitted", "init_scaled", "initial_factors",
            "init_grouped_svd", "choose_bases_rank", "expert_cut",

@@ -43,6 +43,7 @@ from .init import initial_factors
 from .metric import InputMetric
 from .model import MoBEFactors, MoBESpec
 from .precision import Precision
+from .schedule import SCHEDULES, basis_step_scale, lr_factor
 from .shard import ExpertShard
 from .targets import Targets
 
@@ -56,11 +57,15 @@ def _grad(t: torch.Tensor) -> torch.Tensor:
     return t.grad
 
 
-def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> None:
+def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, t: int,
+           scale: torch.Tensor | None = None) -> None:
+    """One Adam update of p in place; `scale` (broadcast against p) multiplies the step."""
     b1, b2 = BETAS
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     denom = (v / (1 - b2**t)).sqrt_().add_(EPS)
+    if scale is not None:
+        denom.div_(scale)
     p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
 
 
@@ -87,9 +92,14 @@ class Solver:
                  device: str | torch.device = "cpu", expert_batch: int | None = None,
                  max_device_bytes: int | None = None, init: MoBEFactors | str = "paper", seed: int = 0,
                  tol: float | None = None, patience: int = 20, precision: str = "fp32",
-                 metric: InputMetric | None = None, shard: ExpertShard | None = None):
+                 metric: InputMetric | None = None, shard: ExpertShard | None = None, schedule: str = "constant",
+                 total_steps: int | None = None):
         # seed: the clustered init's row sketch (the only random draw); kept in the state dict
         self.spec, self.lr, self.tol, self.patience, self.seed = spec, float(lr), tol, patience, seed
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+        # the step-size policy (schedule.py); `decay` needs the run's length, kept in the state dict
+        self.schedule, self.total_steps = schedule, total_steps
         self.device = torch.device(device)
         self.precision = Precision(precision, self.device)
         targets = Targets.of(W)
@@ -227,6 +237,7 @@ class Solver:
         parameters the pass started from as a 0-d device tensor (float() it to read; that syncs)."""
         t = self.step_count + 1
         dev = self.device
+        lr = self.lr * lr_factor(self.schedule, t, self.total_steps)
         total = torch.zeros((), dtype=torch.float32, device=dev)
         # one leaf per shared tensor for the whole pass: backward() accumulates every batch's
         # gradient into its .grad (no second accumulator)
@@ -247,7 +258,7 @@ class Solver:
                 with torch.no_grad():
                     for k in self.per_expert:
                         p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]
-                        _adam_(p_, _grad(per[k]), m, v, self.lr, t)
+                        _adam_(p_, _grad(per[k]), m, v, lr, t)
                         if self.streaming:  # else p_, m, v alias the home tensors: updated in place
                             self.params[k][e0:e1].copy_(p_, non_blocking=True)
                             self.m[k][e0:e1].copy_(m, non_blocking=True)
@@ -267,8 +278,9 @@ class Solver:
                 self._track_best_host(float(loss_t), t)  # also waits for the D2H copies of a streamed pass
             else:
                 self._track_best_device(loss_t, t)
-            for k in self.shared:
-                _adam_(self.params[k], _grad(leaves[k]), self.m[k], self.v[k], self.lr, t)
+            for k in self.shared:  # the bases: relative steps under `decay` (identical on every shard)
+                scale = basis_step_scale(self.params[k]) if self.schedule == "decay" else None
+                _adam_(self.params[k], _grad(leaves[k]), self.m[k], self.v[k], lr, t, scale)
         return loss_t
 
     def _track_best_host(self, loss: float, t: int) -> None:
@@ -328,6 +340,7 @@ class Solver:
             tensors[f"best.{k}"] = full(self.best[k]).cpu().contiguous()
         meta = {"solver": type(self).__name__, "step": self.step_count, "best_loss": self.best_loss,
                 "best_step": self.best_step, "last_loss": self.last_loss, "lr": self.lr, "seed": self.seed,
+                "schedule": self.schedule, "total_steps": self.total_steps,
                 "history": self.history, "converged": self.converged,
                 "shape": [self.E, self.p, self.d],
                 "spec": [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]}
@@ -354,4 +367,6 @@ class Solver:
         self._best_loss = torch.tensor(float(meta["best_loss"]), device=self.device)
         self._last_loss = torch.tensor(float(meta["last_loss"]), device=self.device)
         self.lr = float(meta["lr"])
+        # states written before schedules existed stepped with a constant lr
+        self.schedule, self.total_steps = meta.get("schedule", "constant"), meta.get("total_steps")
         self.history, self.converged = list(meta["history"]), bool(meta["converged"])

@@ -61,6 +61,7 @@ class ProjectionFit:
         f = self.fit
         return make_solver(f.solver, self.W, self.spec, lr=f.lr, device=f.device, max_device_bytes=f.max_device_bytes,
                            seed=f.seed, tol=f.tol, expert_batch=self.batch, init=f.init, precision=f.precision,
+                           schedule=f.schedule, total_steps=f.steps,
                            metric=self.metric, shard=self.shard)
 
     def _event(self, kind: str, /, **fields) -> None:

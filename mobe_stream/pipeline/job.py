@@ -46,6 +46,7 @@ class FitSettings:
     max_device_bytes: int | None
     checkpoint_every: float
     precision: str = "fp32"  # resolved: fp32, tf32 or bf16
+    schedule: str = "constant"  # the step-size policy (factorize/schedule.py)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def make_job(src: Path, out: Path, opts: CompressOptions, reader: CheckpointRead
     except ValueError as e:
         raise ConfigError(str(e)) from None
     fit = FitSettings(solver=opts.solver, init=opts.init, steps=opts.steps, precision=opts.resolved_precision(),
+                      schedule=opts.schedule,
                       lr=opts.lr, tol=opts.tol, seed=opts.seed,
                       device=opts.resolved_device(),
                       max_device_bytes=parse_size(opts.max_gpu_memory, "--max-gpu-memory") if opts.max_gpu_memory else None,

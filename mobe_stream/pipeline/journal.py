@@ -24,7 +24,7 @@ FORMAT = "mobe-stream-journal/1"
 def upgrade_settings(settings: dict) -> dict:
     """Settings recorded by an older version, in today's terms (a copy): sizes parsed; no
     `precision` means the fp32 matmuls every earlier run used, which `auto` still is on a CPU (and
-    no earlier version ran the solver on a GPU)."""
+    no earlier version ran the solver on a GPU); no `schedule` means the constant lr they all used."""
     out = dict(settings)
     if isinstance(out.get("max_shard_size"), str):  # journals before sizes were stored parsed
         try:
@@ -33,6 +33,7 @@ def upgrade_settings(settings: dict) -> dict:
             pass
     if "solver" in out:  # a compress run's settings (export journals have none of these)
         out.setdefault("precision", "auto")
+        out.setdefault("schedule", "constant")  # runs before --schedule stepped with a constant lr
     return out
 
 

@@ -20,7 +20,7 @@ from .. import defaults
 from ..checkpoint.safetensors_io import ST_TO_TORCH
 from ..dtypes import AUTO, COMPUTE, FP8, dtype_key, dtype_name, to_torch
 from ..errors import ConfigError
-from ..factorize import INITS, METHODS, PRECISIONS
+from ..factorize import INITS, METHODS, PRECISIONS, SCHEDULES
 from ..sizes import parse_size
 from .solvers import SOLVERS
 
@@ -111,6 +111,7 @@ class CompressOptions:
     init: str = defaults.INIT
     steps: int = defaults.STEPS
     precision: str = defaults.PRECISION
+    schedule: str = defaults.SCHEDULE
     lr: float = defaults.LR
     tol: float | None = None
     layers: str | None = None
@@ -142,6 +143,7 @@ class CompressOptions:
         _choice("--solver", self.solver, SOLVERS)
         _choice("--init", self.init, INITS)
         _choice("--precision", self.precision, PRECISION_CHOICES)
+        _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--activation", self.activation, ACTIVATIONS)
         dtype_name(self.dtype, "--dtype", fp8=True)
         for option, value in (("--num-bases", self.num_bases), ("--rank", self.rank)):
@@ -197,7 +199,7 @@ class CompressOptions:
 
 def _options_from_settings(settings: dict) -> dict:
     """Journal settings (settings_for_journal) back as option values."""
-    out = {k: settings[k] for k in ("method", "solver", "init", "precision", "num_bases", "rank", "activation",
+    out = {k: settings[k] for k in ("method", "solver", "init", "precision", "schedule", "num_bases", "rank", "activation",
                                     "groups", "steps", "lr", "tol", "seed") if k in settings}
     calib = settings.get("calib")
     if isinstance(calib, dict):
@@ -245,6 +247,7 @@ def settings_for_journal(opts: CompressOptions, num_bases: int, rank: int, layer
         "solver": opts.solver,
         "init": opts.init,
         "precision": opts.precision,  # as asked: `auto` on a resume elsewhere is the same run
+        "schedule": opts.schedule,
         "num_bases": num_bases,
         "rank": rank,
         "activation": opts.activation,
