@@ -50,9 +50,9 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
     outdir.check_not_overlapping(src, out)
     pin_mmap_threshold()  # layer-sized buffers never fragment the heap: peak RSS stays flat with depth
     reader = CheckpointReader(src)
+    world = dist.world_from_env()
     try:
         job = make_job(src, out, opts, reader)
-        world = dist.world_from_env()
         dist.init(world, cuda=torch.cuda.is_available())
         if world.main:
             outdir.prepare(out)
@@ -94,6 +94,7 @@ def compress(src: str | Path, out: str | Path, opts: CompressOptions, reporter: 
         return summary
     finally:
         reader.close()
+        dist.shutdown(world)
 
 
 def _run_unit(job: CompressJob, journal: Journal, unit: Unit, reporter: Reporter,

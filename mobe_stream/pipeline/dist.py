@@ -73,6 +73,17 @@ def init(world: World, cuda: bool) -> None:
             dist.init_process_group("nccl" if cuda else "gloo")
 
 
+def shutdown(world: World) -> None:
+    """Tear this rank's process group down before the interpreter exits. Left to exit-time
+    destructors, gloo's threads can be destroyed still running, and the rank dies of SIGABRT
+    ("terminate called without an active exception") after its work is done. Local: no peer waits."""
+    if world.size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         import torch.distributed as dist
