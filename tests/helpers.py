@@ -48,3 +48,13 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, extra_env: di
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def hf_text_logits(model, ids):
+    """transformers' logits [batch, seq, vocab] for token ids. A multimodal Llama-4 is asked through
+    its text model: transformers 5.24's Llama4ForConditionalGeneration.forward fails on text-only
+    input (it reads `image_outputs` off the text model's output), and text-only its forward is the
+    text model's anyway (same embedding, decoder and head)."""
+    if type(model).__name__ == "Llama4ForConditionalGeneration":
+        model = model.language_model
+    return model(input_ids=ids).logits

@@ -18,6 +18,8 @@ from mobe_stream.runtime import Tokenizer, generate, load_model, perplexity  # n
 from mobe_stream.synth import make_tiny_moe  # noqa: E402
 from mobe_stream.verify import verify  # noqa: E402
 
+from .helpers import hf_text_logits  # noqa: E402
+
 FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "minimax_m2", "gpt_oss", "llama4"]
 IDS = [5, 17, 3, 99, 42, 7, 61, 8]
 
@@ -120,7 +122,7 @@ def test_llama4_multimodal_compress_export(tmp_path):
                                                                                  dtype=torch.float32)
     assert not loaded["missing_keys"] and not loaded["unexpected_keys"], loaded
     with torch.no_grad():
-        ref = model.eval()(input_ids=torch.tensor([IDS])).logits[0]
+        ref = hf_text_logits(model.eval(), torch.tensor([IDS]))[0]
     ours = load_model(mobe, dtype=torch.float32)
     try:
         assert ((ours(torch.tensor([IDS]))[0] - ref).abs().max() / ref.abs().max()).item() < 1e-4

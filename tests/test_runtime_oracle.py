@@ -11,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from mobe_stream.runtime.model import load_model  # noqa: E402
 
+from .helpers import hf_text_logits  # noqa: E402
+
 SEQS = [[5, 17, 3, 99, 42, 7, 61, 8, 250, 11], [1, 2, 3]]
 
 
@@ -58,7 +60,7 @@ def _build(cfg, tmp_path, seed=0, model_type=None):
 
 def _ref_logits(model, ids):
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
+        return hf_text_logits(model, torch.tensor([ids]))[0].float()
 
 
 def _close(a, b, tol=1e-4):
