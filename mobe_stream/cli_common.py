@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import MobeError
+from .errors import MobeError, say
 
 
 def friendly(fn):
@@ -23,15 +23,15 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except MobeError as e:
-            print(f"error: {e}", file=sys.stderr)
+            say(f"error: {e}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            print("error: aborted", file=sys.stderr)
+            say("error: aborted")
             raise typer.Exit(130) from None
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 where = f"{e.filename}: " if e.filename else ""
-                print(f"error: {where}disk full ({e.strerror}); free space and rerun with --resume", file=sys.stderr)
+                say(f"error: {where}disk full ({e.strerror}); free space and rerun with --resume")
                 raise typer.Exit(2) from None
             raise
 

@@ -33,7 +33,14 @@ class PeerError(MobeError):
     """Another process of a distributed run died or stopped answering during a collective."""
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write: print() writes the text and its newline separately, so the
+    lines of torchrun ranks sharing one stderr could interleave mid-line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def warning(message: str, path: str | os.PathLike | None = None) -> None:
     """A warning as users see one: one line on stderr, naming the file when there is one (the runtime's
     default sink; pipeline code reports warnings as events instead)."""
-    print(f"warning: {os.fspath(path)}: {message}" if path else f"warning: {message}", file=sys.stderr, flush=True)
+    say(f"warning: {os.fspath(path)}: {message}" if path else f"warning: {message}")
