@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import IO
 
 
 class MobeError(Exception):
@@ -33,11 +34,12 @@ class PeerError(MobeError):
     """Another process of a distributed run died or stopped answering during a collective."""
 
 
-def say(line: str) -> None:
-    """One line on stderr in one write: print() writes the text and its newline separately, so the
-    lines of torchrun ranks sharing one stderr could interleave mid-line."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+def say(line: str, stream: IO[str] | None = None) -> None:
+    """One line on `stream` (stderr) in one write: print() writes the text and its newline
+    separately, so the lines of torchrun ranks sharing one stderr could interleave mid-line."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def warning(message: str, path: str | os.PathLike | None = None) -> None:

@@ -28,8 +28,9 @@ def test_basis_step_scale_follows_each_basis_rms_never_below_one():
     B = torch.randn(2, 3, 16, 40)
     B /= B.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()  # every basis at RMS 1
     rms = torch.tensor([[0.1, 0.5, 1.0], [2.0, 0.25, 3.0]])
-    s = basis_step_scale(B * rms[:, :, None, None])
-    assert s.shape == (2, 3, 1, 1)
+    s = basis_step_scale("decay", B * rms[:, :, None, None])
+    assert basis_step_scale("constant", B) is None
+    assert s is not None and s.shape == (2, 3, 1, 1)
     assert torch.allclose(s.flatten(), torch.tensor([1.0, 1.0, 2.0, 4.0, 1.0, 6.0]), rtol=1e-5)
 
 
@@ -79,13 +80,13 @@ def test_decay_takes_smaller_steps_at_the_end_of_the_run():
 def _at_step(s, n):
     for _ in range(n):
         s.step()
-    return s.state_dict()
 
 
 def test_schedule_and_run_length_travel_with_the_state_and_old_states_are_constant():
     W, spec, f = _start([0.5, 1.0])
     a = AlternatingSolver(W, spec, lr=0.02, init=f, schedule="decay", total_steps=6)
-    tensors, meta = _at_step(a, 3)
+    _at_step(a, 3)
+    tensors, meta = a.state_dict()
     assert (meta["schedule"], meta["total_steps"]) == ("decay", 6)
     b = AlternatingSolver(W, spec, lr=0.02, init=f)  # constructed with the defaults: the state decides
     b.load_state_dict(tensors, meta)

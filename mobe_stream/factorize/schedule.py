@@ -38,8 +38,11 @@ def lr_factor(schedule: str, step: int, total: int | None) -> float:
     return min(1.0, max(total - step + 1, 1) / span)
 
 
-def basis_step_scale(B: torch.Tensor) -> torch.Tensor:
-    """Per basis of B [G, m_g, r, d]: max(rms(B_i), BASIS_RMS) / BASIS_RMS, shaped [G, m_g, 1, 1]
-    (a norm over each basis: no temporary of B's size)."""
+def basis_step_scale(schedule: str, B: torch.Tensor) -> torch.Tensor | None:
+    """The multiple of the step that each basis of B [G, m_g, r, d] takes: under `decay`
+    max(rms(B_i), BASIS_RMS) / BASIS_RMS, shaped [G, m_g, 1, 1] (a norm over each basis: no
+    temporary of B's size); None (no scaling) under `constant`."""
+    if schedule == "constant":
+        return None
     rms = torch.linalg.vector_norm(B, dim=(2, 3), keepdim=True) / math.sqrt(B.shape[2] * B.shape[3])
     return rms.clamp_min(BASIS_RMS) / BASIS_RMS

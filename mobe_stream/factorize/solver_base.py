@@ -278,8 +278,8 @@ class Solver:
                 self._track_best_host(float(loss_t), t)  # also waits for the D2H copies of a streamed pass
             else:
                 self._track_best_device(loss_t, t)
-            for k in self.shared:  # the bases: relative steps under `decay` (identical on every shard)
-                scale = basis_step_scale(self.params[k]) if self.schedule == "decay" else None
+            for k in self.shared:  # the bases (the same scale on every shard: B is identical there)
+                scale = basis_step_scale(self.schedule, self.params[k])
                 _adam_(self.params[k], _grad(leaves[k]), self.m[k], self.v[k], lr, t, scale)
         return loss_t
 

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from ..errors import ConfigError
+from ..errors import ConfigError, say
 
 
 class Reporter:
@@ -223,7 +223,7 @@ class HeartbeatSink(Sink):
         self.last = time.monotonic()
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        say(text, self.stream)
 
     def event(self, kind: str, fields: dict) -> None:
         self.work.event(kind, fields)
@@ -252,7 +252,7 @@ class PlainSink(Sink):
 
     def event(self, kind: str, fields: dict) -> None:
         if kind == "warning":
-            print(f"warning: {fields.get('text')}", file=self.stream)
+            say(f"warning: {fields.get('text')}", self.stream)
 
 
 def summary_table(s: dict) -> Table:
