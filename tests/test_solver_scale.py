@@ -36,6 +36,9 @@ def test_fp8_targets_batch_is_the_format_dequantization():
     assert T.nbytes == q.numel() + s.numel() * 4  # a quarter of fp32, plus the scales
     qa, sa = fp8.quantize_stack(_experts())  # whole blocks: the broadcast path
     assert torch.equal(Targets(qa, sa).batch(), fp8.dequantize_stack(qa, sa, out_dtype=torch.float32))
+    for T2 in (T, Targets(qa, sa), Targets(W.to(torch.bfloat16)), Targets(W)):  # a bf16 step's batch: rounded once
+        T2 = T2.scaled(0.37)
+        assert torch.equal(T2.batch(1, 4, torch.bfloat16), T2.batch(1, 4).to(torch.bfloat16))
 
 
 def test_zscored_targets_read_back_scaled_without_a_copy():
@@ -205,3 +208,86 @@ def test_bf16_bmm_rounds_operands_and_gradients_keeps_fp32_output():
     out.backward(g)
     torch.testing.assert_close(a.grad, torch.bmm(r(g), r(b).transpose(1, 2)), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(b.grad, torch.bmm(r(a).transpose(1, 2), r(g)), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_step_holds_its_intermediates_in_bf16_and_follows_the_fp32_gradient():
+    """Under bf16 the hand-written step's batch, mixed basis, residual and gradients are bf16
+    tensors (half the memory traffic); loss and gradients stay those of the fp32 definition up to
+    bf16 rounding."""
+    W, _ = zscored(_experts(E=8, p=24, d=40))
+    spec = MoBESpec(4, 16, "silu", groups=2)
+    s = AlternatingSolver(W, spec, init="paper", precision="bf16")
+    ref = AlternatingSolver(W, spec, init="paper")
+    idx = range(2, 7)  # straddles the two groups
+    batch = s._targets({"W": W.data[idx.start:idx.stop]})
+    assert batch.dtype == torch.bfloat16 and ref._targets({"W": W.data[2:7]}).dtype == torch.float32
+    alpha = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    B = s.params["B"] + 0.1 * torch.randn(s.params["B"].shape, generator=torch.Generator().manual_seed(2))
+    a1, b1 = alpha.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    want = ref._batch_loss(W.batch(2, 7), {"alpha": a1}, b1, idx)
+    (want / ref.N).backward()
+    a2, b2 = alpha.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    loss = s._batch_backward(batch, {"alpha": a2}, b2, idx)
+    assert batch.dtype == torch.bfloat16  # the residual overwrote the bf16 batch
+    assert s._basis_operand(b2).dtype == torch.bfloat16 and s._basis_operand(b2) is s._basis_operand(b2)
+    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(want.detach()), rel=2e-2)
+    for got, exp in ((a2.grad, a1.grad), (b2.grad, b1.grad)):
+        assert got.dtype == torch.float32
+        assert float((got - exp).norm() / exp.norm()) < 3e-2
+
+
+def test_precision_products_round_operands_once_and_accumulate_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    W, A, M = torch.randn(3, 6, 20, generator=g), torch.randn(3, 6, 5, generator=g), torch.randn(3, 5, 20, generator=g)
+    bf = Precision("bf16")
+    r16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    exact = r16(W) - torch.bmm(r16(A), r16(M))
+    R = bf.residual_(W.to(torch.bfloat16), A, M.to(torch.bfloat16))
+    assert R.dtype == torch.bfloat16 and torch.equal(R, exact.to(torch.bfloat16))  # rounded once, at the end
+    out = bf.product(bf.operand(A), bf.operand(M), torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.bmm(r16(A), r16(M)).to(torch.bfloat16))
+    C = torch.randn(5, 20, generator=g)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(7, 20, generator=g)
+    want = C + r16(a) @ r16(b)
+    got = bf.accumulate_(C.clone(), bf.operand(a), bf.operand(b))
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    fp32 = Precision("fp32")  # fp32: operands as they are, the old arithmetic
+    assert fp32.operand(A) is A and fp32.work_dtype == torch.float32
+    assert torch.equal(fp32.residual_(W.clone(), A, M), W - torch.bmm(A, M))
+
+
+def test_fused_adam_update_is_the_textbook_one_with_per_slice_steps():
+    from mobe_stream.factorize.solver_base import BETAS, EPS, _adam_
+
+    g0 = torch.Generator().manual_seed(0)
+    p, m, v = torch.randn(3, 4, 5, generator=g0), torch.zeros(3, 4, 5), torch.zeros(3, 4, 5)
+    want_p, want_m, want_v = p.clone(), m.clone(), v.clone()
+    scale = torch.tensor([1.0, 2.0, 0.5]).view(3, 1, 1)
+    b1, b2 = BETAS
+    for t in (1, 2, 3):
+        g = torch.randn(3, 4, 5, generator=g0)
+        _adam_(p, g, m, v, 0.01, t, scale)
+        want_m = b1 * want_m + (1 - b1) * g
+        want_v = b2 * want_v + (1 - b2) * g * g
+        step = 0.01 * scale / (1 - b1**t) * want_m / ((want_v / (1 - b2**t)).sqrt() + EPS)
+        want_p = want_p - step
+        torch.testing.assert_close(p, want_p, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(m, want_m)
+        torch.testing.assert_close(v, want_v)
+
+
+def test_bf16_plan_takes_bigger_batches_and_moves_fewer_bytes():
+    from mobe_stream.factorize.cost import step_traffic_bytes
+
+    tb = target_bytes(**KIMI, stored_dtype=fp8.FP8_DTYPE, block=(128, 128))
+    budget = int(80e9 * 0.9)
+    plans = {prec: plan_memory("als", **KIMI, spec=KIMI_SPEC, target_bytes=tb, device_type="cuda", budget=budget,
+                               precision=prec) for prec in ("fp32", "bf16")}
+    assert all(pl.resident and pl.device_bytes <= budget for pl in plans.values())
+    assert plans["bf16"].batch > 1.5 * plans["fp32"].batch  # half-width temporaries, one bf16 copy of B
+    traffic = {prec: step_traffic_bytes("als", **KIMI, spec=KIMI_SPEC, target_elem_bytes=tb / (384 * 2048 * 7168),
+                                        precision=prec, batch=plans[prec].batch) for prec in plans}
+    assert traffic["bf16"] < 0.7 * traffic["fp32"]
+    # a calibrated fit keeps fp32 intermediates (its metric arithmetic): the same per-expert bytes as fp32
+    from mobe_stream.factorize.cost import batch_bytes_per_expert
+    assert batch_bytes_per_expert("als", 2048, 7168, 2048, 128, "bf16") == batch_bytes_per_expert("als", 2048, 7168, 2048, 128)

@@ -134,21 +134,27 @@ def dequantize_batch(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A batch of matrices [k, M, N] in one vectorized pass on q's device (the solver dequantizes
     an expert batch of device-resident FP8 targets inside every step; a per-matrix Python loop
-    would dominate the step). Same values as `dequantize_stack`; the temporary is the output size."""
+    would dominate the step). Same values as `dequantize_stack`. The codes are widened to bf16 first
+    (exact: e4m3's 3-bit mantissa and exponent range fit in bf16), then one multiply computes each
+    product in fp32 and writes it rounded once to `out_dtype`: no fp32 temporary of the batch's size
+    unless fp32 is the output."""
     k, m, n = q.shape
     bm, bn = block
     sm, sn = scale_shape((m, n), block)
     if tuple(scale_inv.shape) != (k, sm, sn):
         raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weights {tuple(q.shape)} (want {(k, sm, sn)})")
     s = scale_inv.to(device=q.device, dtype=torch.float32)
+    codes = q.to(torch.bfloat16)
+    out = torch.empty((k, m, n), dtype=out_dtype, device=q.device)
     if m % bm == 0 and n % bn == 0:  # the usual case: a broadcast over whole blocks, no expanded copy
-        out = q.to(torch.float32).view(k, sm, bm, sn, bn) * s[:, :, None, :, None]
-        return out.view(k, m, n).to(out_dtype)
-    if m % bm == 0:  # whole row blocks, a partial last column block: the scale widened along columns only
+        torch.mul(codes.view(k, sm, bm, sn, bn), s[:, :, None, :, None], out=out.view(k, sm, bm, sn, bn))
+    elif m % bm == 0:  # whole row blocks, a partial last column block: the scale widened along columns only
         cols = s.repeat_interleave(bn, dim=2)[:, :, :n]
-        return (q.to(torch.float32).view(k, sm, bm, n) * cols[:, :, None, :]).view(k, m, n).to(out_dtype)
-    full = s.repeat_interleave(bm, dim=1)[:, :m].repeat_interleave(bn, dim=2)[:, :, :n]
-    return (q.to(torch.float32) * full).to(out_dtype)
+        torch.mul(codes.view(k, sm, bm, n), cols[:, :, None, :], out=out.view(k, sm, bm, n))
+    else:
+        full = s.repeat_interleave(bm, dim=1)[:, :m].repeat_interleave(bn, dim=2)[:, :, :n]
+        torch.mul(codes, full, out=out)
+    return out
 
 
 def roundtrip(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:

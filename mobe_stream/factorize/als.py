@@ -13,16 +13,19 @@ device temporaries. `_batch_loss` (the autograd form) stays as the definition th
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .lstsq import solve_A
-from .model import ACTIVATION_GRADS, ACTIVATIONS, MoBEFactors, expert_groups, mix, mixed_bases
+from .model import ACTIVATION_GRADS, ACTIVATIONS, MoBEFactors, expert_groups, mixed_bases
 from .solver_base import Solver
 
 
 class AlternatingSolver(Solver):
     per_expert = ("alpha",)
     cost_kind = "als"
+    _bop_of: weakref.ref | None = None  # the leaf B that `_bop` was made from
 
     def _params_from(self, f: MoBEFactors) -> dict[str, torch.Tensor]:
         return {"alpha": f.alpha.to(self.home, torch.float32).clone(), "B": f.B.to(self.device, torch.float32).clone()}
@@ -34,26 +37,52 @@ class AlternatingSolver(Solver):
         R = W - self.precision.bmm(A, M)
         return self._squared_error(R, idx)
 
+    def _work_dtype(self) -> torch.dtype:
+        """bf16 intermediates under --precision bf16 (precision.py); a calibrated fit's metric
+        arithmetic stays fp32."""
+        return self.precision.work_dtype if self.metric is None else torch.float32
+
+    def _basis_operand(self, B: torch.Tensor) -> torch.Tensor:
+        """B [G, m_g, r·d] in the products' operand form, made once per pass (every batch of a step
+        passes the same leaf B): a view under fp32, a bf16 copy under bf16."""
+        if self._bop_of is None or self._bop_of() is not B:
+            G, mg, r, d = B.shape
+            self._bop = self.precision.operand(B.detach()).reshape(G, mg, r * d)
+            self._bop_of = weakref.ref(B)
+        return self._bop
+
     def _batch_backward(self, W, per, B, idx: range):
+        prec = self.precision
         alpha = per["alpha"]
         G, mg, r, d = B.shape
         k = W.shape[0]
-        Bf = B.detach().view(G, mg, r * d)
+        wd = W.dtype  # the batch's targets in the work dtype (solver_base._targets)
+        Bop = self._basis_operand(B)
         w = torch.softmax(alpha.detach(), dim=-1)
+        wop = prec.operand(w)
         sels = expert_groups(idx, self.E, G, W.device)
-        pre = mix(w, B.detach(), sels).view(k, r, d)
+        if len(sels) == 1 and sels[0][1] is None:
+            pre = prec.product(wop, Bop[sels[0][0]], wd)
+        else:
+            pre = torch.empty((k, r * d), dtype=wd, device=W.device)
+            for g, sel in sels:
+                pre[sel] = prec.product(wop[sel], Bop[g], wd)
+        pre = pre.view(k, r, d)
         act = self.spec.activation
         M = ACTIVATIONS[act](pre)
         H = self._metric_of(idx)
-        A = solve_A(W, M, self.precision.bmm, H)
-        R = W.sub_(self.precision.bmm(A, M))  # W is this batch's own fp32 buffer
+        A = solve_A(W, M, prec.bmm, H)
+        R = prec.residual_(W, A, M)  # W is this batch's own buffer
         if H is None:
             flat = R.view(-1)
-            loss, RH = torch.dot(flat, flat), R
+            loss = torch.dot(flat, flat) if wd == torch.float32 else \
+                torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+            RH = R
         else:  # calibrated: loss tr(R H Rᵀ), its gradient w.r.t. M -2 Aᵀ R H
             RH = H.apply(R)
             loss = torch.dot(R.view(-1), RH.view(-1))
-        dM = self.precision.bmm(A.transpose(1, 2), RH).mul_(-2.0 / self.N)
+        # the gradient's scale folds into Aᵀ (p x r), not into dM (r x d per expert)
+        dM = prec.product(prec.operand(A.transpose(1, 2) * (-2.0 / self.N)), prec.operand(RH), wd)
         dpre = ACTIVATION_GRADS[act](dM, pre, M).view(k, r * d)
         del pre, M, dM, R, RH
         gw = torch.empty((k, mg), dtype=torch.float32, device=W.device)
@@ -62,8 +91,8 @@ class AlternatingSolver(Solver):
         gB = B.grad.view(G, mg, r * d)
         for g, sel in sels:
             rows = slice(None) if sel is None else sel
-            gw[rows] = dpre[rows] @ Bf[g].T
-            gB[g].addmm_(w[rows].T, dpre[rows])
+            gw[rows] = prec.product(dpre[rows], Bop[g].T)
+            prec.accumulate_(gB[g], wop[rows].T, dpre[rows])
         galpha = w * (gw - (gw * w).sum(dim=-1, keepdim=True))  # through the softmax
         alpha.grad = galpha if alpha.grad is None else alpha.grad + galpha
         return loss

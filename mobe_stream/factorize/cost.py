@@ -8,13 +8,20 @@ rounded up where autograd's temporaries are not fully predictable (the batch ter
 Kimi-K2, one gate or up projection (E=384, p=2048, d=7168, m=128 as 2 groups of 64, r=p), with
 FP8 targets and the variable-projection solver (als), resident on one device:
   targets 5.64 GB (FP8) + 0.0014 GB scales; bases B 7.52 GB fp32, held 5 times (value, two Adam
-  moments, best iterate, gradient) = 37.6 GB; α and its state 0.5 MB; per expert in a batch
-  ~0.44 GB of temporaries -> 43.3 GB + batch: an 80 GB card (72 GB usable at 90%) runs batches of
-  ~65 experts with nothing crossing PCIe per step. Adam additionally holds A (E·p·r fp32 = 6.4 GB)
-  with two moments, best and candidate (32 GB): it cannot be resident and moves A and both moments
-  in and out (38.7 GB) plus the targets every step.
+  moments, best iterate, gradient) = 37.6 GB; α and its state 0.5 MB. Under bf16 (the GPU
+  default) the step holds its intermediates in bf16 and B once more as a bf16 operand (3.8 GB):
+  ~0.23 GB of temporaries per expert in a batch -> an 80 GB card (72 GB usable at 90%) runs
+  batches of ~108 experts (fp32/tf32: 0.44 GB per expert, batches of ~65), nothing crossing PCIe
+  per step. Adam additionally holds A (E·p·r fp32 = 6.4 GB) with two moments, best and candidate
+  (32 GB): it cannot be resident and moves A and both moments in and out (38.7 GB) plus the
+  targets every step.
 FLOPs per step (als): 2Er²d (Gram) + 2Eprd (MWᵀ) + Er³/3 + 2Er²p (Cholesky solves) + 4Eprd
 (A·M and Aᵀ·dR) + 6E·m_g·r·d (mixing, both passes) = 102 TFLOP; Adam: 6Eprd + 6E·m_g·r·d = 71 TFLOP.
+Memory traffic per step (als, step_traffic_bytes, counted pass by pass): 287 GB under bf16 (73 GB
+over the targets, 68 GB over the mixed bases, 146 GB over the bases: their per-batch reads, the
+fused Adam update, the best iterate); 479 GB under fp32/tf32. Before the bf16 intermediates and the
+fused Adam (commit 36cd44c) the same count gives 885 GB under bf16: every product cast its fp32
+operands (M four times a batch), and Adam made ~22 passes over B.
 
 A calibrated fit (`metric_rank` k, factorize/metric.py) keeps the input metric on the device
 (E·d·(k+1) fp32: 1.4 GB at k = 128) and adds per expert the weighted residual R·H (p·d) and thin
@@ -53,8 +60,16 @@ def per_expert_state_bytes(kind: str, p: int, r: int, spec: MoBESpec) -> int:
     return 5 * F32 * n
 
 
-def shared_state_bytes(spec: MoBESpec, d: int) -> int:
-    return SHARED_COPIES * F32 * spec.num_bases * spec.rank * d
+def work_bytes(kind: str, precision: str, metric_rank: int | None = None) -> int:
+    """Bytes of an element of the step's large intermediates (Precision.work_dtype): 2 for the
+    hand-written als step under bf16 (a calibrated fit's metric arithmetic stays fp32), else 4."""
+    return 2 if kind == "als" and precision == "bf16" and metric_rank is None else F32
+
+
+def shared_state_bytes(spec: MoBESpec, d: int, kind: str = "als", precision: str = "fp32") -> int:
+    """B and its state (SHARED_COPIES fp32 copies), plus the als step's bf16 operand copy of B."""
+    operand = 2 * spec.num_bases * spec.rank * d if kind == "als" and precision == "bf16" else 0
+    return SHARED_COPIES * F32 * spec.num_bases * spec.rank * d + operand
 
 
 def metric_bytes(E: int, d: int, metric_rank: int | None) -> int:
@@ -62,16 +77,20 @@ def metric_bytes(E: int, d: int, metric_rank: int | None) -> int:
     return 0 if metric_rank is None else F32 * E * d * (metric_rank + 1)
 
 
-def batch_bytes_per_expert(kind: str, p: int, d: int, r: int, metric_rank: int | None = None) -> int:
-    """Device temporaries one expert adds to a batch (fp32). als (backward by hand): the dequantized
-    targets (the residual overwrites them), A·M, the mixed basis before and after the activation, dM
-    and the activation's gradient, and the least-squares system (G, its factor, MWᵀ, A). adam
-    (autograd): targets, residual and its gradient, the mixed basis, its input and their gradients,
-    A with its gradient. A calibrated fit adds the weighted residual R·H, M scaled by the metric's
-    diagonal and the thin products with its factor."""
+def batch_bytes_per_expert(kind: str, p: int, d: int, r: int, metric_rank: int | None = None,
+                           precision: str = "fp32") -> int:
+    """Device temporaries one expert adds to a batch. als (backward by hand): the targets' batch (the
+    residual overwrites it), the mixed basis before and after the activation, dM and the
+    activation's gradient, all in the work dtype (work_bytes); under fp32 also A·M (under bf16 the
+    residual is formed in the GEMM's epilogue); the least-squares system (G, its factor, MWᵀ, A)
+    fp32. adam (autograd, fp32): targets, residual and its gradient, the mixed basis, its input
+    and their gradients, A with its gradient. A calibrated fit adds the weighted residual R·H, M
+    scaled by the metric's diagonal and the thin products with its factor."""
     extra = 0 if metric_rank is None else F32 * (p * d + r * d + 2 * (p + r) * metric_rank)
     if kind == "als":
-        return F32 * (2 * p * d + 4 * r * d + 3 * p * r + 2 * r * r) + extra
+        wb = work_bytes(kind, precision, metric_rank)
+        targets = p * d * (2 * F32 if wb == F32 else wb)
+        return targets + 4 * wb * r * d + F32 * (3 * p * r + 2 * r * r) + extra
     return F32 * (3 * p * d + 5 * r * d + 4 * p * r) + extra
 
 
@@ -86,7 +105,7 @@ class MemoryPlan:
 
 def plan_memory(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_bytes: int, device_type: str,
                 budget: int | None = None, expert_batch: int | None = None,
-                metric_rank: int | None = None) -> MemoryPlan:
+                metric_rank: int | None = None, precision: str = "fp32") -> MemoryPlan:
     """Where the fit's tensors live and how many experts a batch takes.
 
     `target_bytes`: the targets as stored (FP8 + scales, bf16, or fp32). On the CPU everything is
@@ -97,8 +116,8 @@ def plan_memory(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_bytes:
     A calibrated fit's metric (`metric_rank`) stays on the device in both cases.
     """
     r = spec.rank
-    per_batch = batch_bytes_per_expert(kind, p, d, r, metric_rank)
-    shared = shared_state_bytes(spec, d) + metric_bytes(E, d, metric_rank)
+    per_batch = batch_bytes_per_expert(kind, p, d, r, metric_rank, precision)
+    shared = shared_state_bytes(spec, d, kind, precision) + metric_bytes(E, d, metric_rank)
     per_state = per_expert_state_bytes(kind, p, r, spec)
     state = shared + E * per_state
     if device_type == "cpu":  # a budget here caps the batch temporaries only (host RAM is checked elsewhere)
@@ -130,23 +149,54 @@ def step_flops(kind: str, E: int, p: int, d: int, spec: MoBESpec, metric_rank: i
     return 6 * E * p * r * d + mixing + E * 6 * p * d * k  # R·V forward, two thin products backward
 
 
+ADAM_BYTES = 7 * F32  # torch's fused Adam: reads value, gradient and both moments, writes value and moments
+
+
+def _making_bytes(stored: float, wb: int) -> float:
+    """Per target element: the batch made from the stored copy (solver_base._targets, targets.py)."""
+    if stored < 2:  # FP8: codes read (1) and widened to bf16 (2), read (2) and scaled into the work dtype
+        return 5 + wb
+    if stored == wb:  # bf16 stored, bf16 work: one scaling pass
+        return 2 * stored
+    return stored + F32 + 2 * F32 + (F32 + wb if wb != F32 else 0)  # widened, scaled in place, rounded
+
+
 def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_elem_bytes: float,
-                       metric_rank: int | None = None) -> int:
-    """Memory traffic of the step's elementwise work, read + write, counted per pass over a tensor:
-    the part of a step that is bound by memory bandwidth rather than by matmul throughput.
-    als (backward by hand, als.py): per target element, the stored read and fp32 write of the
-    dequantized batch, A·M written, the residual formed in place (read 8, write 4) and its dot (4);
-    per mixed-basis element, the mixing output, the activation (read, write), dM written and scaled
-    (4 + 8), the fused activation gradient (read 8, write 4). adam (autograd): its saved tensors and
-    elementwise chain are counted the same way, about twice the passes. A calibrated fit adds the
-    diagonal scaling of R and of M (twice: Gram and right-hand side) and the weighted loss's reads."""
-    r = spec.rank
+                       metric_rank: int | None = None, precision: str = "fp32", batch: int | None = None) -> int:
+    """Memory traffic of one step outside the big GEMMs' own operand reads, read + write, counted
+    pass by pass over what the code allocates: the part of a step bound by memory bandwidth.
+
+    als (als.py), with wb = work_bytes (2 under bf16, else 4) and ob the products' operand bytes:
+    - per target element: making the batch (_making_bytes); the residual (fp32: A·M written, then
+      W - A·M in place: 16; bf16: the GEMM epilogue reads W and writes R: 2 wb); the loss reads R.
+    - per mixed-basis element: the mixing's output, the activation (read, write), dM written, the
+      fused activation gradient (reads dM and its input, writes): 6 wb.
+    - the bases, per batch and group present: the mixing and gw read the group's operand copy
+      (2 ob), B's gradient is accumulated in fp32 (8); per step: the bf16 operand copy (4 + 2),
+      the gradient's zero fill (4), the relative steps' norm (4), the fused Adam update
+      (ADAM_BYTES), the best iterate (torch.where: 12).
+    adam (autograd, fp32 intermediates): targets made as fp32, residual, its square and gradient,
+    the mixed basis and its chain (~twice als's passes), fused Adam on A; under bf16 every product
+    casts its fp32 operands (A, M, and the residual's gradient: 6 bytes an element each).
+    A calibrated fit adds the diagonal scaling of R and of M (twice: Gram and right-hand side)."""
+    r, m, G = spec.rank, spec.num_bases, spec.groups
+    bases = m * r * d
+    batch = E if batch is None else max(1, batch)
+    ob = 2 if precision == "bf16" else F32
     calib = 0 if metric_rank is None else 3 * F32 * E * (p * d + 2 * r * d)
-    bases = 12 * F32 * spec.num_bases * r * d  # Adam on B: value, grad, two moments, best: ~12 passes
+    per_step_bases = bases * (4 + 4 + ADAM_BYTES + 12)
     if kind == "als":
-        return int(E * p * d * (target_elem_bytes + F32 + 20) + E * r * d * 32 + bases + calib)
-    targets = E * p * d * (target_elem_bytes + 2 * F32)
+        wb = work_bytes(kind, precision, metric_rank)
+        per_target = _making_bytes(target_elem_bytes, wb) + (4 * F32 if wb == F32 else 2 * wb) + wb
+        per_mixed = 6 * wb
+        passes = -(-E // (G * batch))  # batches per group (a batch within one group: the usual case)
+        per_batch_bases = passes * bases * (2 * ob + 2 * F32)
+        operand_copy = bases * (F32 + ob) if ob != F32 else 0
+        return int(E * p * d * per_target + E * r * d * per_mixed + per_batch_bases + operand_copy + per_step_bases
+                   + calib)
+    targets = E * p * d * _making_bytes(target_elem_bytes, F32)
     residual = 6 * F32 * E * p * d  # R = W - AM, its square, its gradient
     mixed = 10 * F32 * E * r * d  # mixing output, activation in/out, their gradients
-    per_expert = 12 * F32 * E * p * r  # Adam on A
-    return int(targets + residual + mixed + per_expert + bases + calib)
+    per_expert = ADAM_BYTES * E * p * r  # Adam on A
+    casts = 6 * E * (p * r + r * d + p * d) if precision == "bf16" else 0
+    return int(targets + residual + mixed + per_expert + casts + per_step_bases + calib)

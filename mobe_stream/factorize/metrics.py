@@ -103,17 +103,19 @@ def choose_bases_rank(E: int, p: int, d: int, reduction: float | None = None, gr
 
 
 def working_set_bytes(E: int, p: int, d: int, m: int, r: int, groups: int = 1, device: str = "cpu",
-                      solver: str = "als", target_bytes: int | None = None, budget: int | None = None) -> dict[str, int]:
+                      solver: str = "als", target_bytes: int | None = None, budget: int | None = None,
+                      precision: str = "fp32") -> dict[str, int]:
     """Peak bytes of one projection's fit: host (targets as stored, state kept on the host, the CPU
     batch, or the init's sketch and SVD input) and device (cost.plan_memory; on the CPU: what a
     device would need to hold everything). `target_bytes` default: fp32 targets."""
     spec = MoBESpec(m, r, "silu", groups)
     tb = 4 * E * p * d if target_bytes is None else target_bytes
-    cpu = plan_memory(solver, E, p, d, spec, tb, "cpu")
+    cpu = plan_memory(solver, E, p, d, spec, tb, "cpu", precision=precision)
     init = tb + 4 * E * min(64, p) * d + (4 * E * p * r if solver == "adam" else 0)  # sketches, SVD'd A
     if device == "cpu":
         return {"host": int(max(cpu.host_bytes, init)), "device": int(cpu.host_bytes)}
     if budget is None:  # resident (the usual case on a big card): the host keeps the targets for the init
-        return {"host": int(init), "device": int(plan_memory(solver, E, p, d, spec, tb, device, 1 << 62).device_bytes)}
-    dev = plan_memory(solver, E, p, d, spec, tb, device, budget)
+        return {"host": int(init), "device": int(plan_memory(solver, E, p, d, spec, tb, device, 1 << 62,
+                                                                     precision=precision).device_bytes)}
+    dev = plan_memory(solver, E, p, d, spec, tb, device, budget, precision=precision)
     return {"host": int(max(dev.host_bytes + tb, init)), "device": int(dev.device_bytes)}

@@ -13,6 +13,14 @@ On a CPU (no tf32 unit; bf16 kernels there round their output) both are emulated
 operands are rounded as the hardware rounds them and multiplied in fp32. The error cost of a
 precision is therefore measured the same on any machine; on a CPU the emulation is never faster
 than fp32, which is why `--precision auto` is fp32 there.
+
+The hand-written step (als.py) goes further under bf16: its large intermediates (the targets'
+batch, the mixed basis, the residual, the gradients) are *held* in bf16 (`work_dtype`), each made
+once in the form the products read (`operand`), instead of fp32 tensors that every product casts
+again: half the bytes of every elementwise pass and no cast passes (cost.step_traffic_bytes). The
+products keep fp32 accumulation; `product` picks the output dtype (fp32 for the Gram matrix and
+the gradients that are summed, bf16 for the tensors that are operands of the next product), and
+`residual_` forms W - A·M in the GEMM's fp32 epilogue, rounded once.
 """
 
 from __future__ import annotations
@@ -49,6 +57,49 @@ class Precision:
         if self._emulate_tf32:
             return torch.bmm(_Tf32Round.apply(a), _Tf32Round.apply(b))
         return torch.bmm(a, b)
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """Dtype of the hand-written step's large intermediates: bf16 under bf16 (each is a bf16
+        operand of the next product anyway), else fp32."""
+        return torch.bfloat16 if self.name == "bf16" else torch.float32
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the form a product of this precision reads (made once, reused by every product)."""
+        if self.name == "bf16":
+            return x.to(torch.bfloat16)
+        return round_to_tf32(x) if self._emulate_tf32 else x
+
+    def product(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """a @ b of two operands (2-D or batched 3-D), fp32 accumulation, result in `out_dtype`. Off
+        CUDA the operands are widened and multiplied in fp32, then rounded once (what cuBLAS does)."""
+        if a.device.type != "cuda":
+            return torch.matmul(a.float(), b.float()).to(out_dtype)
+        if a.dtype == out_dtype:
+            return torch.matmul(a, b)
+        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=out_dtype)
+
+    def residual_(self, W: torch.Tensor, A: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """W - A·M into W's buffer (the residual overwrites the batch's targets). fp32/tf32: the
+        product, then the subtraction. bf16 (W, M bf16 operands): one GEMM whose fp32 epilogue
+        subtracts from W and rounds once, so no fp32 temporary of the batch's size exists."""
+        if W.dtype == torch.float32:
+            return W.sub_(self.bmm(A, M))
+        a = self.operand(A)
+        if W.device.type == "cuda":
+            return W.baddbmm_(a, M, alpha=-1.0)
+        return W.copy_(torch.baddbmm(W.float(), a.float(), M.float(), alpha=-1.0))
+
+    def accumulate_(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """C += a @ b for an fp32 C and two operands (B's gradient, summed over the batches)."""
+        if a.dtype == C.dtype:
+            return C.addmm_(a, b)
+        if C.device.type == "cuda":
+            try:  # cuBLAS accumulates into C in its epilogue (torch >= 2.8)
+                return torch.addmm(C, a, b, out_dtype=C.dtype, out=C)
+            except (RuntimeError, TypeError):  # an older torch: the same sum through a temporary
+                return C.add_(torch.mm(a.float(), b.float()))
+        return C.addmm_(a.float(), b.float())
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

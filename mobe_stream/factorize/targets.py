@@ -87,13 +87,16 @@ class Targets:
         other._raw = self._raw  # same values: same statistics
         return other
 
-    def batch(self, e0: int = 0, e1: int | None = None) -> torch.Tensor:
-        """fp32 [e1-e0, p, d] = stored value · scale, a fresh tensor on the data's device."""
+    def batch(self, e0: int = 0, e1: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[e1-e0, p, d] = stored value · scale in `dtype` (fp32, or bf16 for a bf16 step: computed
+        in fp32, rounded once), a fresh tensor on the data's device."""
         e1 = self.shape[0] if e1 is None else e1
         if self.scale_inv is not None:  # `scale` folds into the block scales: one pass over the batch, not two
-            return dequantize_batch(self.data[e0:e1], self.scale_inv[e0:e1] * self.scale, self.block)
+            return dequantize_batch(self.data[e0:e1], self.scale_inv[e0:e1] * self.scale, self.block, dtype)
+        if dtype != torch.float32 and self.data.dtype == dtype:  # one pass: scaled in fp32, rounded once
+            return self.data[e0:e1].mul(self.scale)
         out = self.data[e0:e1].to(torch.float32, copy=True)
-        return out.mul_(self.scale) if self.scale != 1.0 else out
+        return (out.mul_(self.scale) if self.scale != 1.0 else out).to(dtype)
 
     def dense(self) -> torch.Tensor:
         """All of it as fp32 (for closed-form baselines and small tools; the solvers never call it)."""

@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import fp8
 from ..checkpoint.families import kept_target_dtype
 from ..factorize import MoBEFactors, MoBESpec
-from ..factorize.cost import DEVICE_FRACTION, metric_bytes, plan_memory, step_flops, step_traffic_bytes
+from ..factorize.cost import ADAM_BYTES, DEVICE_FRACTION, metric_bytes, plan_memory, step_flops, step_traffic_bytes
 
 MATMUL_EFFICIENCY = 0.6  # of the dense spec-sheet peak, for large batched GEMMs (assumed)
 MEMORY_EFFICIENCY = 0.7  # of the spec-sheet bandwidth, for elementwise passes (assumed)
@@ -136,25 +136,27 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
     """`device`: a key of GPUS or "cpu"; `targets`: bytes of one projection's stored targets;
     `metric_rank`: a calibrated fit's metric rank (None: data-free)."""
     flops = step_flops(solver, E, p, d, spec, metric_rank)
-    traffic = step_traffic_bytes(solver, E, p, d, spec, targets / (E * p * d), metric_rank)
     r = spec.rank
     group_rows = (E // spec.num_bases) * p  # rows of one init SVD
     svd_flops = spec.num_bases * 4 * group_rows * d * min(group_rows, d)
     if device == "cpu":
-        plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch, metric_rank)
+        plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch, metric_rank, precision)
+    else:
+        hw = GPUS[device]
+        budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
+        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch, metric_rank, precision)
+    traffic = step_traffic_bytes(solver, E, p, d, spec, targets / (E * p * d), metric_rank, precision, plan.batch)
+    if device == "cpu":
         mm_rate, bw = measure_cpu(p, d, r, plan.batch)
         # the probe times a whole step of one batch (matmuls, elementwise, overheads) including an Adam
         # update of its m_g bases; a real step has `batches` batches and one update of all m bases
         probe = probe_cpu_batch(solver, p, d, spec, plan.batch, precision)
-        update = 12 * 4 * r * d / bw  # Adam over one basis: ~12 passes of 4 bytes an element
+        update = ADAM_BYTES * r * d / bw  # the fused Adam update of one basis
         step_s = -(-E // plan.batch) * max(probe - spec.bases_per_group * update, 0.5 * probe) + spec.num_bases * update
         init_s = svd_flops / (mm_rate * SVD_EFFICIENCY * 4)  # a CPU's LAPACK runs closer to its GEMM rate
         basis = (f"measured on this CPU: one {plan.batch}-expert batch of a real step {probe * 1e3:.3g} ms, "
                  f"{mm_rate / 1e9:.3g} GFLOP/s fp32 matmul, {bw / 1e9:.3g} GB/s")
     else:
-        hw = GPUS[device]
-        budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
-        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch, metric_rank)
         step_s = (flops / (hw.tflops[precision] * 1e12 * MATMUL_EFFICIENCY) + traffic / (hw.bandwidth * MEMORY_EFFICIENCY)
                   + plan.pcie_bytes_per_step / hw.pcie + -(-E // plan.batch) * BATCH_OVERHEAD_S)
         init_s = svd_flops / (hw.tflops["fp32"] * 1e12 * SVD_EFFICIENCY)

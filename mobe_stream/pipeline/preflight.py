@@ -40,7 +40,7 @@ def layer_ram_bytes(job: CompressJob) -> int:
     fam, spec = job.family, job.spec
     ws = working_set_bytes(fam.num_experts, fam.moe_intermediate_size, fam.hidden_size, spec.num_bases, spec.rank,
                            spec.groups, device="cpu" if job.fit.device == "cpu" else "cuda", solver=job.fit.solver,
-                           target_bytes=_target_bytes(job), budget=job.fit.max_device_bytes)
+                           target_bytes=_target_bytes(job), budget=job.fit.max_device_bytes, precision=job.fit.precision)
     return int(ws["host"])
 
 
