@@ -291,3 +291,20 @@ def test_bf16_plan_takes_bigger_batches_and_moves_fewer_bytes():
     # a calibrated fit keeps fp32 intermediates (its metric arithmetic): the same per-expert bytes as fp32
     from mobe_stream.factorize.cost import batch_bytes_per_expert
     assert batch_bytes_per_expert("als", 2048, 7168, 2048, 128, "bf16") == batch_bytes_per_expert("als", 2048, 7168, 2048, 128)
+
+
+def test_bf16_products_cuda_calls_bind_with_this_torch():
+    """The CUDA branch of the bf16 products (out_dtype matmuls, the GEMM-epilogue residual, the
+    in-place fp32 accumulation) run on meta tensors: CI has no GPU, but a signature this torch
+    lacks fails here rather than on a user's first GPU run."""
+    bf = Precision("bf16", "meta")
+    meta = dict(device="meta")
+    A, M = torch.empty(2, 4, 5, **meta), torch.empty(2, 5, 6, dtype=torch.bfloat16, **meta)
+    W = torch.empty(2, 4, 6, dtype=torch.bfloat16, **meta)
+    assert bf.residual_(W, A, M).dtype == torch.bfloat16
+    assert bf.product(bf.operand(A), M).dtype == torch.float32
+    assert bf.product(bf.operand(A), M, torch.bfloat16).dtype == torch.bfloat16
+    assert bf.product(M[0], M[0].T).shape == (5, 5)
+    C = torch.empty(4, 6, **meta)
+    assert bf.accumulate_(C, bf.operand(torch.empty(4, 3, **meta)), torch.empty(3, 6, dtype=torch.bfloat16, **meta)) is C
+    assert bf.bmm(A, M.float()).dtype == torch.float32

@@ -31,6 +31,12 @@ from collections.abc import Iterator
 import torch
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+# devices whose matmuls take `out_dtype` (bf16 operands, fp32 result; torch >= 2.8): CUDA, and meta,
+# where the tests check that those calls bind with the installed torch (no GPU in CI). An older
+# torch takes the emulation everywhere (same numbers, fp32 matmul speed).
+_HAS_OUT_DTYPE = all(hasattr(getattr(torch.ops.aten, op), overload)
+                     for op, overload in (("mm", "dtype"), ("bmm", "dtype"), ("addmm", "dtype_out")))
+OUT_DTYPE_DEVICES = ("cuda", "meta") if _HAS_OUT_DTYPE else ()
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +79,7 @@ class Precision:
     def product(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """a @ b of two operands (2-D or batched 3-D), fp32 accumulation, result in `out_dtype`. Off
         CUDA the operands are widened and multiplied in fp32, then rounded once (what cuBLAS does)."""
-        if a.device.type != "cuda":
+        if a.device.type not in OUT_DTYPE_DEVICES:
             return torch.matmul(a.float(), b.float()).to(out_dtype)
         if a.dtype == out_dtype:
             return torch.matmul(a, b)
@@ -86,7 +92,7 @@ class Precision:
         if W.dtype == torch.float32:
             return W.sub_(self.bmm(A, M))
         a = self.operand(A)
-        if W.device.type == "cuda":
+        if W.device.type in OUT_DTYPE_DEVICES:
             return W.baddbmm_(a, M, alpha=-1.0)
         return W.copy_(torch.baddbmm(W.float(), a.float(), M.float(), alpha=-1.0))
 
@@ -94,11 +100,8 @@ class Precision:
         """C += a @ b for an fp32 C and two operands (B's gradient, summed over the batches)."""
         if a.dtype == C.dtype:
             return C.addmm_(a, b)
-        if C.device.type == "cuda":
-            try:  # cuBLAS accumulates into C in its epilogue (torch >= 2.8)
-                return torch.addmm(C, a, b, out_dtype=C.dtype, out=C)
-            except (RuntimeError, TypeError):  # an older torch: the same sum through a temporary
-                return C.add_(torch.mm(a.float(), b.float()))
+        if C.device.type in OUT_DTYPE_DEVICES:  # cuBLAS accumulates into C in its epilogue
+            return torch.addmm(C, a, b, out_dtype=C.dtype, out=C)
         return C.addmm_(a.float(), b.float())
 
     @contextlib.contextmanager
@@ -131,7 +134,7 @@ class _Tf32Round(torch.autograd.Function):
 def _bmm_bf16_in_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
     """bf16 operands, fp32 accumulation and result: cuBLAS does it natively; elsewhere the widened
     operands are multiplied in fp32 (the same numbers up to summation order)."""
-    if a16.device.type == "cuda":
+    if a16.device.type in OUT_DTYPE_DEVICES:
         return torch.bmm(a16, b16, out_dtype=torch.float32)
     return torch.bmm(a16.to(torch.float32), b16.to(torch.float32))
 
