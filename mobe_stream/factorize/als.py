@@ -26,6 +26,7 @@ class AlternatingSolver(Solver):
     per_expert = ("alpha",)
     cost_kind = "als"
     _bop_of: weakref.ref | None = None  # the leaf B that `_bop` was made from
+    _bop: torch.Tensor | None = None
 
     def _params_from(self, f: MoBEFactors) -> dict[str, torch.Tensor]:
         return {"alpha": f.alpha.to(self.home, torch.float32).clone(), "B": f.B.to(self.device, torch.float32).clone()}
@@ -47,8 +48,10 @@ class AlternatingSolver(Solver):
         passes the same leaf B): a view under fp32, a bf16 copy under bf16."""
         if self._bop_of is None or self._bop_of() is not B:
             G, mg, r, d = B.shape
+            self._bop = None  # the last pass's copy goes first: one copy of B's size at a time
             self._bop = self.precision.operand(B.detach()).reshape(G, mg, r * d)
             self._bop_of = weakref.ref(B)
+        assert self._bop is not None
         return self._bop
 
     def _batch_backward(self, W, per, B, idx: range):
