@@ -308,3 +308,23 @@ def test_bf16_products_cuda_calls_bind_with_this_torch():
     C = torch.empty(4, 6, **meta)
     assert bf.accumulate_(C, bf.operand(torch.empty(4, 3, **meta)), torch.empty(3, 6, dtype=torch.bfloat16, **meta)) is C
     assert bf.bmm(A, M.float()).dtype == torch.float32
+
+
+def test_prepared_gpu_step_check_runs_at_toy_scale_on_cpu(tmp_path):
+    """tools/bench_gpu_step.py is the one-call device check for when a GPU is lent: kept working here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_gpu_step.py"
+    proc = subprocess.run([sys.executable, str(tool), "--experts", "8", "--p", "64", "--d", "256", "--num-bases", "4",
+                           "--groups", "2", "--steps", "3", "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((tmp_path / "bench_gpu_step.json").read_text())
+    assert out == json.loads(proc.stdout)
+    assert out["shape"] == [8, 64, 256] and out["step_seconds"] > 0 and out["init_svd_shape"] == [2 * 64, 256]
+    assert out["loss_last"] < out["loss_first"]  # the steps fit something
+    assert out["flops_per_step"] == step_flops("als", 8, 64, 256, MoBESpec(4, 64, "silu", groups=2))
+    assert out["estimate_batch"] == out["batch"] and out["measured_over_estimate"] > 0
