@@ -210,14 +210,19 @@ def test_bf16_bmm_rounds_operands_and_gradients_keeps_fp32_output():
     torch.testing.assert_close(b.grad, torch.bmm(r(a).transpose(1, 2), r(g)), rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_step_holds_its_intermediates_in_bf16_and_follows_the_fp32_gradient():
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_bf16_step_holds_its_intermediates_in_bf16_and_follows_the_fp32_gradient(calibrated):
     """Under bf16 the hand-written step's batch, mixed basis, residual and gradients are bf16
-    tensors (half the memory traffic); loss and gradients stay those of the fp32 definition up to
-    bf16 rounding."""
+    tensors (half the memory traffic), a calibrated fit's too; loss and gradients stay those of the
+    fp32 definition up to bf16 rounding."""
+    from mobe_stream.factorize.metric import InputMetric
+
     W, _ = zscored(_experts(E=8, p=24, d=40))
     spec = MoBESpec(4, 16, "silu", groups=2)
-    s = AlternatingSolver(W, spec, init="paper", precision="bf16")
-    ref = AlternatingSolver(W, spec, init="paper")
+    g = torch.Generator().manual_seed(3)
+    H = InputMetric(torch.rand(8, 40, generator=g) + 0.5, torch.randn(8, 40, 3, generator=g) * 0.5) if calibrated else None
+    s = AlternatingSolver(W, spec, init="paper", precision="bf16", metric=H)
+    ref = AlternatingSolver(W, spec, init="paper", metric=H)
     idx = range(2, 7)  # straddles the two groups
     batch = s._targets({"W": W.data[idx.start:idx.stop]})
     assert batch.dtype == torch.bfloat16 and ref._targets({"W": W.data[2:7]}).dtype == torch.float32
@@ -288,9 +293,10 @@ def test_bf16_plan_takes_bigger_batches_and_moves_fewer_bytes():
     traffic = {prec: step_traffic_bytes("als", **KIMI, spec=KIMI_SPEC, target_elem_bytes=tb / (384 * 2048 * 7168),
                                         precision=prec, batch=plans[prec].batch) for prec in plans}
     assert traffic["bf16"] < 0.7 * traffic["fp32"]
-    # a calibrated fit keeps fp32 intermediates (its metric arithmetic): the same per-expert bytes as fp32
+    # a calibrated fit's step is bf16 too: narrower temporaries than its fp32 step
     from mobe_stream.factorize.cost import batch_bytes_per_expert
-    assert batch_bytes_per_expert("als", 2048, 7168, 2048, 128, "bf16") == batch_bytes_per_expert("als", 2048, 7168, 2048, 128)
+    calib = {prec: batch_bytes_per_expert("als", 2048, 7168, 2048, 128, prec) for prec in ("fp32", "bf16")}
+    assert calib["bf16"] < 0.6 * calib["fp32"]
 
 
 def test_bf16_products_cuda_calls_bind_with_this_torch():

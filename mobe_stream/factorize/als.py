@@ -39,9 +39,8 @@ class AlternatingSolver(Solver):
         return self._squared_error(R, idx)
 
     def _work_dtype(self) -> torch.dtype:
-        """bf16 intermediates under --precision bf16 (precision.py); a calibrated fit's metric
-        arithmetic stays fp32."""
-        return self.precision.work_dtype if self.metric is None else torch.float32
+        """bf16 intermediates under --precision bf16 (precision.py), a calibrated fit's too."""
+        return self.precision.work_dtype
 
     def _basis_operand(self, B: torch.Tensor) -> torch.Tensor:
         """B [G, m_g, r·d] in the products' operand form, made once per pass (every batch of a step
@@ -82,8 +81,9 @@ class AlternatingSolver(Solver):
                 torch.linalg.vector_norm(flat, dtype=torch.float32).square()
             RH = R
         else:  # calibrated: loss tr(R H Rᵀ), its gradient w.r.t. M -2 Aᵀ R H
-            RH = H.apply(R)
-            loss = torch.dot(R.view(-1), RH.view(-1))
+            RH = H.apply(R, prec.bmm, prec.baddbmm_)
+            loss = torch.dot(R.view(-1), RH.view(-1)) if wd == torch.float32 else \
+                (R * RH).sum(dtype=torch.float32)
         # the gradient's scale folds into Aᵀ (p x r), not into dM (r x d per expert)
         dM = prec.product(prec.operand(A.transpose(1, 2) * (-2.0 / self.N)), prec.operand(RH), wd)
         dpre = ACTIVATION_GRADS[act](dM, pre, M).view(k, r * d)

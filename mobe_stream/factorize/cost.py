@@ -26,9 +26,8 @@ operands (M four times a batch), and Adam made ~22 passes over B.
 A calibrated fit (`metric_rank` k, factorize/metric.py) keeps the input metric on the device
 (E·d·(k+1) fp32: 1.4 GB at k = 128) and adds per expert the weighted residual R·H (p·d) and thin
 products with V: 6pdk + 4rdk + 2r²k + 2rpk FLOPs (Kimi-K2 at k = 128: +8.4 TFLOP, +8%), and the
-diagonal scalings' memory traffic; its step keeps fp32 intermediates (the metric's arithmetic), so
-under bf16 its products cast their operands: 919 GB per step against 287 GB (batches of 42 experts),
-0.58 s against 0.296 s per step on an H100 by the estimate.
+diagonal scalings' memory traffic, in the work dtype like the rest of the step: under bf16 412 GB
+per step against 287 GB (batches of 80 experts), 0.362 s against 0.296 s on an H100 by the estimate.
 """
 
 from __future__ import annotations
@@ -61,10 +60,10 @@ def per_expert_state_bytes(kind: str, p: int, r: int, spec: MoBESpec) -> int:
     return 5 * F32 * n
 
 
-def work_bytes(kind: str, precision: str, metric_rank: int | None = None) -> int:
+def work_bytes(kind: str, precision: str) -> int:
     """Bytes of an element of the step's large intermediates (Precision.work_dtype): 2 for the
-    hand-written als step under bf16 (a calibrated fit's metric arithmetic stays fp32), else 4."""
-    return 2 if kind == "als" and precision == "bf16" and metric_rank is None else F32
+    hand-written als step under bf16, else 4."""
+    return 2 if kind == "als" and precision == "bf16" else F32
 
 
 def shared_state_bytes(spec: MoBESpec, d: int, kind: str = "als", precision: str = "fp32") -> int:
@@ -87,9 +86,9 @@ def batch_bytes_per_expert(kind: str, p: int, d: int, r: int, metric_rank: int |
     fp32. adam (autograd, fp32): targets, residual and its gradient, the mixed basis, its input
     and their gradients, A with its gradient. A calibrated fit adds the weighted residual R·H, M
     scaled by the metric's diagonal and the thin products with its factor."""
-    extra = 0 if metric_rank is None else F32 * (p * d + r * d + 2 * (p + r) * metric_rank)
+    wb = work_bytes(kind, precision)
+    extra = 0 if metric_rank is None else wb * (p * d + r * d) + F32 * 2 * (p + r) * metric_rank
     if kind == "als":
-        wb = work_bytes(kind, precision, metric_rank)
         targets = p * d * (2 * F32 if wb == F32 else wb)
         return targets + 4 * wb * r * d + F32 * (3 * p * r + 2 * r * r) + extra
     return F32 * (3 * p * d + 5 * r * d + 4 * p * r) + extra
@@ -176,25 +175,24 @@ def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target
       (2 ob), B's gradient is accumulated in fp32 (8); per step: the bf16 operand copy (4 + 2),
       the gradient's zero fill (4), the relative steps' norm (4), the fused Adam update
       (ADAM_BYTES), the best iterate (torch.where: 12).
-    - a calibrated fit under bf16 keeps fp32 intermediates, so its products cast them (6 bytes an
-      element each: W and the residual once, M four times).
+    - a calibrated fit: R·H, its weighted loss and M·diag, in the work dtype too.
     adam (autograd, fp32 intermediates): targets made as fp32, residual, its square and gradient,
     the mixed basis and its chain (~twice als's passes), fused Adam on A; under bf16 every product
     casts its fp32 operands (A, M, and the residual's gradient: 6 bytes an element each).
-    A calibrated fit adds the diagonal scaling of R and of M (twice: Gram and right-hand side)."""
+    """
     r, m, G = spec.rank, spec.num_bases, spec.groups
     bases = m * r * d
     batch = E if batch is None else max(1, batch)
     ob = 2 if precision == "bf16" else F32
-    calib = 0 if metric_rank is None else 3 * F32 * E * (p * d + 2 * r * d)
+    wb = work_bytes(kind, precision)
+    # a calibrated fit: R·H formed (R·diag, then R·V·Vᵀ added in place: 4 wb), the weighted loss
+    # (fp32: a dot of R and R·H, one read more than the plain loss; bf16: their product summed in
+    # fp32, 3 wb more), M·diag (2 wb per mixed element)
+    calib = 0 if metric_rank is None else E * (p * d * (4 * wb + (wb if wb == F32 else 3 * wb)) + r * d * 2 * wb)
     per_step_bases = bases * (4 + 4 + ADAM_BYTES + 12)
     if kind == "als":
-        wb = work_bytes(kind, precision, metric_rank)
         per_target = _making_bytes(target_elem_bytes, wb) + (4 * F32 if wb == F32 else 2 * wb) + wb
         per_mixed = 6 * wb
-        if ob < wb:  # bf16 products over fp32 intermediates (a calibrated fit): each casts its operands
-            per_target += 2 * (F32 + ob)  # W (right-hand side), the residual (dM)
-            per_mixed += 4 * (F32 + ob)  # M: Gram (twice), right-hand side, A·M
         passes = -(-E // (G * batch))  # batches per group (a batch within one group: the usual case)
         per_batch_bases = passes * bases * (2 * ob + 2 * F32)
         operand_copy = bases * (F32 + ob) if ob != F32 else 0

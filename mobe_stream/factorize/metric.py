@@ -52,11 +52,17 @@ class InputMetric:
     def to(self, device: torch.device | str) -> InputMetric:
         return InputMetric(self.diag.to(device), self.V.to(device))
 
-    def apply(self, R: torch.Tensor) -> torch.Tensor:
-        """R H for R [k, rows, d] (a new tensor)."""
-        out = R * self.diag[:, None, :]
+    def apply(self, R: torch.Tensor, bmm=torch.bmm, baddbmm_=None) -> torch.Tensor:
+        """R H for R [k, rows, d] (a new tensor in R's dtype). `bmm` does the thin product R·V (fp32
+        result), `baddbmm_(C, a, b)` adds a @ b into C, rounded once (the solver's precision: a bf16
+        step keeps R·H in bf16); defaults: fp32 torch ops."""
+        out = R * self.diag[:, None, :].to(R.dtype)
         if self.rank:
-            out.baddbmm_(torch.bmm(R, self.V), self.V.transpose(1, 2))
+            RV = bmm(R, self.V)
+            if baddbmm_ is None:
+                out.baddbmm_(RV, self.V.transpose(1, 2))
+            else:
+                baddbmm_(out, RV, self.V.transpose(1, 2))
         return out
 
     def quadratic(self, R: torch.Tensor) -> torch.Tensor:
@@ -69,13 +75,14 @@ class InputMetric:
 
     def normal_equations(self, M: torch.Tensor, W: torch.Tensor, bmm=torch.bmm) -> tuple[torch.Tensor, torch.Tensor]:
         """(M H Mᵀ [k, r, r], M H Wᵀ [k, r, p]) for M [k, r, d], W [k, p, d]: the weighted least-squares
-        system of A (lstsq.solve_A); M·diag and M·V are formed once for both. `bmm` does the d-long products."""
-        Mh = M * self.diag[:, None, :]
+        system of A (lstsq.solve_A); M·diag and M·V are formed once for both. `bmm` does the d-long
+        products, fp32 results (M and W may be bf16: a bf16 step)."""
+        Mh = M * self.diag[:, None, :].to(M.dtype)  # in M's dtype (bf16 in a bf16 step)
         G, rhs = bmm(Mh, M.transpose(1, 2)), bmm(Mh, W.transpose(1, 2))
-        if self.rank:
-            MV = torch.bmm(M, self.V)
+        if self.rank:  # the thin products in the same precision, fp32 results
+            MV = bmm(M, self.V)
             G = G.baddbmm(MV, MV.transpose(1, 2))
-            rhs = rhs.baddbmm(MV, torch.bmm(W, self.V).transpose(1, 2))
+            rhs = rhs.baddbmm(MV, bmm(W, self.V).transpose(1, 2))
         return G, rhs
 
 

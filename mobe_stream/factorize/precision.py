@@ -91,10 +91,15 @@ class Precision:
         subtracts from W and rounds once, so no fp32 temporary of the batch's size exists."""
         if W.dtype == torch.float32:
             return W.sub_(self.bmm(A, M))
-        a = self.operand(A)
-        if W.device.type in OUT_DTYPE_DEVICES:
-            return W.baddbmm_(a, M, alpha=-1.0)
-        return W.copy_(torch.baddbmm(W.float(), a.float(), M.float(), alpha=-1.0))
+        return self.baddbmm_(W, A, M, alpha=-1.0)
+
+    def baddbmm_(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """C += alpha · a @ b in C's buffer and dtype: fp32 accumulation, one rounding into C; a and b
+        are taken in this precision's operand form. Off CUDA a bf16 C is emulated in fp32."""
+        a, b = self.operand(a), self.operand(b)
+        if C.dtype == torch.float32 or C.device.type != "cpu":
+            return C.baddbmm_(a.to(C.dtype), b.to(C.dtype), alpha=alpha)
+        return C.copy_(torch.baddbmm(C.float(), a.float(), b.float(), alpha=alpha))
 
     def accumulate_(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """C += a @ b for an fp32 C and two operands (B's gradient, summed over the batches)."""
