@@ -9,6 +9,10 @@ would save and re-read the mixed basis, the activation's input and the residual 
 elementwise ops; by hand the residual overwrites the targets' batch buffer and nothing else is kept,
 which cuts the step's memory traffic (the part of a step that is not matmul; cost.py) and its
 device temporaries. `_batch_loss` (the autograd form) stays as the definition the tests check it by.
+
+Under bf16 the step's intermediates are bf16 tensors in the form the products read (precision.py:
+the batch, the mixed basis, the residual formed in a GEMM epilogue, dM and its activation gradient;
+B gets one bf16 copy per pass), so no product casts an fp32 tensor of the batch's size again.
 """
 
 from __future__ import annotations
