@@ -22,7 +22,7 @@ import weakref
 import torch
 
 from .lstsq import solve_A
-from .model import ACTIVATION_GRADS, ACTIVATIONS, MoBEFactors, expert_groups, mixed_bases
+from .model import ACTIVATION_GRADS, ACTIVATIONS, MoBEFactors, expert_groups, mix, mixed_bases
 from .solver_base import Solver
 
 
@@ -67,13 +67,7 @@ class AlternatingSolver(Solver):
         w = torch.softmax(alpha.detach(), dim=-1)
         wop = prec.operand(w)
         sels = expert_groups(idx, self.E, G, W.device)
-        if len(sels) == 1 and sels[0][1] is None:
-            pre = prec.product(wop, Bop[sels[0][0]], wd)
-        else:
-            pre = torch.empty((k, r * d), dtype=wd, device=W.device)
-            for g, sel in sels:
-                pre[sel] = prec.product(wop[sel], Bop[g], wd)
-        pre = pre.view(k, r, d)
+        pre = mix(wop, Bop, sels, lambda w_, Bg: prec.product(w_, Bg, wd)).view(k, r, d)
         act = self.spec.activation
         M = ACTIVATIONS[act](pre)
         H = self._metric_of(idx)

@@ -68,7 +68,8 @@ def work_bytes(kind: str, precision: str) -> int:
 
 def shared_state_bytes(spec: MoBESpec, d: int, kind: str = "als", precision: str = "fp32") -> int:
     """B and its state (SHARED_COPIES fp32 copies), plus the als step's bf16 operand copy of B."""
-    operand = 2 * spec.num_bases * spec.rank * d if kind == "als" and precision == "bf16" else 0
+    wb = work_bytes(kind, precision)  # a narrower step also holds B in that width
+    operand = wb * spec.num_bases * spec.rank * d if wb != F32 else 0
     return SHARED_COPIES * F32 * spec.num_bases * spec.rank * d + operand
 
 

@@ -77,16 +77,23 @@ def expert_groups(experts: torch.Tensor | range, num_experts: int, groups: int,
     return [(g, (group == g).nonzero(as_tuple=True)[0].to(device)) for g in present]
 
 
-def mix(weights: torch.Tensor, B: torch.Tensor, sels: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
-    """Σ_i weights[e, i] B_{g(e), i} before the activation, [k, r·d] fp32 on B's device; `sels` from
+def mix(weights: torch.Tensor, B: torch.Tensor, sels: list[tuple[int, torch.Tensor | None]],
+        matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Σ_i weights[e, i] B_{g(e), i} before the activation, [k, r·d] on B's device; `sels` from
     expert_groups; B is [G, m_g, ...] (a column slice [G, m_g, n] too). One matmul per group
-    present; never builds a [k, m, r, d] gather."""
+    present (`matmul(weights [k', m_g], B_g [m_g, n])`, default fp32 `_mix_group`; the als step
+    passes its precision's product); never builds a [k, m, r, d] gather."""
+    matmul = _mix_group if matmul is None else matmul
     G, mg = B.shape[:2]
     if len(sels) == 1 and sels[0][1] is None:
-        return _mix_group(weights, B[sels[0][0]].reshape(mg, -1))
-    out = torch.empty((weights.shape[0], B[0].reshape(mg, -1).shape[1]), dtype=weights.dtype, device=B.device)
+        return matmul(weights, B[sels[0][0]].reshape(mg, -1))
+    out: torch.Tensor | None = None
     for g, sel in sels:
-        out[sel] = _mix_group(weights[sel], B[g].reshape(mg, -1))
+        y = matmul(weights[sel], B[g].reshape(mg, -1))
+        if out is None:
+            out = torch.empty((weights.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
+        out[sel] = y
+    assert out is not None
     return out
 
 

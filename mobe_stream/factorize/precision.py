@@ -79,11 +79,7 @@ class Precision:
     def product(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """a @ b of two operands (2-D or batched 3-D), fp32 accumulation, result in `out_dtype`. Off
         CUDA the operands are widened and multiplied in fp32, then rounded once (what cuBLAS does)."""
-        if a.device.type not in OUT_DTYPE_DEVICES:
-            return torch.matmul(a.float(), b.float()).to(out_dtype)
-        if a.dtype == out_dtype:
-            return torch.matmul(a, b)
-        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=out_dtype)
+        return _matmul_out(a, b, out_dtype)
 
     def residual_(self, W: torch.Tensor, A: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
         """W - A·M into W's buffer (the residual overwrites the batch's targets). fp32/tf32: the
@@ -136,12 +132,15 @@ class _Tf32Round(torch.autograd.Function):
         return round_to_tf32(g)
 
 
-def _bmm_bf16_in_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
-    """bf16 operands, fp32 accumulation and result: cuBLAS does it natively; elsewhere the widened
-    operands are multiplied in fp32 (the same numbers up to summation order)."""
-    if a16.device.type in OUT_DTYPE_DEVICES:
-        return torch.bmm(a16, b16, out_dtype=torch.float32)
-    return torch.bmm(a16.to(torch.float32), b16.to(torch.float32))
+def _matmul_out(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """a @ b (2-D or batched 3-D) with fp32 accumulation and the result in `out_dtype`: cuBLAS does
+    it natively (bf16 operands, fp32 or bf16 result); elsewhere the widened operands are multiplied
+    in fp32 and rounded once (the same numbers up to summation order)."""
+    if a.device.type not in OUT_DTYPE_DEVICES:
+        return torch.matmul(a.float(), b.float()).to(out_dtype)
+    if a.dtype == out_dtype:
+        return torch.matmul(a, b)
+    return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=out_dtype)
 
 
 class _Bf16Bmm(torch.autograd.Function):
@@ -153,12 +152,12 @@ class _Bf16Bmm(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
         ctx.save_for_backward(a16, b16)
-        return _bmm_bf16_in_fp32_out(a16, b16)
+        return _matmul_out(a16, b16)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         a16, b16 = ctx.saved_tensors
         g16 = g.to(torch.bfloat16)
-        ga = _bmm_bf16_in_fp32_out(g16, b16.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        gb = _bmm_bf16_in_fp32_out(a16.transpose(1, 2), g16) if ctx.needs_input_grad[1] else None
+        ga = _matmul_out(g16, b16.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        gb = _matmul_out(a16.transpose(1, 2), g16) if ctx.needs_input_grad[1] else None
         return ga, gb

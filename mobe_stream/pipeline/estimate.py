@@ -139,14 +139,13 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
     r = spec.rank
     group_rows = (E // spec.num_bases) * p  # rows of one init SVD
     svd_flops = spec.num_bases * 4 * group_rows * d * min(group_rows, d)
-    if device == "cpu":
-        plan = plan_memory(solver, E, p, d, spec, targets, "cpu", budget, expert_batch, metric_rank, precision)
-    else:
-        hw = GPUS[device]
-        budget = budget if budget is not None else int(hw.memory_bytes * DEVICE_FRACTION)
-        plan = plan_memory(solver, E, p, d, spec, targets, "cuda", budget, expert_batch, metric_rank, precision)
+    hw = None if device == "cpu" else GPUS[device]
+    if hw is not None and budget is None:
+        budget = int(hw.memory_bytes * DEVICE_FRACTION)
+    plan = plan_memory(solver, E, p, d, spec, targets, "cpu" if hw is None else "cuda", budget, expert_batch,
+                       metric_rank, precision)
     traffic = step_traffic_bytes(solver, E, p, d, spec, targets / (E * p * d), metric_rank, precision, plan.batch)
-    if device == "cpu":
+    if hw is None:
         mm_rate, bw = measure_cpu(p, d, r, plan.batch)
         # the probe times a whole step of one batch (matmuls, elementwise, overheads) including an Adam
         # update of its m_g bases; a real step has `batches` batches and one update of all m bases
