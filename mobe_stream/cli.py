@@ -50,7 +50,8 @@ def compress(
                              "clustered (SVD of balanced sets of similar experts), or fitted (paper bases, least-squares A)."),
     steps: int = typer.Option(defaults.STEPS, help="Optimisation steps per projection (one step = pass over all experts)."),
     precision: str = typer.Option(defaults.PRECISION, help="Matmul precision of the solver: auto (bf16 on CUDA, fp32 on "
-                                  "CPU), fp32, tf32, bf16; fp32 accumulation and fp32 master bases either way."),
+                                  "CPU and for calibrated fits), fp32, tf32, bf16; fp32 accumulation and fp32 "
+                                  "master bases either way."),
     schedule: str = typer.Option(defaults.SCHEDULE, help="Step sizes: decay (bases step relative to their size, lr "
                                  "decays linearly over the last 30% of --steps: measured ~2x fewer steps to the same "
                                  "error) or constant (the paper's: lr at every step)."),

@@ -112,7 +112,8 @@ def describe(model_dir: str | Path, num_bases: int | None = None, rank: int | No
             if estimate_on is not None and plan.method == "mobe":
                 dev_kind = "cpu" if estimate_on == "cpu" else "cuda"
                 budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
-                est = estimate(E, p, d, spec, solver=solver, precision=resolve_precision(precision, dev_kind),
+                prec = resolve_precision(precision, dev_kind, calibrated=calib_tokens is not None)
+                est = estimate(E, p, d, spec, solver=solver, precision=prec,
                                steps=steps, projections=len(moe) * len(PROJECTIONS), targets=tb, device=estimate_on,
                                budget=budget, metric_rank=None if calib_tokens is None else calib_rank).as_dict()
                 out["estimate"] = est

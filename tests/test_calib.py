@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobe_stream.factorize import AdamSolver, AlternatingSolver, InputMetric, MoBESpec, expert_metrics, solve_A
+from mobe_stream.factorize import AdamSolver, AlternatingSolver, InputMetric, MoBESpec, expert_metrics, solve_A, zscored
 from mobe_stream.factorize.metric import low_rank_plus_diag
 from mobe_stream.pipeline import calib
 from mobe_stream.pipeline.compress import compress
@@ -272,6 +272,20 @@ def test_inspect_estimates_the_calibrated_run(tmp_path):
     assert cal["calib"]["metric_bytes_per_layer"] == E * d * 9 * 4
     assert cal["calib"]["tokens"] == 4096 and cal["calib"]["seconds"] > 0
     assert cal["flops_per_step"] > free["flops_per_step"] and cal["hours"] > free["hours"]
+    # --precision auto: bf16 on a GPU, but fp32 for a calibrated fit (bf16 costs it 13-45% error)
+    assert (free["precision"], cal["precision"]) == ("bf16", "fp32")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_auto_precision_of_a_calibrated_fit_is_fp32_everywhere(device, tmp_path):
+    from mobe_stream.pipeline.options import CompressOptions, resolve_precision
+
+    assert resolve_precision("auto", device, calibrated=True) == "fp32"
+    assert resolve_precision("bf16", device, calibrated=True) == "bf16"  # asked for: kept
+    assert resolve_precision("auto", device) == ("fp32" if device == "cpu" else "bf16")
+    if device == "cpu":  # (resolving a CUDA device needs one)
+        assert CompressOptions(device=device, calib=str(tmp_path / "t.txt")).resolved_precision() == "fp32"
+        assert CompressOptions(device=device, calib=str(tmp_path / "t.txt"), precision="bf16").resolved_precision() == "bf16"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
@@ -290,3 +304,44 @@ def test_two_ranks_calibrated_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = all_tensors(tmp_path / "one"), all_tensors(tmp_path / "two")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_calibrated_bf16_fit_carries_a_in_two_parts():
+    """A calibrated fit's A (weighted least squares against a metric with a weak diagonal) is large
+    and cancels: rounded once to bf16, A·M misses W by as much as the fit's own error. The bf16
+    step carries A as hi + lo bf16 parts in its residual (Precision.residual_split_), which keeps
+    its fit near fp32's; with A rounded once it ends 2.5x above fp32 on this problem."""
+    g = torch.Generator().manual_seed(0)
+    E, p, d, k = 8, 24, 64, 6
+    W, _ = zscored(torch.randn(E, p, d, generator=g) @ (torch.randn(d, d, generator=g) * torch.logspace(0, -1, d)))
+    V = torch.randn(E, d, k, generator=g) * torch.logspace(0, -2, k)
+    H = InputMetric(torch.full((E, d), 0.01), V * (d / V.pow(2).sum((1, 2), keepdim=True)).sqrt())
+    errs = {}
+    for prec in ("fp32", "bf16"):
+        s = AlternatingSolver(W, MoBESpec(4, 24, "silu", 1), init="scaled", precision=prec, metric=H,
+                              schedule="decay", total_steps=100)
+        s.run(100)
+        R = W.batch() - s.best_factors().reconstruct()
+        errs[prec] = float(H.quadratic(R) / H.quadratic(W.batch())) ** 0.5
+    assert errs["bf16"] < 1.8 * errs["fp32"]
+
+
+def test_split_residual_is_exact_to_sixteen_bits_of_a():
+    from mobe_stream.factorize.precision import Precision
+
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(2, 16, 32, generator=g).to(torch.bfloat16)
+    A = torch.randn(2, 8, 16, generator=g) * 1e3  # large, as a weighted fit's A is
+    W = (torch.bmm(A, M.float()) + torch.randn(2, 8, 32, generator=g)).to(torch.bfloat16)
+    exact = W.double() - torch.bmm(A.double(), M.double())
+    bf = Precision("bf16")
+    narrow = bf.residual_(W.clone(), A, M).double()
+    buf = W.clone()
+    split = bf.residual_split_(buf, A, M)
+    assert split.dtype == torch.bfloat16 and split.data_ptr() == buf.data_ptr()  # R in W's buffer, rounded once
+    err_split, err_narrow = (split.double() - exact).abs().max(), (narrow - exact).abs().max()
+    assert err_split < 0.05 * err_narrow
+    assert torch.allclose(split.double(), exact, rtol=2**-7, atol=0.05)  # R's own bf16 rounding, and little else
+    fp = Precision("fp32")  # an fp32 step's A is fp32 already: the plain residual
+    W32 = W.float()
+    assert torch.equal(fp.residual_split_(W32.clone(), A, M.float()), fp.residual_(W32.clone(), A, M.float()))

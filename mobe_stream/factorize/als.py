@@ -72,13 +72,14 @@ class AlternatingSolver(Solver):
         M = ACTIVATIONS[act](pre)
         H = self._metric_of(idx)
         A = solve_A(W, M, prec.bmm, H)
-        R = prec.residual_(W, A, M)  # W is this batch's own buffer
         if H is None:
+            R = prec.residual_(W, A, M)  # W is this batch's own buffer
             flat = R.view(-1)
             loss = torch.dot(flat, flat) if wd == torch.float32 else \
                 torch.linalg.vector_norm(flat, dtype=torch.float32).square()
             RH = R
-        else:  # calibrated: loss tr(R H Rᵀ), its gradient w.r.t. M -2 Aᵀ R H
+        else:  # calibrated: loss tr(R H Rᵀ), its gradient w.r.t. M -2 Aᵀ R H; A carried in two parts
+            R = prec.residual_split_(W, A, M)
             RH = H.apply(R, prec.bmm, prec.baddbmm_)
             loss = torch.dot(R.view(-1), RH.view(-1)) if wd == torch.float32 else \
                 (R * RH).sum(dtype=torch.float32)

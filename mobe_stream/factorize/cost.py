@@ -86,9 +86,12 @@ def batch_bytes_per_expert(kind: str, p: int, d: int, r: int, metric_rank: int |
     residual is formed in the GEMM's epilogue); the least-squares system (G, its factor, MWᵀ, A)
     fp32. adam (autograd, fp32): targets, residual and its gradient, the mixed basis, its input
     and their gradients, A with its gradient. A calibrated fit adds the weighted residual R·H, M
-    scaled by the metric's diagonal and the thin products with its factor."""
+    scaled by the metric's diagonal and the thin products with its factor; under bf16 its residual
+    also holds [M; M] and A's two parts (residual_split_)."""
     wb = work_bytes(kind, precision)
     extra = 0 if metric_rank is None else wb * (p * d + r * d) + F32 * 2 * (p + r) * metric_rank
+    if split_residual(kind, metric_rank, precision):
+        extra += 2 * wb * r * d + 6 * wb * p * r  # [M; M]; [hi | lo] with its two halves made
     if kind == "als":
         targets = p * d * (2 * F32 if wb == F32 else wb)
         return targets + 4 * wb * r * d + F32 * (3 * p * r + 2 * r * r) + extra
@@ -138,13 +141,22 @@ def plan_memory(kind: str, E: int, p: int, d: int, spec: MoBESpec, target_bytes:
     return MemoryPlan(False, batch, shared + batch * (per_batch + in_flight), target_bytes + E * per_state, pcie)
 
 
-def step_flops(kind: str, E: int, p: int, d: int, spec: MoBESpec, metric_rank: int | None = None) -> int:
+def split_residual(kind: str, metric_rank: int | None, precision: str) -> bool:
+    """Whether the step's residual carries A as two bf16 parts (Precision.residual_split_): a
+    calibrated als fit under bf16."""
+    return kind == "als" and metric_rank is not None and precision == "bf16"
+
+
+def step_flops(kind: str, E: int, p: int, d: int, spec: MoBESpec, metric_rank: int | None = None,
+               precision: str = "fp32") -> int:
     """Matmul FLOPs of one step (one pass over all experts, forward and backward)."""
     r, mg = spec.rank, spec.bases_per_group
     mixing = 6 * E * mg * r * d
     k = metric_rank or 0
     if kind == "als":
         calib = E * (6 * p * d * k + 4 * r * d * k + 2 * r * r * k + 2 * r * p * k)
+        if split_residual(kind, metric_rank, precision):
+            calib += 2 * E * p * r * d  # the residual's inner dimension doubled (A's low part)
         return 2 * E * r * r * d + 2 * E * p * r * d + E * r**3 // 3 + 2 * E * r * r * p + 4 * E * p * r * d + mixing \
             + calib
     return 6 * E * p * r * d + mixing + E * 6 * p * d * k  # R·V forward, two thin products backward
@@ -176,7 +188,8 @@ def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target
       (2 ob), B's gradient is accumulated in fp32 (8); per step: the bf16 operand copy (4 + 2),
       the gradient's zero fill (4), the relative steps' norm (4), the fused Adam update
       (ADAM_BYTES), the best iterate (torch.where: 12).
-    - a calibrated fit: R·H, its weighted loss and M·diag, in the work dtype too.
+    - a calibrated fit: R·H, its weighted loss and M·diag, in the work dtype too; under bf16 the
+      residual's [M; M] copy (M read, twice its size written: 3 wb per mixed element).
     adam (autograd, fp32 intermediates): targets made as fp32, residual, its square and gradient,
     the mixed basis and its chain (~twice als's passes), fused Adam on A; under bf16 every product
     casts its fp32 operands (A, M, and the residual's gradient: 6 bytes an element each).
@@ -190,6 +203,8 @@ def step_traffic_bytes(kind: str, E: int, p: int, d: int, spec: MoBESpec, target
     # (fp32: a dot of R and R·H, one read more than the plain loss; bf16: their product summed in
     # fp32, 3 wb more), M·diag (2 wb per mixed element)
     calib = 0 if metric_rank is None else E * (p * d * (4 * wb + (wb if wb == F32 else 3 * wb)) + r * d * 2 * wb)
+    if split_residual(kind, metric_rank, precision):
+        calib += E * r * d * 3 * wb
     per_step_bases = bases * (4 + 4 + ADAM_BYTES + 12)
     if kind == "als":
         per_target = _making_bytes(target_elem_bytes, wb) + (4 * F32 if wb == F32 else 2 * wb) + wb

@@ -89,6 +89,19 @@ class Precision:
             return W.sub_(self.bmm(A, M))
         return self.baddbmm_(W, A, M, alpha=-1.0)
 
+    def residual_split_(self, W: torch.Tensor, A: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """residual_ for a step whose A must not be rounded once to bf16 (a calibrated fit: its
+        weighted least-squares A is large and cancels, so bf16(A)·M misses W by as much as the fit's
+        own error). A is carried as two bf16 parts, hi + lo (~16 mantissa bits), in ONE GEMM over a
+        doubled inner dimension, [hi | lo] · [M; M]: both parts are subtracted in the fp32
+        accumulator and R is rounded once, into W's buffer. Costs one product more than residual_
+        and a copy of M; fp32/tf32 steps take residual_ (their A is fp32 already)."""
+        if W.dtype == torch.float32:
+            return self.residual_(W, A, M)
+        hi = A.to(torch.bfloat16)
+        parts = torch.cat((hi, (A - hi.float()).to(torch.bfloat16)), dim=2)
+        return self.baddbmm_(W, parts, torch.cat((M, M), dim=1), alpha=-1.0)
+
     def baddbmm_(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """C += alpha · a @ b in C's buffer and dtype: fp32 accumulation, one rounding into C; a and b
         are taken in this precision's operand form. Off CUDA a bf16 C is emulated in fp32."""

@@ -135,7 +135,7 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
              metric_rank: int | None = None) -> Estimate:
     """`device`: a key of GPUS or "cpu"; `targets`: bytes of one projection's stored targets;
     `metric_rank`: a calibrated fit's metric rank (None: data-free)."""
-    flops = step_flops(solver, E, p, d, spec, metric_rank)
+    flops = step_flops(solver, E, p, d, spec, metric_rank, precision)
     r = spec.rank
     group_rows = (E // spec.num_bases) * p  # rows of one init SVD
     svd_flops = spec.num_bases * 4 * group_rows * d * min(group_rows, d)
