@@ -316,6 +316,9 @@ def main() -> None:
     # past the new end, between the reader's size check and the read): say at least where, on
     # stderr. Such a run resumes with --resume like any killed run.
     faulthandler.enable()
+    from .pipeline.signals import guard_process
+
+    guard_process()  # SIGTERM: Ctrl-C's exit, and no silent death while a failed job reports why
     app()
 
 

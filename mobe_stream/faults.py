@@ -7,7 +7,8 @@ parameter turns NaN once after that step), `nan_from_step=5` (... after every st
 process sends itself SIGKILL, as a crashed rank, or SIGTERM, as a scheduler's stop, after that solver
 step; with `fault_rank=1` only torchrun's rank 1 does) or
 `enospc_writing=config.json` (writing any file whose name ends so raises ENOSPC, like a disk
-that fills up just then). Unset in normal use: every hook is then a no-op.
+that fills up just then) or `sigterm_while_failing=1` (SIGTERM to itself just after a job's block
+has exited with an error, as torchrun sends the surviving ranks when one dies). Unset in normal use: every hook is then a no-op.
 """
 
 from __future__ import annotations
@@ -85,3 +86,10 @@ def signal_at_step(step: int) -> None:
     for name, sig in (("sigkill_at_step", signal.SIGKILL), ("sigterm_at_step", signal.SIGTERM)):
         if _once(name, step):
             os.kill(os.getpid(), sig)
+
+
+def signal_while_failing() -> None:
+    """SIGTERM to this process as a failed job unwinds (`sigterm_while_failing`)."""
+    if _get("sigterm_while_failing") and "sigterm_while_failing" not in _fired:
+        _fired.add("sigterm_while_failing")
+        os.kill(os.getpid(), signal.SIGTERM)

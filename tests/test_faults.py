@@ -133,3 +133,18 @@ def test_disk_full_on_small_file_names_it(tmp_path, tiny, command, suffix, writt
     assert not list(out.rglob("*.tmp-*")) and not (out / ".mobe-stream.lock").exists()
     run_cli(*args, "--resume", check=True)
     assert not list(out.rglob("*.tmp-*"))
+
+
+def test_sigterm_while_a_failed_job_unwinds_still_gives_its_error_line(tmp_path):
+    """torchrun SIGTERMs the surviving ranks the moment one dies: typically just after the survivor's
+    collective failed and its job's block exited. The process must still release its lock and print
+    why it stops, with the error's exit code (before: killed by the default action, exit -15, silent).
+    The fault sends that SIGTERM at exactly that moment, after a disk-full error."""
+    src = make_tiny_moe(tmp_path / "src", family="qwen3_moe")
+    out = tmp_path / "out"
+    proc = run_cli("compress", str(src), "--out", str(out), *ARGS,
+                   extra_env={"MOBE_STREAM_FAULT": "enospc_after_bytes=1000,sigterm_while_failing=1"})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "disk full" in proc.stderr.strip().splitlines()[-1]
+    assert not (out / ".mobe-stream.lock").exists()
+    run_cli("compress", str(src), "--out", str(out), *ARGS, "--resume", check=True)

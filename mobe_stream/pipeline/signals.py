@@ -3,6 +3,11 @@
 A scheduler's SIGTERM (and a second Ctrl-C) must not leave a lock file behind or kill the process
 without a word: the handler turns the signal into an exception or a stop request, so every `with`
 block (the output lock first) unwinds normally and the CLI prints one line.
+
+Outside a job's block the CLI's process takes SIGTERM as Ctrl-C (`guard_process`), except while a
+failed job unwinds: torchrun SIGTERMs the surviving ranks the moment one dies, typically just after
+the survivor's collective has failed and its block has exited, and the survivor must still release
+its lock and print why it stops (the default action would kill it silently, exit -15).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import signal
 from contextlib import contextmanager
 
+from .. import faults
 from ..errors import MobeError
 from .events import Reporter
 from .job import StopFlag
@@ -19,6 +25,20 @@ class Interrupted(MobeError):
     """Ctrl-C / SIGTERM: progress was saved; the run can be resumed."""
 
     exit_code = 130
+
+
+_failing = False  # a job's block exited with an error: the process is unwinding to report it
+
+
+def _term_outside_jobs(signum, frame) -> None:
+    if not _failing:
+        raise KeyboardInterrupt
+
+
+def guard_process() -> None:
+    """For the CLI's own process (cli.main): SIGTERM outside a job's block is Ctrl-C (exit 130, one
+    line), and is ignored while a failed job unwinds to its error line."""
+    signal.signal(signal.SIGTERM, _term_outside_jobs)
 
 
 @contextmanager
@@ -57,6 +77,12 @@ def catch_signals(stop: StopFlag, reporter: Reporter, *, immediate: bool = False
         if immediate and stop.requested:
             raise Interrupted("interrupted; rerun with --resume") from None
         raise
+    except Exception:
+        global _failing
+        _failing = True
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if _failing:
+            faults.signal_while_failing()
