@@ -26,8 +26,10 @@ operands (M four times a batch), and Adam made ~22 passes over B.
 A calibrated fit (`metric_rank` k, factorize/metric.py) keeps the input metric on the device
 (E·d·(k+1) fp32: 1.4 GB at k = 128) and adds per expert the weighted residual R·H (p·d) and thin
 products with V: 6pdk + 4rdk + 2r²k + 2rpk FLOPs (Kimi-K2 at k = 128: +8.4 TFLOP, +8%), and the
-diagonal scalings' memory traffic, in the work dtype like the rest of the step: under bf16 412 GB
-per step against 287 GB (batches of 80 experts), 0.362 s against 0.296 s on an H100 by the estimate.
+diagonal scalings' memory traffic, in the work dtype like the rest of the step. Under bf16 its
+residual carries A as two bf16 parts ([hi | lo]·[M; M], Precision.residual_split_: +2Eprd, +23
+TFLOP, and a copy of M): 133 TFLOP and 468 GB per step against 102 TFLOP and 287 GB (batches of 58
+experts), 0.426 s against 0.296 s on an H100 by the estimate.
 """
 
 from __future__ import annotations
