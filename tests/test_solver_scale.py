@@ -322,21 +322,25 @@ def test_bf16_products_cuda_calls_bind_with_this_torch():
     assert bf.bmm(A, M.float()).dtype == torch.float32
 
 
-def test_prepared_gpu_step_check_runs_at_toy_scale_on_cpu(tmp_path):
-    """tools/bench_gpu_step.py is the one-call device check for when a GPU is lent: kept working here."""
+@pytest.mark.parametrize("calib", [None, 4])
+def test_prepared_gpu_step_check_runs_at_toy_scale_on_cpu(tmp_path, calib):
+    """tools/bench_gpu_step.py is the one-call device check for when a GPU is lent: kept working here,
+    data-free and calibrated (bf16: the split residual's path)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "bench_gpu_step.py"
+    extra = [] if calib is None else ["--calib-rank", str(calib)]
     proc = subprocess.run([sys.executable, str(tool), "--experts", "8", "--p", "64", "--d", "256", "--num-bases", "4",
-                           "--groups", "2", "--steps", "3", "--device", "cpu"], capture_output=True, text=True,
+                           "--groups", "2", "--steps", "3", "--device", "cpu", *extra], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     out = json.loads((tmp_path / "bench_gpu_step.json").read_text())
     assert out == json.loads(proc.stdout)
     assert out["shape"] == [8, 64, 256] and out["step_seconds"] > 0 and out["init_svd_shape"] == [2 * 64, 256]
     assert out["loss_last"] < out["loss_first"]  # the steps fit something
-    assert out["flops_per_step"] == step_flops("als", 8, 64, 256, MoBESpec(4, 64, "silu", groups=2))
+    assert out["calib_rank"] == calib
+    assert out["flops_per_step"] == step_flops("als", 8, 64, 256, MoBESpec(4, 64, "silu", groups=2), calib, "bf16")
     assert out["estimate_batch"] == out["batch"] and out["measured_over_estimate"] > 0

@@ -12,6 +12,9 @@ scaled like trained weights), then measures:
   (factorize/cost.py's FLOPs) against the card's bf16 peak, peak device memory against the memory
   plan, and the cost model's step time for the same plan (pipeline/estimate.py);
 - peak host RSS.
+With --calib-rank k the fit is a calibrated one (`compress --calib`) against a random input metric
+of that rank (diagonal 0.01 + k directions over two decades): the step that adds R·H and, under
+bf16, carries A in two parts (Precision.residual_split_).
 One JSON object on stdout, also written to $OUT/bench_gpu_step.json when $OUT is set.
 
     python tools/bench_gpu_step.py --steps 20                      # on the GPU, a few minutes
@@ -33,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobe_stream.checkpoint.fp8 import quantize_stack
-from mobe_stream.factorize import AlternatingSolver, MoBEFactors, MoBESpec, Targets, zscored
+from mobe_stream.factorize import AlternatingSolver, InputMetric, MoBEFactors, MoBESpec, Targets, zscored
 from mobe_stream.factorize.cost import step_flops
 from mobe_stream.factorize.init import BASIS_RMS, OWN_LOGIT
 from mobe_stream.pipeline.estimate import GPUS, estimate, hardware_key
@@ -61,6 +64,15 @@ def fp8_targets(E: int, p: int, d: int, device: torch.device, seed: int = 0) -> 
     return Targets(torch.cat(qs), torch.cat(ss))
 
 
+def random_metric(E: int, d: int, k: int, device: torch.device) -> InputMetric:
+    """diag 0.01 + V Vᵀ, V [E, d, k] with column scales over two decades and mean diagonal ~1, as a
+    calibration pass's statistics are normalised (pipeline/calib.py)."""
+    g = torch.Generator(device=device).manual_seed(2)
+    V = torch.randn(E, d, k, generator=g, device=device) * torch.logspace(0, -2, k, device=device)
+    V *= (0.99 * d / V.pow(2).sum((1, 2), keepdim=True)).sqrt()
+    return InputMetric(torch.full((E, d), 0.01, device=device), V)
+
+
 def cheap_start(E: int, spec: MoBESpec, d: int, device: torch.device) -> MoBEFactors:
     """Random bases at the `scaled` start's RMS, own-basis logits: the step's cost does not depend on
     where the fit starts, so the device time goes to the steps (the SVD init is timed apart)."""
@@ -85,6 +97,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--budget-gb", type=float, default=72.0, help="device bytes the plan may use (GB)")
     ap.add_argument("--full-init", action="store_true", help="run the whole `scaled` init instead of one SVD")
+    ap.add_argument("--calib-rank", type=int, default=None, help="a calibrated fit against a random metric of this rank")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -95,7 +108,7 @@ def main() -> None:
     spec = MoBESpec(args.num_bases, args.rank or p, "silu", args.groups)
     out: dict = {"shape": [E, p, d], "num_bases": spec.num_bases, "groups": spec.groups, "rank": spec.rank,
                  "precision": args.precision, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-                 "torch": torch.__version__}
+                 "torch": torch.__version__, "calib_rank": args.calib_rank}
 
     t0 = time.perf_counter()
     T, std = zscored(fp8_targets(E, p, d, dev))
@@ -122,8 +135,9 @@ def main() -> None:
     total = args.steps + 2
     t0 = time.perf_counter()
     init = "scaled" if args.full_init else cheap_start(E, spec, d, dev)
+    metric = None if args.calib_rank is None else random_metric(E, d, args.calib_rank, dev)
     s = AlternatingSolver(T, spec, device=dev, precision=args.precision, max_device_bytes=budget, init=init,
-                          schedule="decay", total_steps=total)
+                          schedule="decay", total_steps=total, metric=metric)
     sync()
     out["solver_setup_seconds"] = time.perf_counter() - t0  # the whole init with --full-init
     losses = [float(s.step()) for _ in range(2)]  # warm-up: allocator, cuBLAS handles and plans
@@ -134,7 +148,7 @@ def main() -> None:
     sync()
     step_s = (time.perf_counter() - t0) / max(1, args.steps)
     losses.append(float(s.last_loss))
-    flops = step_flops("als", E, p, d, spec)
+    flops = step_flops("als", E, p, d, spec, args.calib_rank, args.precision)
     out.update(batch=s.batch, resident=s.plan.resident, plan_device_bytes=s.plan.device_bytes,
                plan_pcie_bytes_per_step=s.plan.pcie_bytes_per_step, step_seconds=step_s,
                steps_per_second=1 / step_s, flops_per_step=flops, achieved_tflops=flops / step_s / 1e12,
@@ -146,7 +160,7 @@ def main() -> None:
             out["fraction_of_bf16_peak"] = out["achieved_tflops"] / GPUS[key].tflops["bf16"]
     if key is not None:
         est = estimate(E, p, d, spec, solver="als", precision=args.precision, steps=1000, projections=120,
-                       targets=T.nbytes, device=key, budget=budget)
+                       targets=T.nbytes, device=key, budget=budget, metric_rank=args.calib_rank)
         out.update(estimate_step_seconds=est.step_seconds, estimate_batch=est.batch,
                    estimate_traffic_bytes_per_step=est.traffic_bytes_per_step,
                    measured_over_estimate=step_s / est.step_seconds)
