@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import fp8
 from ..checkpoint.families import kept_target_dtype
-from ..factorize import MoBEFactors, MoBESpec
+from ..factorize import InputMetric, MoBEFactors, MoBESpec
 from ..factorize.cost import ADAM_BYTES, DEVICE_FRACTION, metric_bytes, plan_memory, step_flops, step_traffic_bytes
 
 MATMUL_EFFICIENCY = 0.6  # of the dense spec-sheet peak, for large batched GEMMs (assumed)
@@ -113,8 +113,11 @@ def measure_cpu(p: int, d: int, r: int, batch: int) -> tuple[float, float]:
     return 2 * k * p * r * d / mm_s, 2 * 4 * x.numel() / ew_s
 
 
-def probe_cpu_batch(solver: str, p: int, d: int, spec: MoBESpec, batch: int, precision: str) -> float:
-    """Seconds of one expert batch of a real solver step at the fit's shapes, on random factors.
+def probe_cpu_batch(solver: str, p: int, d: int, spec: MoBESpec, batch: int, precision: str,
+                    metric_rank: int | None = None) -> float:
+    """Seconds of one expert batch of a real solver step at the fit's shapes, on random factors (and,
+    for a calibrated fit, a random input metric of its rank: R·H, the thin products, the split
+    residual under bf16 are a large part of its step).
 
     Why a probe and not only a roofline: on a CPU, steps of small layers are dominated by the fixed
     cost of each op (autograd, dispatch, thread start), which no FLOP or byte count predicts."""
@@ -126,7 +129,11 @@ def probe_cpu_batch(solver: str, p: int, d: int, spec: MoBESpec, batch: int, pre
     W = torch.randn((batch, p, d), generator=g)
     factors = MoBEFactors(torch.randn((batch, p, r), generator=g) / r**0.5, torch.randn((1, mg, r, d), generator=g) / d**0.5,
                           torch.zeros((batch, mg)), 1.0, spec.activation)
-    s = SOLVERS[solver](W, one, init=factors, expert_batch=batch, precision=precision)
+    metric = None
+    if metric_rank is not None:
+        k = min(metric_rank, d)
+        metric = InputMetric(torch.full((batch, d), 0.01), torch.randn((batch, d, k), generator=g) / k**0.5)
+    s = SOLVERS[solver](W, one, init=factors, expert_batch=batch, precision=precision, metric=metric)
     return _timed(s.step, repeat=2)
 
 
@@ -149,7 +156,7 @@ def estimate(E: int, p: int, d: int, spec: MoBESpec, *, solver: str, precision: 
         mm_rate, bw = measure_cpu(p, d, r, plan.batch)
         # the probe times a whole step of one batch (matmuls, elementwise, overheads) including an Adam
         # update of its m_g bases; a real step has `batches` batches and one update of all m bases
-        probe = probe_cpu_batch(solver, p, d, spec, plan.batch, precision)
+        probe = probe_cpu_batch(solver, p, d, spec, plan.batch, precision, metric_rank)
         update = ADAM_BYTES * r * d / bw  # the fused Adam update of one basis
         step_s = -(-E // plan.batch) * max(probe - spec.bases_per_group * update, 0.5 * probe) + spec.num_bases * update
         init_s = svd_flops / (mm_rate * SVD_EFFICIENCY * 4)  # a CPU's LAPACK runs closer to its GEMM rate
