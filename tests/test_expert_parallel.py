@@ -189,7 +189,10 @@ pytestmark_linux = pytest.mark.skipif(sys.platform != "linux", reason="torchrun 
 # fp32 factors (bf16 would round the small differences to whole bf16 steps) and few steps (the
 # fit amplifies rounding differences step by step, one process with another batch size alike)
 ARGS = ("--steps", "12", "--num-bases", "2", "--dtype", "fp32", "--checkpoint-every", "0", "-q")
-OUT_TOL = 1e-4  # measured: at most 5.4e-6 (2 ranks; killed or stopped, resumed by 1 or 3 ranks)
+# measured: at most 1.7e-4 (2 ranks; killed or stopped, resumed by 1 or 3 ranks), the largest on a
+# few basis entries; 5.4e-6 when als stepped with Adam's β2 = 0.999, whose slower second moment damps
+# the gradient sum's rounding differences more than als's 0.9 does
+OUT_TOL = 2e-3
 
 
 def _torchrun(n: int, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:

@@ -47,7 +47,7 @@ from .schedule import SCHEDULES, basis_step_scale, lr_factor
 from .shard import ExpertShard
 from .targets import Targets
 
-BETAS = (0.9, 0.999)
+BETAS = (0.9, 0.999)  # the paper's (and torch's) Adam; solvers may choose their own (Solver.betas)
 EPS = 1e-8
 
 
@@ -58,7 +58,7 @@ def _grad(t: torch.Tensor) -> torch.Tensor:
 
 
 def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, t: int,
-           scale: torch.Tensor | None = None) -> None:
+           scale: torch.Tensor | None = None, betas: tuple[float, float] = BETAS) -> None:
     """One Adam update of p in place (step t, bias-corrected); `scale` [n, 1, ..] multiplies the
     step of each of p's n leading slices (the relative basis steps of schedule.py).
 
@@ -66,7 +66,7 @@ def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, l
     element), where the same update as separate tensor ops makes ~22 passes (88 bytes): for the
     bases of a Kimi-K2 projection (1.9 G elements) 53 GB instead of 165 GB every step. A scaled
     update takes one launch per slice, each with its own lr as a device scalar (no host sync)."""
-    b1, b2 = BETAS
+    b1, b2 = betas
     step = [torch.full((), float(t), dtype=torch.float32, device=p.device)]
     if scale is None:
         torch._fused_adam_([p], [g], [m], [v], [], step, lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=EPS,
@@ -97,6 +97,7 @@ class Solver:
     per_expert: tuple[str, ...] = ()
     shared: tuple[str, ...] = ("B",)
     cost_kind = ""  # the row of cost.py that describes this solver's memory and FLOPs
+    betas: tuple[float, float] = BETAS  # Adam's (β1, β2) for every parameter this solver steps
 
     def __init__(self, W: torch.Tensor | Targets, spec: MoBESpec, *, lr: float = 0.07,
                  device: str | torch.device = "cpu", expert_batch: int | None = None,
@@ -273,7 +274,7 @@ class Solver:
                 with torch.no_grad():
                     for k in self.per_expert:
                         p_, m, v = per[k].detach(), cur["m." + k], cur["v." + k]
-                        _adam_(p_, _grad(per[k]), m, v, lr, t)
+                        _adam_(p_, _grad(per[k]), m, v, lr, t, betas=self.betas)
                         if self.streaming:  # else p_, m, v alias the home tensors: updated in place
                             self.params[k][e0:e1].copy_(p_, non_blocking=True)
                             self.m[k][e0:e1].copy_(m, non_blocking=True)
@@ -295,7 +296,7 @@ class Solver:
                 self._track_best_device(loss_t, t)
             for k in self.shared:  # the bases (the same scale on every shard: B is identical there)
                 scale = basis_step_scale(self.schedule, self.params[k])
-                _adam_(self.params[k], _grad(leaves[k]), self.m[k], self.v[k], lr, t, scale)
+                _adam_(self.params[k], _grad(leaves[k]), self.m[k], self.v[k], lr, t, scale, self.betas)
         return loss_t
 
     def _track_best_host(self, loss: float, t: int) -> None:
