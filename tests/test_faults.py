@@ -148,3 +148,28 @@ def test_sigterm_while_a_failed_job_unwinds_still_gives_its_error_line(tmp_path)
     assert "disk full" in proc.stderr.strip().splitlines()[-1]
     assert not (out / ".mobe-stream.lock").exists()
     run_cli("compress", str(src), "--out", str(out), *ARGS, "--resume", check=True)
+
+
+def test_sigterm_guard_is_ctrl_c_except_while_a_failed_job_unwinds():
+    """guard_process (the CLI's): SIGTERM raises KeyboardInterrupt; after a job's block failed it is
+    ignored until the next job starts (demo handles an interruption and carries on)."""
+    import signal
+
+    from mobe_stream.pipeline.events import Reporter
+    from mobe_stream.pipeline.job import StopFlag
+    from mobe_stream.pipeline.signals import catch_signals, guard_process
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        guard_process()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(ValueError), catch_signals(StopFlag(), Reporter([])):
+            raise ValueError("a failing job")
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the error is on its way to its line
+        with catch_signals(StopFlag(), Reporter([])):
+            pass
+        with pytest.raises(KeyboardInterrupt):  # a new job ran: SIGTERM is Ctrl-C again
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -63,6 +63,8 @@ def catch_signals(stop: StopFlag, reporter: Reporter, *, immediate: bool = False
         stop.requested = True
         reporter.event("warning", text="interrupt received: checkpointing, then stopping (again to abort)")
 
+    global _failing
+    _failing = False  # a new job: whatever failed before was handled by a caller that carried on (demo)
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for s in old:
@@ -78,7 +80,6 @@ def catch_signals(stop: StopFlag, reporter: Reporter, *, immediate: bool = False
             raise Interrupted("interrupted; rerun with --resume") from None
         raise
     except Exception:
-        global _failing
         _failing = True
         raise
     finally:
