@@ -8,7 +8,8 @@ process sends itself SIGKILL, as a crashed rank, or SIGTERM, as a scheduler's st
 step; with `fault_rank=1` only torchrun's rank 1 does) or
 `enospc_writing=config.json` (writing any file whose name ends so raises ENOSPC, like a disk
 that fills up just then) or `sigterm_while_failing=1` (SIGTERM to itself just after a job's block
-has exited with an error, as torchrun sends the surviving ranks when one dies). Unset in normal use: every hook is then a no-op.
+has exited with an error, as torchrun sends the surviving ranks when one dies). Unset in normal
+use: every hook is then a no-op.
 """
 
 from __future__ import annotations
@@ -90,6 +91,5 @@ def signal_at_step(step: int) -> None:
 
 def signal_while_failing() -> None:
     """SIGTERM to this process as a failed job unwinds (`sigterm_while_failing`)."""
-    if _get("sigterm_while_failing") and "sigterm_while_failing" not in _fired:
-        _fired.add("sigterm_while_failing")
+    if _once("sigterm_while_failing", 1):
         os.kill(os.getpid(), signal.SIGTERM)

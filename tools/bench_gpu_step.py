@@ -13,7 +13,7 @@ scaled like trained weights), then measures:
   plan, and the cost model's step time for the same plan (pipeline/estimate.py);
 - peak host RSS.
 With --calib-rank k the fit is a calibrated one (`compress --calib`) against a random input metric
-of that rank (diagonal 0.01 + k directions over two decades): the step that adds R·H and, under
+of that rank (factorize.metric.random_metric): the step that adds R·H and, under
 bf16, carries A in two parts (Precision.residual_split_).
 One JSON object on stdout, also written to $OUT/bench_gpu_step.json when $OUT is set.
 
@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mobe_stream.checkpoint.fp8 import quantize_stack
-from mobe_stream.factorize import AlternatingSolver, InputMetric, MoBEFactors, MoBESpec, Targets, zscored
+from mobe_stream.factorize import AlternatingSolver, MoBEFactors, MoBESpec, Targets, random_metric, zscored
 from mobe_stream.factorize.cost import step_flops
 from mobe_stream.factorize.init import BASIS_RMS, OWN_LOGIT
 from mobe_stream.pipeline.estimate import GPUS, estimate, hardware_key
@@ -62,15 +62,6 @@ def fp8_targets(E: int, p: int, d: int, device: torch.device, seed: int = 0) -> 
         ss.append(s)
         del W, low
     return Targets(torch.cat(qs), torch.cat(ss))
-
-
-def random_metric(E: int, d: int, k: int, device: torch.device) -> InputMetric:
-    """diag 0.01 + V Vᵀ, V [E, d, k] with column scales over two decades and mean diagonal ~1, as a
-    calibration pass's statistics are normalised (pipeline/calib.py)."""
-    g = torch.Generator(device=device).manual_seed(2)
-    V = torch.randn(E, d, k, generator=g, device=device) * torch.logspace(0, -2, k, device=device)
-    V *= (0.99 * d / V.pow(2).sum((1, 2), keepdim=True)).sqrt()
-    return InputMetric(torch.full((E, d), 0.01, device=device), V)
 
 
 def cheap_start(E: int, spec: MoBESpec, d: int, device: torch.device) -> MoBEFactors:

@@ -86,6 +86,17 @@ class InputMetric:
         return G, rhs
 
 
+def random_metric(E: int, d: int, k: int, device: torch.device | str = "cpu", seed: int = 2) -> InputMetric:
+    """A stand-in for calibration statistics where only their shape and scale matter (the CPU
+    estimate's probe, tools/bench_gpu_step.py): diag 0.01 + V Vᵀ, V [E, d, min(k, d)] with column
+    scales over two decades and mean diagonal ~1, as calibration normalises its metrics."""
+    k = min(k, d)
+    g = torch.Generator(device=device).manual_seed(seed)
+    V = torch.randn(E, d, k, generator=g, device=device) * torch.logspace(0, -2, k, device=device)
+    V *= (0.99 * d / V.pow(2).sum((1, 2), keepdim=True)).sqrt()
+    return InputMetric(torch.full((E, d), 0.01, device=device), V)
+
+
 def low_rank_plus_diag(Y: torch.Tensor, extra_diag: torch.Tensor | None, k: int, damp: float = DAMP
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h [d], V [d, k']) with V Vᵀ + diag(h) ≈ H = YᵀY + diag(extra_diag), normalised to mean(diag) 1.

@@ -99,7 +99,7 @@ class Precision:
         if W.dtype == torch.float32:
             return self.residual_(W, A, M)
         hi = A.to(torch.bfloat16)
-        parts = torch.cat((hi, (A - hi.float()).to(torch.bfloat16)), dim=2)
+        parts = torch.cat((hi, torch.sub(A, hi).to(torch.bfloat16)), dim=2)  # A - hi in fp32 (promotion)
         return self.baddbmm_(W, parts, torch.cat((M, M), dim=1), alpha=-1.0)
 
     def baddbmm_(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import fp8
 from ..checkpoint.families import kept_target_dtype
-from ..factorize import InputMetric, MoBEFactors, MoBESpec
+from ..factorize import MoBEFactors, MoBESpec, random_metric
 from ..factorize.cost import ADAM_BYTES, DEVICE_FRACTION, metric_bytes, plan_memory, step_flops, step_traffic_bytes
 
 MATMUL_EFFICIENCY = 0.6  # of the dense spec-sheet peak, for large batched GEMMs (assumed)
@@ -129,10 +129,7 @@ def probe_cpu_batch(solver: str, p: int, d: int, spec: MoBESpec, batch: int, pre
     W = torch.randn((batch, p, d), generator=g)
     factors = MoBEFactors(torch.randn((batch, p, r), generator=g) / r**0.5, torch.randn((1, mg, r, d), generator=g) / d**0.5,
                           torch.zeros((batch, mg)), 1.0, spec.activation)
-    metric = None
-    if metric_rank is not None:
-        k = min(metric_rank, d)
-        metric = InputMetric(torch.full((batch, d), 0.01), torch.randn((batch, d, k), generator=g) / k**0.5)
+    metric = None if metric_rank is None else random_metric(batch, d, metric_rank)
     s = SOLVERS[solver](W, one, init=factors, expert_batch=batch, precision=precision, metric=metric)
     return _timed(s.step, repeat=2)
 
