@@ -43,7 +43,7 @@ from .init import initial_factors
 from .metric import InputMetric
 from .model import MoBEFactors, MoBESpec
 from .precision import Precision
-from .schedule import SCHEDULES, basis_step_scale, lr_factor
+from .schedule import BASIS_STEP_CAP, SCHEDULES, basis_step_scale, lr_factor
 from .shard import ExpertShard
 from .targets import Targets
 
@@ -111,6 +111,7 @@ class Solver:
             raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
         # the step-size policy (schedule.py); `decay` needs the run's length, kept in the state dict
         self.schedule, self.total_steps = schedule, total_steps
+        self.basis_step_cap: float | None = BASIS_STEP_CAP  # None in states from before the cap (schedule.py)
         self.device = torch.device(device)
         self.precision = Precision(precision, self.device)
         targets = Targets.of(W)
@@ -295,7 +296,7 @@ class Solver:
             else:
                 self._track_best_device(loss_t, t)
             for k in self.shared:  # the bases (the same scale on every shard: B is identical there)
-                scale = basis_step_scale(self.schedule, self.params[k])
+                scale = basis_step_scale(self.schedule, self.params[k], self.basis_step_cap)
                 _adam_(self.params[k], _grad(leaves[k]), self.m[k], self.v[k], lr, t, scale, self.betas)
         return loss_t
 
@@ -356,7 +357,7 @@ class Solver:
             tensors[f"best.{k}"] = full(self.best[k]).cpu().contiguous()
         meta = {"solver": type(self).__name__, "step": self.step_count, "best_loss": self.best_loss,
                 "best_step": self.best_step, "last_loss": self.last_loss, "lr": self.lr, "seed": self.seed,
-                "schedule": self.schedule, "total_steps": self.total_steps,
+                "schedule": self.schedule, "total_steps": self.total_steps, "basis_step_cap": self.basis_step_cap,
                 "history": self.history, "converged": self.converged,
                 "shape": [self.E, self.p, self.d],
                 "spec": [self.spec.num_bases, self.spec.rank, self.spec.activation, self.spec.groups]}
@@ -385,4 +386,6 @@ class Solver:
         self.lr = float(meta["lr"])
         # states written before schedules existed stepped with a constant lr
         self.schedule, self.total_steps = meta.get("schedule", "constant"), meta.get("total_steps")
+        # states written before the cap stepped their bases uncapped: a resumed run keeps its arithmetic
+        self.basis_step_cap = meta.get("basis_step_cap")
         self.history, self.converged = list(meta["history"]), bool(meta["converged"])
