@@ -14,8 +14,8 @@ every step.
   size make growth feed on itself, and without the cap the bases ran away (trained tiny model,
   2000 steps: RMS 4.6 on average, 12.5 with 2 groups, up to 27) into SiLU's near-linear-for-positive
   regime, where scale is almost free; there the fit sat at an oscillation floor and longer grouped
-  runs ended worse than shorter ones. With the cap: grouped runs of 2000 steps -1.7..3.1% on all 4
-  layers, ungrouped runs of 1000/2000 steps within ±0.2%, 2500 steps -0.6% (CHANGELOG).
+  runs ended worse than shorter ones. With the cap: grouped runs of 2000 steps -1.6..3.1% on all 6
+  projections measured, ungrouped runs of 1000/2000 steps within ±0.2%, 2500 steps -0.6% (CHANGELOG).
 - decay: lr constant for the first (1 - DECAY_FRACTION) of the run's steps, then linearly down to
   ~0 at its last step (warmup-stable-decay without the warmup: Adam starts with bias-corrected
   moments). A constant lr leaves Adam oscillating around the minimum it has found; the decay
